@@ -1,0 +1,342 @@
+"""Public attention ops: validation, layout handling and backend dispatch.
+
+Backends: ``"triton"`` (our kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``; never falls back),
+``"torch"`` (the fp32 references in ``reference.py``), ``"auto"`` (Triton where it can run, else the
+reference, with the reason logged once). ``dense_attention`` also has ``"cudnn"``: PyTorch's cuDNN
+attention through ``torch.ops.aten``, which returns the log-sum-exp too.
+
+The Triton kernels are registered as ``torch.library`` custom ops (``dit_accel::sparse_attention`` and
+``dit_accel::block_mass``) so ``torch.compile(fullgraph=True)`` traces through callers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+
+import torch
+
+from . import reference
+from .plan import BlockPlan, num_blocks
+
+logger = logging.getLogger("dit_accel")
+
+_HALF = (torch.float16, torch.bfloat16)
+_BACKENDS = ("auto", "triton", "torch")
+MAX_HEAD_DIM = 256
+
+try:  # Triton is a Linux-only dependency; the reference path works without it.
+    import triton  # noqa: F401
+
+    _TRITON_IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - exercised only where triton is missing
+    _TRITON_IMPORT_ERROR = exc
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    logger.warning(msg)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+def _to_bhsd(x: torch.Tensor, layout: str, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D ({layout}), got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        # The kernels read rows of head_dim contiguous values; a strided last dim is copied once.
+        x = x.contiguous()
+    return x.transpose(1, 2) if layout == "bshd" else x
+
+
+def _check_inputs(q, k, v, layout: str, kv_len, scale):
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+    qh, kh = _to_bhsd(q, layout, "q"), _to_bhsd(k, layout, "k")
+    vh = _to_bhsd(v, layout, "v") if v is not None else None
+    for name, t in (("k", kh), ("v", vh)):
+        if t is None:
+            continue
+        if t.dtype != qh.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, q has {qh.dtype}")
+        if t.device != qh.device:
+            raise ValueError(f"{name} is on {t.device}, q is on {qh.device}")
+        if t.shape[0] != qh.shape[0] or t.shape[1] != qh.shape[1]:
+            raise ValueError(
+                f"{name} has batch/heads {tuple(t.shape[:2])}, q has {tuple(qh.shape[:2])} (layout {layout})"
+            )
+        if t.shape[3] != qh.shape[3]:
+            raise ValueError(f"{name} has head_dim {t.shape[3]}, q has {qh.shape[3]}")
+    if vh is not None and vh.shape[2] != kh.shape[2]:
+        raise ValueError(f"v has {vh.shape[2]} tokens, k has {kh.shape[2]}")
+    if qh.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {qh.shape[3]} exceeds the supported maximum {MAX_HEAD_DIM}")
+    if qh.dtype not in (*_HALF, torch.float32):
+        raise ValueError(f"q has dtype {qh.dtype}; supported: float16, bfloat16 (float32 on the torch backend)")
+    if kv_len is not None:
+        if isinstance(kv_len, int):
+            kv_len = torch.full((qh.shape[0],), kv_len, dtype=torch.int32, device=qh.device)
+        elif isinstance(kv_len, (list, tuple)):
+            kv_len = torch.tensor(kv_len, dtype=torch.int32, device=qh.device)
+        if not isinstance(kv_len, torch.Tensor) or kv_len.shape != (qh.shape[0],):
+            raise ValueError(f"kv_len must be an int tensor of shape [B]=[{qh.shape[0]}]")
+        if kv_len.dtype.is_floating_point:
+            raise ValueError(f"kv_len must be an integer tensor, got {kv_len.dtype}")
+        if kv_len.device != qh.device:
+            raise ValueError(f"kv_len is on {kv_len.device}, q is on {qh.device}")
+        kv_len = kv_len.to(torch.int32)
+    if scale is None:
+        scale = 1.0 / math.sqrt(qh.shape[3])
+    return qh, kh, vh, kv_len, float(scale)
+
+
+def _check_plan(plan: BlockPlan, qh: torch.Tensor, kh: torch.Tensor) -> None:
+    if not isinstance(plan, BlockPlan):
+        raise ValueError(f"plan must be a BlockPlan, got {type(plan).__name__}")
+    batch, heads, q_len = qh.shape[:3]
+    k_len = kh.shape[2]
+    if plan.batch not in (1, batch) or plan.heads not in (1, heads):
+        raise ValueError(f"plan has B={plan.batch}, H={plan.heads}; attention has B={batch}, H={heads}")
+    if plan.num_q_blocks != num_blocks(q_len, plan.block_q):
+        raise ValueError(
+            f"plan has {plan.num_q_blocks} query blocks; {q_len} tokens at block_q={plan.block_q} "
+            f"need {num_blocks(q_len, plan.block_q)}"
+        )
+    if plan.num_kv_blocks != num_blocks(k_len, plan.block_k):
+        raise ValueError(
+            f"plan was built for {plan.num_kv_blocks} key blocks; {k_len} tokens at block_k={plan.block_k} "
+            f"need {num_blocks(k_len, plan.block_k)}"
+        )
+    if plan.device != qh.device:
+        raise ValueError(f"plan is on {plan.device}, q is on {qh.device}")
+
+
+def _triton_unavailable_reason(qh: torch.Tensor, block_sizes=()) -> str | None:
+    if _TRITON_IMPORT_ERROR is not None:
+        return f"triton could not be imported ({_TRITON_IMPORT_ERROR})"
+    if not (qh.is_cuda or _interpret()):
+        return f"tensors are on {qh.device}; the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    if qh.dtype not in _HALF:
+        return f"dtype {qh.dtype} is not supported by the Triton kernels (float16, bfloat16)"
+    for b in block_sizes:
+        if b < 16 or b & (b - 1):
+            return f"block size {b} is not a power of two >= 16"
+    return None
+
+
+def _pick(backend: str, qh: torch.Tensor, op: str, block_sizes=()) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    reason = _triton_unavailable_reason(qh, block_sizes)
+    if backend == "triton":
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend='triton' cannot run: {reason}")
+        return "triton"
+    if reason is not None:
+        if qh.is_cuda:
+            _warn_once(f"{op}: falling back to the torch reference: {reason}")
+        return "torch"
+    return "triton"
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration of the Triton launchers
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("dit_accel::sparse_attention", mutates_args=())
+def _sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor | None,
+    kv_counts: torch.Tensor | None,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    kv_len: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_attention import sparse_attention_fwd
+
+    return sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len)
+
+
+@_sparse_attention_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("dit_accel::block_mass", mutates_args=())
+def _block_mass_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    kv_len: torch.Tensor | None,
+) -> torch.Tensor:
+    from .triton_mass import block_mass_fwd
+
+    return block_mass_fwd(q, k, lse, block_q, block_k, scale, kv_len)
+
+
+@_block_mass_op.register_fake
+def _(q, k, lse, block_q, block_k, scale, kv_len):
+    n_qb = -(-q.shape[2] // block_q)
+    n_kb = -(-k.shape[2] // block_k)
+    return q.new_empty((q.shape[0], q.shape[1], n_qb, n_kb), dtype=torch.float32)
+
+
+def _from_bhsd(out: torch.Tensor, layout: str) -> torch.Tensor:
+    return out.transpose(1, 2) if layout == "bshd" else out
+
+
+# --------------------------------------------------------------------------------------------------
+# public ops
+# --------------------------------------------------------------------------------------------------
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    *,
+    scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
+    layout: str = "bshd",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse softmax attention with the per-row log-sum-exp.
+
+    Args:
+        q: [B, S_q, H, D] ("bshd", diffusers' dispatch layout) or [B, H, S_q, D] ("bhsd", SDPA's); any
+            strides with a contiguous last dim. fp16 or bf16 (fp32 on the torch backend).
+        k, v: like q with S_k tokens.
+        plan: BlockPlan with B and H equal to q's or 1 (broadcast); ceil(S_q / block_q) query blocks and
+            ceil(S_k / block_k) key blocks. Triton needs power-of-two block sizes >= 16.
+        scale: softmax scale, default 1/sqrt(D).
+        kv_len: optional int [B]: keys at or past kv_len[b] are ignored.
+        layout: "bshd" or "bhsd".
+        backend: "auto", "triton" or "torch".
+
+    Returns:
+        out in q's layout and dtype; lse fp32 [B, H, S_q] (natural log). A row with no key gets out 0
+        and lse -inf.
+    """
+    qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
+    _check_plan(plan, qh, kh)
+    if _pick(backend, qh, "block_sparse_attention", (plan.block_q, plan.block_k)) == "torch":
+        out, lse = reference.attention_reference(qh, kh, vh, plan, scale, kv_len)
+    else:
+        out, lse = _sparse_attention_op(
+            qh, kh, vh, plan.kv_indices, plan.kv_counts, plan.block_q, plan.block_k, scale, kv_len
+        )
+    return _from_bhsd(out, layout), lse
+
+
+# Which path ``dense_attention(backend="auto")`` takes on CUDA when cuDNN can run it; set from the
+# side-by-side measurement in benchmarks/results/kernels_*.json (cuDNN was faster at every config).
+_DENSE_AUTO_PREFERS_CUDNN = True
+
+
+def _cudnn_unavailable_reason(qh: torch.Tensor, kv_len) -> str | None:
+    if not qh.is_cuda:
+        return f"tensors are on {qh.device}"
+    if qh.dtype not in _HALF:
+        return f"dtype {qh.dtype}"
+    if kv_len is not None:
+        return "kv_len needs a mask, which the cuDNN path would materialise"
+    if qh.shape[3] % 8 or qh.shape[3] > 128:
+        return f"head_dim {qh.shape[3]}"
+    if not torch.backends.cudnn.is_available():
+        return "cuDNN is not available"
+    return None
+
+
+def _cudnn_attention(qh, kh, vh, scale):
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(qh, kh, vh, None, True, 0.0, False, False, scale=scale)
+    out, lse = res[0], res[1]
+    if lse.dim() == 4:
+        lse = lse.squeeze(-1)
+    return out, lse.float()
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
+    layout: str = "bshd",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense softmax attention with the per-row log-sum-exp (for dense steps and pattern searches).
+
+    Same arguments and returns as :func:`block_sparse_attention` without a plan. ``backend`` is "auto",
+    "triton", "cudnn" or "torch"; "auto" on CUDA uses cuDNN where it supports the call (fp16/bf16,
+    head_dim a multiple of 8 up to 128, no kv_len) and our dense Triton kernel otherwise.
+    """
+    qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
+    if backend == "cudnn":
+        reason = _cudnn_unavailable_reason(qh, kv_len)
+        if reason is not None:
+            raise RuntimeError(f"dense_attention: backend='cudnn' cannot run: {reason}")
+        out, lse = _cudnn_attention(qh, kh, vh, scale)
+        return _from_bhsd(out, layout), lse
+    if backend == "auto" and _DENSE_AUTO_PREFERS_CUDNN and _cudnn_unavailable_reason(qh, kv_len) is None:
+        out, lse = _cudnn_attention(qh, kh, vh, scale)
+        return _from_bhsd(out, layout), lse
+    if _pick(backend, qh, "dense_attention") == "torch":
+        out, lse = reference.attention_reference(qh, kh, vh, None, scale, kv_len)
+    else:
+        block = 16 if _interpret() else 128
+        out, lse = _sparse_attention_op(qh, kh, vh, None, None, block, block, scale, kv_len)
+    return _from_bhsd(out, layout), lse
+
+
+def block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    *,
+    scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
+    layout: str = "bshd",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention mass per (query block, key block) under a given log-sum-exp. No P.V is computed.
+
+    Args:
+        q, k: as in :func:`block_sparse_attention`.
+        lse: fp32 [B, H, S_q], e.g. from :func:`dense_attention` on the same q, k (exact mass) or from an
+            earlier step (cached search). Rows with lse = -inf contribute nothing.
+        block_q, block_k: block sizes (powers of two >= 16 on the Triton backend).
+
+    Returns:
+        W fp32 [B, H, ceil(S_q / block_q), ceil(S_k / block_k)], W[b, h, p, c] =
+        sum_{i in block p, j in block c, j < kv_len[b]} exp(q_i . k_j * scale - lse_i).
+    """
+    qh, kh, _, kv_len, scale = _check_inputs(q, k, None, layout, kv_len, scale)
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != tuple(qh.shape[:3]):
+        raise ValueError(f"lse must be a tensor of shape [B, H, S_q]={tuple(qh.shape[:3])}")
+    if lse.device != qh.device:
+        raise ValueError(f"lse is on {lse.device}, q is on {qh.device}")
+    if lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32, got {lse.dtype}")
+    if block_q <= 0 or block_k <= 0:
+        raise ValueError(f"block sizes must be positive, got {block_q}, {block_k}")
+    if _pick(backend, qh, "block_mass", (block_q, block_k)) == "torch":
+        return reference.block_mass_reference(qh, kh, lse, block_q, block_k, scale, kv_len)
+    return _block_mass_op(qh, kh, lse, block_q, block_k, scale, kv_len)

@@ -1,0 +1,124 @@
+"""Pure-torch references of every kernel in this package.
+
+These are the oracles for the Triton kernels and the CPU execution path. They compute in fp32 and work on
+the (B, H, S, D) view of the inputs. Memory is bounded by processing query rows in chunks: a chunk holds
+at most ``_CHUNK_ELEMENTS`` scores. Nothing here imports Triton.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .plan import BlockPlan, num_blocks
+
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _row_chunk(batch: int, heads: int, k_len: int, align: int) -> int:
+    rows = max(_CHUNK_ELEMENTS // max(batch * heads * k_len, 1), 1)
+    return max(rows // align, 1) * align
+
+
+def _key_valid(k_len: int, kv_len: torch.Tensor | None, device) -> torch.Tensor:
+    """Boolean [B or 1, 1, 1, k_len]: keys that exist and lie before the per-batch valid length."""
+    cols = torch.arange(k_len, device=device)
+    if kv_len is None:
+        return torch.ones(1, 1, 1, k_len, dtype=torch.bool, device=device)
+    return (cols[None, :] < kv_len.to(device).long()[:, None])[:, None, None, :]
+
+
+def _chunk_mask(block_mask, plan: BlockPlan | None, r0: int, r1: int, k_len: int) -> torch.Tensor | None:
+    """Element mask [B or 1, H or 1, r1 - r0, k_len] of query rows r0:r1 (None: no plan)."""
+    if plan is None:
+        return None
+    rows = torch.arange(r0, r1, device=block_mask.device) // plan.block_q
+    cols = torch.arange(k_len, device=block_mask.device) // plan.block_k
+    return block_mask[:, :, rows][:, :, :, cols]
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan | None,
+    scale: float,
+    kv_len: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax attention in fp32.
+
+    Args:
+        q, k, v: [B, H, S_q | S_k, D] (any strides).
+        plan: block plan (None: every key).
+        scale: softmax scale.
+        kv_len: optional int [B]; keys at or past it are ignored.
+
+    Returns:
+        out [B, H, S_q, D] in q's dtype; lse fp32 [B, H, S_q] (-inf for a row with no key, whose output is 0).
+    """
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    kf, vf = k.float(), v.float()
+    key_ok = _key_valid(k_len, kv_len, q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    block_mask = plan.to(q.device).to_block_mask() if plan is not None else None
+    step = _row_chunk(batch, heads, k_len, plan.block_q if plan is not None else 1)
+    for r0 in range(0, q_len, step):
+        r1 = min(r0 + step, q_len)
+        s = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
+        keep = key_ok
+        m = _chunk_mask(block_mask, plan, r0, r1, k_len)
+        if m is not None:
+            keep = keep & m
+        s = s.masked_fill(~keep, float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(torch.isinf(row_lse), 0.0, row_lse).unsqueeze(-1))
+        out[:, :, r0:r1] = torch.matmul(p, vf).to(q.dtype)
+        lse[:, :, r0:r1] = row_lse
+    return out, lse
+
+
+def block_mass_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    kv_len: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W[b, h, p, c] = sum over rows i in query block p and keys j in key block c of exp(s_ij - lse_i).
+
+    Rows whose lse is -inf contribute nothing; keys at or past ``kv_len`` contribute nothing.
+
+    Args:
+        q, k: [B, H, S_q | S_k, D] (any strides).
+        lse: fp32 [B, H, S_q].
+
+    Returns:
+        fp32 [B, H, ceil(S_q / block_q), ceil(S_k / block_k)].
+    """
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    n_qb, n_kb = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
+    kf = k.float()
+    key_ok = _key_valid(k_len, kv_len, q.device)
+    w = torch.zeros(batch, heads, n_qb, n_kb, dtype=torch.float32, device=q.device)
+    step = _row_chunk(batch, heads, k_len, block_q)
+    for r0 in range(0, q_len, step):
+        r1 = min(r0 + step, q_len)
+        s = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
+        row_lse = lse[:, :, r0:r1].float()
+        finite = torch.isfinite(row_lse).unsqueeze(-1)
+        p = torch.exp(s - torch.where(finite, row_lse.unsqueeze(-1), 0.0))
+        p = torch.where(finite & key_ok, p, 0.0)
+        p = torch.nn.functional.pad(p, (0, n_kb * block_k - k_len))
+        per_col = p.view(batch, heads, r1 - r0, n_kb, block_k).sum(-1)
+        rows = (r1 - r0) if (r1 - r0) % block_q == 0 else math.ceil((r1 - r0) / block_q) * block_q
+        per_col = torch.nn.functional.pad(per_col, (0, 0, 0, rows - (r1 - r0)))
+        w[:, :, r0 // block_q : r0 // block_q + rows // block_q] = per_col.view(
+            batch, heads, rows // block_q, block_q, n_kb
+        ).sum(3)
+    return w

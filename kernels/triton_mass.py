@@ -1,0 +1,158 @@
+"""Block attention mass in Triton: W[b, h, p, c] = sum_{i in q-block p, j in k-block c} exp(s_ij - lse_i).
+
+Provenance: the QK^T tile loop of a flash-attention forward with the P.V half removed. Given the LSE of a
+dense pass over the same q and k, each row of W sums to the number of valid rows in the block, and W is
+the exact attention mass per block. Given a stale LSE (from an earlier denoising step), it is the mass
+under the old normaliser, which is what a cached pattern search needs.
+
+Design: one program per (query tile, batch*head) walks every key block; each program writes one scalar
+per key block. When the kernel's query tile is smaller than the plan's query block, the launcher sums the
+tiles' partial rows (deterministic, no atomics). Rows past the sequence and rows with lse = -inf read
+lse = +inf, so their exp is 0 without a mask; key tiles that can hold invalid keys (sequence tail, keys
+past ``kv_len``) are the last ones and alone pay for a mask.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_attention import _dot_f32, _head_dim_pad, _load_tile
+
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mass_tile(q, lse2, k_base, stride_ks, start_n, offs_n, offs_d, seq_k, kv_limit, qk_scale,
+               HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr):
+    cols = start_n + offs_n  # [BLOCK_N]
+    k = _load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
+    if DOT_F32:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(cols[None, :] < kv_limit, p, 0.0)
+    return tl.sum(tl.sum(p, 1), 0)
+
+
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    # Re-tune: run benchmarks/bench_kernels.py with DIT_ACCEL_AUTOTUNE_ALL=1 and keep the winners.
+    cfgs = [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
+
+
+def _prune(configs, named_args, **kwargs):
+    bq, bk, d = kwargs["PLAN_BQ"], kwargs["PLAN_BK"], kwargs["HEAD_DIM_PAD"]
+    out = [
+        c
+        for c in configs
+        if bq % c.kwargs["BLOCK_M"] == 0
+        and bk % c.kwargs["BLOCK_N"] == 0
+        and (d <= 128 or (c.kwargs["BLOCK_M"] <= 64 and c.num_stages <= 2))
+    ]
+    return out or [triton.Config({"BLOCK_M": min(bq, 64), "BLOCK_N": min(bk, 64)}, num_warps=4, num_stages=2)]
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["HEAD_DIM_PAD", "SEQ_BUCKET", "PLAN_BQ", "PLAN_BK", "HAS_KV_LEN"],
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["W"],
+)
+@triton.jit
+def _block_mass_kernel(
+    Q, K, LSE, W, KV_LEN,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_lb, stride_lh, stride_ls,
+    H, SEQ_Q, SEQ_K, N_QB, N_KB, qk_scale,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, HAS_KV_LEN: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    SUB: tl.constexpr = PLAN_BK // BLOCK_N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    q = _load_tile(q_base, offs_m, stride_qs, offs_d, SEQ_Q, HEAD_DIM, True, EVEN_D)  # [BLOCK_M, D_PAD]
+    if DOT_F32:
+        q = q.to(tl.float32)
+    lse = tl.load(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_ls,
+                  mask=offs_m < SEQ_Q, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    lse2 = lse * 1.4426950408889634  # [BLOCK_M], base 2
+
+    kv_limit = SEQ_K
+    if HAS_KV_LEN:
+        kv_limit = tl.minimum(tl.load(KV_LEN + b).to(tl.int32), SEQ_K)
+
+    # Several query tiles of one plan block add into the same row of W (W starts at zero).
+    SPLIT_M: tl.constexpr = BLOCK_M < PLAN_BQ
+    w_base = W + pid_bh.to(tl.int64) * N_QB * N_KB + ((pid_m * BLOCK_M) // PLAN_BQ) * N_KB
+    n_full = kv_limit // PLAN_BK
+    for c in range(0, n_full):
+        w = 0.0
+        for s in tl.static_range(SUB):
+            w += _mass_tile(q, lse2, k_base, stride_ks, c * PLAN_BK + s * BLOCK_N, offs_n, offs_d, SEQ_K,
+                            kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32)
+        if SPLIT_M:
+            tl.atomic_add(w_base + c, w)
+        else:
+            tl.store(w_base + c, w)
+    for c in range(n_full, N_KB):
+        w = 0.0
+        for s in tl.static_range(SUB):
+            w += _mass_tile(q, lse2, k_base, stride_ks, c * PLAN_BK + s * BLOCK_N, offs_n, offs_d, SEQ_K,
+                            kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32)
+        if SPLIT_M:
+            tl.atomic_add(w_base + c, w)
+        else:
+            tl.store(w_base + c, w)
+
+
+def block_mass_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    kv_len: torch.Tensor | None,
+) -> torch.Tensor:
+    """Launch on (B, H, S, D) views; lse fp32 [B, H, S_q] (any strides). Returns fp32 [B, H, n_qb, n_kb]."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    n_qb, n_kb = triton.cdiv(seq_q, block_q), triton.cdiv(seq_k, block_k)
+    kv_len_arg = kv_len if kv_len is not None else lse
+    w = torch.zeros(batch, heads, n_qb, n_kb, dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+
+    _block_mass_kernel[grid](
+        q, k, lse, w, kv_len_arg,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        heads, seq_q, seq_k, n_qb, n_kb, scale * _LOG2E,
+        triton.next_power_of_2(max(seq_q, seq_k)) // 1024,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        PLAN_BQ=block_q, PLAN_BK=block_k, HAS_KV_LEN=kv_len is not None, DOT_F32=_dot_f32(q),
+    )
+    return w
