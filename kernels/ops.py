@@ -39,7 +39,7 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(msg: str) -> None:
     logger.warning(msg)
 
@@ -81,7 +81,9 @@ def _check_inputs(q, k, v, layout: str, kv_len, scale):
     if qh.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {qh.shape[3]} exceeds the supported maximum {MAX_HEAD_DIM}")
     if qh.dtype not in (*_HALF, torch.float32):
-        raise ValueError(f"q has dtype {qh.dtype}; supported: float16, bfloat16 (float32 on the torch backend)")
+        raise ValueError(
+            f"q has dtype {qh.dtype}; supported: float16, bfloat16 (float32 on the torch backend)"
+        )
     if kv_len is not None:
         if isinstance(kv_len, int):
             kv_len = torch.full((qh.shape[0],), kv_len, dtype=torch.int32, device=qh.device)
@@ -263,7 +265,9 @@ def _cudnn_unavailable_reason(qh: torch.Tensor, kv_len) -> str | None:
 
 
 def _cudnn_attention(qh, kh, vh, scale):
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(qh, kh, vh, None, True, 0.0, False, False, scale=scale)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        qh, kh, vh, None, True, 0.0, False, False, scale=scale
+    )
     out, lse = res[0], res[1]
     if lse.dim() == 4:
         lse = lse.squeeze(-1)

@@ -48,7 +48,8 @@ class BlockPlan:
             )
         if self.kv_indices.shape[:3] != self.kv_counts.shape:
             raise ValueError(
-                f"kv_indices {tuple(self.kv_indices.shape)} and kv_counts {tuple(self.kv_counts.shape)} disagree"
+                f"kv_indices {tuple(self.kv_indices.shape)} and kv_counts "
+                f"{tuple(self.kv_counts.shape)} disagree"
             )
         if self.kv_indices.dtype != torch.int32 or self.kv_counts.dtype != torch.int32:
             raise ValueError("kv_indices and kv_counts must be int32")
@@ -97,9 +98,7 @@ class BlockPlan:
         return cls(block_q, block_k, order.contiguous(), counts.contiguous(), n_kb)
 
     @classmethod
-    def dense(
-        cls, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128, device=None
-    ) -> BlockPlan:
+    def dense(cls, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128, device=None) -> BlockPlan:
         """The plan that computes every block (B = H = 1)."""
         n_qb, n_kb = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
         mask = torch.ones(1, 1, n_qb, n_kb, dtype=torch.bool, device=device)

@@ -29,8 +29,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _load_tile(base, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr,
-               EVEN_D: tl.constexpr):
+def _load_tile(
+    base,
+    offs_r,
+    stride_r,
+    offs_d,
+    n_rows,
+    HEAD_DIM: tl.constexpr,
+    ROW_MASK: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
     # [R, HEAD_DIM_PAD] tile of rows offs_r; rows >= n_rows and columns >= HEAD_DIM read as 0.
     ptrs = base + offs_r[:, None].to(tl.int64) * stride_r + offs_d[None, :]
     if ROW_MASK:
@@ -43,9 +51,26 @@ def _load_tile(base, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.constexpr, R
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_n, offs_d, seq_k,
-                 kv_limit, qk_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                 DOT_F32: tl.constexpr):
+def _attend_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    start_n,
+    offs_n,
+    offs_d,
+    seq_k,
+    kv_limit,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
     # One [BLOCK_M, BLOCK_N] step of the online softmax (base 2: scores are pre-multiplied by log2 e).
     cols = start_n + offs_n  # [BLOCK_N]
     k = _load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
@@ -74,7 +99,9 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n
 
 
 @triton.jit
-def _first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK: tl.constexpr, MAX_K_LOG2: tl.constexpr):
+def _first_masked_entry(
+    idx_base, stride_ik, count, kv_limit, PLAN_BK: tl.constexpr, MAX_K_LOG2: tl.constexpr
+):
     # Sorted key-block list: the first entry whose block reaches past kv_limit (count if none).
     lo = 0
     hi = count
@@ -126,20 +153,48 @@ def _prune(configs, named_args, **kwargs):
 )
 @triton.jit
 def _block_sparse_attn_fwd_kernel(
-    Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_LEN,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh, stride_os,
-    stride_ib, stride_ih, stride_im, stride_ik,
-    stride_cb, stride_ch, stride_cm,
-    H, SEQ_Q, SEQ_K, qk_scale,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    KV_IDX,
+    KV_CNT,
+    KV_LEN,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_ib,
+    stride_ih,
+    stride_im,
+    stride_ik,
+    stride_cb,
+    stride_ch,
+    stride_cm,
+    H,
+    SEQ_Q,
+    SEQ_K,
+    qk_scale,
     SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, MAX_K_LOG2: tl.constexpr,
-    DENSE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    PLAN_BQ: tl.constexpr,
+    PLAN_BK: tl.constexpr,
+    MAX_K_LOG2: tl.constexpr,
+    DENSE: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr,
     DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -169,27 +224,100 @@ def _block_sparse_attn_fwd_kernel(
     if DENSE:
         n_full = kv_limit // BLOCK_N
         for t in range(0, n_full):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, t * BLOCK_N,
-                                         offs_n, offs_d, SEQ_K, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32)
+            acc, m_i, l_i = _attend_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                stride_ks,
+                stride_vs,
+                t * BLOCK_N,
+                offs_n,
+                offs_d,
+                SEQ_K,
+                kv_limit,
+                qk_scale,
+                HEAD_DIM,
+                False,
+                EVEN_D,
+                DOT_F32,
+            )
         if n_full * BLOCK_N < kv_limit:
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
-                                         n_full * BLOCK_N, offs_n, offs_d, SEQ_K, kv_limit, qk_scale,
-                                         HEAD_DIM, True, EVEN_D, DOT_F32)
+            acc, m_i, l_i = _attend_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                stride_ks,
+                stride_vs,
+                n_full * BLOCK_N,
+                offs_n,
+                offs_d,
+                SEQ_K,
+                kv_limit,
+                qk_scale,
+                HEAD_DIM,
+                True,
+                EVEN_D,
+                DOT_F32,
+            )
     else:
         row = (pid_m * BLOCK_M) // PLAN_BQ
-        idx_base = KV_IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + row.to(tl.int64) * stride_im
+        idx_base = (
+            KV_IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + row.to(tl.int64) * stride_im
+        )
         count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + row * stride_cm)
         n_full = _first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK, MAX_K_LOG2)
         for t in range(0, n_full * SUB):
             kb = tl.load(idx_base + (t // SUB) * stride_ik)
             start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
-                                         offs_n, offs_d, SEQ_K, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32)
+            acc, m_i, l_i = _attend_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                stride_ks,
+                stride_vs,
+                start_n,
+                offs_n,
+                offs_d,
+                SEQ_K,
+                kv_limit,
+                qk_scale,
+                HEAD_DIM,
+                False,
+                EVEN_D,
+                DOT_F32,
+            )
         for t in range(n_full * SUB, count * SUB):
             kb = tl.load(idx_base + (t // SUB) * stride_ik)
             start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
-                                         offs_n, offs_d, SEQ_K, kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32)
+            acc, m_i, l_i = _attend_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                stride_ks,
+                stride_vs,
+                start_n,
+                offs_n,
+                offs_d,
+                SEQ_K,
+                kv_limit,
+                qk_scale,
+                HEAD_DIM,
+                True,
+                EVEN_D,
+                DOT_F32,
+            )
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -197,7 +325,9 @@ def _block_sparse_attn_fwd_kernel(
     lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(
+        o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM)
+    )
     tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
 
 
@@ -244,17 +374,45 @@ def sparse_attention_fwd(
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
     _block_sparse_attn_fwd_kernel[grid](
-        q, k, v, out, lse, idx, cnt, kv_len_arg,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3),
-        cnt.stride(0), cnt.stride(1), cnt.stride(2),
-        heads, seq_q, seq_k, scale * _LOG2E,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        idx,
+        cnt,
+        kv_len_arg,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        idx.stride(0),
+        idx.stride(1),
+        idx.stride(2),
+        idx.stride(3),
+        cnt.stride(0),
+        cnt.stride(1),
+        cnt.stride(2),
+        heads,
+        seq_q,
+        seq_k,
+        scale * _LOG2E,
         triton.next_power_of_2(max(seq_q, seq_k)) // 1024,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
-        PLAN_BQ=block_q, PLAN_BK=block_k, MAX_K_LOG2=max(int(max_k).bit_length(), 1),
-        DENSE=dense, HAS_KV_LEN=kv_len is not None, DOT_F32=_dot_f32(q),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        PLAN_BQ=block_q,
+        PLAN_BK=block_k,
+        MAX_K_LOG2=max(int(max_k).bit_length(), 1),
+        DENSE=dense,
+        HAS_KV_LEN=kv_len is not None,
+        DOT_F32=_dot_f32(q),
     )
     return out, lse

@@ -27,8 +27,22 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _mass_tile(q, lse2, k_base, stride_ks, start_n, offs_n, offs_d, seq_k, kv_limit, qk_scale,
-               HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr):
+def _mass_tile(
+    q,
+    lse2,
+    k_base,
+    stride_ks,
+    start_n,
+    offs_n,
+    offs_d,
+    seq_k,
+    kv_limit,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
     cols = start_n + offs_n  # [BLOCK_N]
     k = _load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
     if DOT_F32:
@@ -68,15 +82,35 @@ def _prune(configs, named_args, **kwargs):
 )
 @triton.jit
 def _block_mass_kernel(
-    Q, K, LSE, W, KV_LEN,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_lb, stride_lh, stride_ls,
-    H, SEQ_Q, SEQ_K, N_QB, N_KB, qk_scale,
+    Q,
+    K,
+    LSE,
+    W,
+    KV_LEN,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    H,
+    SEQ_Q,
+    SEQ_K,
+    N_QB,
+    N_KB,
+    qk_scale,
     SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, HAS_KV_LEN: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    PLAN_BQ: tl.constexpr,
+    PLAN_BK: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -93,8 +127,11 @@ def _block_mass_kernel(
     q = _load_tile(q_base, offs_m, stride_qs, offs_d, SEQ_Q, HEAD_DIM, True, EVEN_D)  # [BLOCK_M, D_PAD]
     if DOT_F32:
         q = q.to(tl.float32)
-    lse = tl.load(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_ls,
-                  mask=offs_m < SEQ_Q, other=float("inf"))
+    lse = tl.load(
+        LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_ls,
+        mask=offs_m < SEQ_Q,
+        other=float("inf"),
+    )
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     lse2 = lse * 1.4426950408889634  # [BLOCK_M], base 2
 
@@ -109,8 +146,22 @@ def _block_mass_kernel(
     for c in range(0, n_full):
         w = 0.0
         for s in tl.static_range(SUB):
-            w += _mass_tile(q, lse2, k_base, stride_ks, c * PLAN_BK + s * BLOCK_N, offs_n, offs_d, SEQ_K,
-                            kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32)
+            w += _mass_tile(
+                q,
+                lse2,
+                k_base,
+                stride_ks,
+                c * PLAN_BK + s * BLOCK_N,
+                offs_n,
+                offs_d,
+                SEQ_K,
+                kv_limit,
+                qk_scale,
+                HEAD_DIM,
+                False,
+                EVEN_D,
+                DOT_F32,
+            )
         if SPLIT_M:
             tl.atomic_add(w_base + c, w)
         else:
@@ -118,8 +169,22 @@ def _block_mass_kernel(
     for c in range(n_full, N_KB):
         w = 0.0
         for s in tl.static_range(SUB):
-            w += _mass_tile(q, lse2, k_base, stride_ks, c * PLAN_BK + s * BLOCK_N, offs_n, offs_d, SEQ_K,
-                            kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32)
+            w += _mass_tile(
+                q,
+                lse2,
+                k_base,
+                stride_ks,
+                c * PLAN_BK + s * BLOCK_N,
+                offs_n,
+                offs_d,
+                SEQ_K,
+                kv_limit,
+                qk_scale,
+                HEAD_DIM,
+                True,
+                EVEN_D,
+                DOT_F32,
+            )
         if SPLIT_M:
             tl.atomic_add(w_base + c, w)
         else:
@@ -146,13 +211,32 @@ def block_mass_fwd(
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
     _block_mass_kernel[grid](
-        q, k, lse, w, kv_len_arg,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        heads, seq_q, seq_k, n_qb, n_kb, scale * _LOG2E,
+        q,
+        k,
+        lse,
+        w,
+        kv_len_arg,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        lse.stride(2),
+        heads,
+        seq_q,
+        seq_k,
+        n_qb,
+        n_kb,
+        scale * _LOG2E,
         triton.next_power_of_2(max(seq_q, seq_k)) // 1024,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
-        PLAN_BQ=block_q, PLAN_BK=block_k, HAS_KV_LEN=kv_len is not None, DOT_F32=_dot_f32(q),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        PLAN_BQ=block_q,
+        PLAN_BK=block_k,
+        HAS_KV_LEN=kv_len is not None,
+        DOT_F32=_dot_f32(q),
     )
     return w

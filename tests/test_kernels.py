@@ -1,0 +1,345 @@
+"""Kernel correctness: Triton (interpreted on CPU, compiled on GPU) against the fp32 torch oracle.
+
+Tolerances come from the data (STYLE.md 5): the kernel's error against an fp32 oracle must be at most a
+small multiple of the error of eager attention computed in the input dtype.
+"""
+
+import math
+
+import pytest
+import torch
+
+from dit_accel.kernels import BlockPlan, block_mass, block_sparse_attention, dense_attention
+from dit_accel.kernels.reference import attention_reference, block_mass_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison_uninitialized():
+    """torch.empty fills floats with NaN, so an output element the kernel never writes fails loudly."""
+    import torch.utils.deterministic as det
+
+    old_flag, old_fill = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old_flag)
+    det.fill_uninitialized_memory = old_fill
+
+
+def _qkv(b, s, h, d, dtype, layout, seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    if noncontig:
+        # q, k, v as views into one fused projection, the way fused-QKV models produce them.
+        fused = torch.randn(b, s, 3, h, d, generator=g).to(dtype).to(DEVICE)
+        q, k, v = fused.unbind(2)
+        if layout == "bhsd":
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        return q, k, v
+    shape = (b, s, h, d) if layout == "bshd" else (b, h, s, d)
+    return tuple(torch.randn(shape, generator=g).to(dtype).to(DEVICE) for _ in range(3))
+
+
+def _bhsd(x, layout):
+    return x.transpose(1, 2) if layout == "bshd" else x
+
+
+def _random_plan(b, h, s_q, s_k, block, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_qb, n_kb = -(-s_q // block), -(-s_k // block)
+    mask = torch.rand(b, h, n_qb, n_kb, generator=g) < density
+    mask[0, 0, 0] = False  # an empty row
+    mask[-1, -1, -1] = True  # a full row
+    return BlockPlan.from_block_mask(mask.to(DEVICE), block, block)
+
+
+def _eager_lowp(qh, kh, vh, token_mask, scale, kv_len=None):
+    """Attention as eager PyTorch does it in the input dtype (scores and P rounded to it)."""
+    s = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale
+    keep = token_mask if token_mask is not None else torch.ones_like(s, dtype=torch.bool)
+    if kv_len is not None:
+        cols = torch.arange(kh.shape[2], device=kh.device)
+        keep = keep & (cols[None, :] < kv_len[:, None])[:, None, None, :]
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0).to(qh.dtype)
+    return torch.matmul(p, vh)
+
+
+def _assert_close(out, ref, eager, name, factor=4.0, floor=2e-3):
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    err = (out.float() - ref.float()).abs().max().item()
+    eager_err = (eager.float() - ref.float()).abs().max().item()
+    tol = factor * eager_err + floor
+    rel = err / max(ref.float().abs().max().item(), 1e-6)
+    assert err <= tol, (
+        f"{name}: max abs err {err:.3e} (rel {rel:.3e}) > {tol:.3e} (eager err {eager_err:.3e})"
+    )
+
+
+def _assert_lse(lse, ref_lse, name):
+    assert lse.dtype == torch.float32
+    assert not torch.isnan(lse).any(), f"{name}: NaN in lse"
+    inf = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), inf), f"{name}: -inf rows differ"
+    if (~inf).any():
+        err = (lse[~inf] - ref_lse[~inf]).abs().max().item()
+        assert err < 2e-2, f"{name}: lse max abs err {err:.3e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# BlockPlan
+# --------------------------------------------------------------------------------------------------
+def test_plan_roundtrip_and_density():
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(2, 3, 7, 9, generator=g) < 0.4
+    mask[0, 1, 2] = False
+    mask[1, 2, 3] = True
+    plan = BlockPlan.from_block_mask(mask, 64, 64)
+    assert torch.equal(plan.to_block_mask(), mask)
+    assert torch.equal(plan.kv_counts, mask.sum(-1).to(torch.int32))
+    for b, h, p in [(0, 0, 0), (1, 2, 3), (0, 2, 6)]:
+        c = int(plan.kv_counts[b, h, p])
+        row = plan.kv_indices[b, h, p, :c]
+        assert torch.equal(row, torch.nonzero(mask[b, h, p]).flatten().to(torch.int32))
+    assert plan.density() == pytest.approx(mask.float().mean().item())
+    tok = plan.to_token_mask(7 * 64 - 5, 9 * 64 - 30)
+    assert tok.shape == (2, 3, 7 * 64 - 5, 9 * 64 - 30)
+    assert torch.equal(tok[:, :, ::64, ::64], mask)
+
+
+def test_plan_dense_and_validation():
+    plan = BlockPlan.dense(300, 200, 128, 64)
+    assert plan.num_q_blocks == 3 and plan.num_kv_blocks == 4 and plan.density() == 1.0
+    with pytest.raises(ValueError, match="int32"):
+        BlockPlan(
+            64, 64, torch.zeros(1, 1, 2, 2, dtype=torch.int64), torch.zeros(1, 1, 2, dtype=torch.int32), 2
+        )
+    with pytest.raises(ValueError, match="disagree"):
+        BlockPlan(
+            64, 64, torch.zeros(1, 1, 3, 2, dtype=torch.int32), torch.zeros(1, 1, 2, dtype=torch.int32), 2
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference (oracle) sanity
+# --------------------------------------------------------------------------------------------------
+def test_reference_matches_sdpa_and_full_plan():
+    q, k, v = _qkv(2, 77, 3, 32, torch.float32, "bhsd")
+    plan = BlockPlan.dense(77, 77, 16, 16)
+    out, lse = attention_reference(q, k, v, plan, 0.3)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=1e-5)
+    ref_lse = torch.logsumexp(torch.matmul(q, k.transpose(-1, -2)) * 0.3, -1)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    out2, _ = attention_reference(q, k, v, None, 0.3)
+    torch.testing.assert_close(out, out2)
+
+
+def test_reference_chunking_is_invisible(monkeypatch):
+    import dit_accel.kernels.reference as ref
+
+    q, k, v = _qkv(1, 150, 2, 16, torch.float32, "bhsd", seed=3)
+    plan = _random_plan(1, 2, 150, 150, 16, 0.5)
+    full = ref.attention_reference(q, k, v, plan, 0.25)
+    lse = full[1].clone()
+    w_full = ref.block_mass_reference(q, k, lse, 16, 16, 0.25)
+    monkeypatch.setattr(ref, "_CHUNK_ELEMENTS", 2 * 16 * 150)
+    chunked = ref.attention_reference(q, k, v, plan, 0.25)
+    torch.testing.assert_close(full[0], chunked[0])
+    torch.testing.assert_close(w_full, ref.block_mass_reference(q, k, lse, 16, 16, 0.25))
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton sparse attention
+# --------------------------------------------------------------------------------------------------
+CASES = [
+    pytest.param(1, 1, 2, 64, torch.bfloat16, "bshd", 16, False, id="S1-d64-bf16-bshd"),
+    pytest.param(2, 63, 2, 72, torch.float16, "bhsd", 32, False, id="S63-d72-fp16-bhsd"),
+    pytest.param(1, 113, 3, 128, torch.bfloat16, "bshd", 32, False, id="S113-d128-bf16-bshd"),
+    pytest.param(2, 200, 1, 64, torch.float16, "bshd", 16, True, id="S200-d64-fp16-fusedqkv"),
+    pytest.param(1, 200, 2, 80, torch.bfloat16, "bhsd", 64, True, id="S200-d80-bf16-bhsd-fusedqkv"),
+    pytest.param(1, 799, 1, 64, torch.bfloat16, "bhsd", 64, False, id="S799-d64-bf16"),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("b,s,h,d,dtype,layout,block,noncontig", CASES)
+def test_sparse_attention_matches_oracle(b, s, h, d, dtype, layout, block, noncontig):
+    q, k, v = _qkv(b, s, h, d, dtype, layout, noncontig=noncontig)
+    plan = _random_plan(b, h, s, s, block, density=0.2 if s > 500 else 0.45)
+    out, lse = block_sparse_attention(q, k, v, plan, layout=layout, backend="triton")
+    assert out.shape == q.shape and lse.shape == (b, h, s)
+    qh, kh, vh = (_bhsd(x, layout) for x in (q, k, v))
+    scale = 1 / math.sqrt(d)
+    ref, ref_lse = attention_reference(qh.float(), kh.float(), vh.float(), plan, scale)
+    eager = _eager_lowp(qh, kh, vh, plan.to_token_mask(s, s), scale)
+    _assert_close(_bhsd(out, layout), ref, eager, "out")
+    _assert_lse(lse, ref_lse, "lse")
+    empty = plan.kv_counts == 0
+    if empty.any():
+        rows = empty.repeat_interleave(plan.block_q, dim=-1)[..., :s].expand(b, h, s)
+        assert (_bhsd(out, layout)[rows] == 0).all() and torch.isneginf(lse[rows]).all()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_full_plan_equals_dense(layout):
+    q, k, v = _qkv(2, 97, 2, 64, torch.float16, layout, seed=5)
+    plan = BlockPlan.dense(97, 97, 32, 32, device=DEVICE)
+    out, lse = block_sparse_attention(q, k, v, plan, layout=layout, backend="triton")
+    dout, dlse = dense_attention(q, k, v, layout=layout, backend="triton")
+    torch.testing.assert_close(out, dout, atol=2e-3, rtol=0)
+    torch.testing.assert_close(lse, dlse, atol=1e-4, rtol=0)
+    qh, kh, vh = (_bhsd(x, layout).float() for x in (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)
+    eager = _eager_lowp(*(_bhsd(x, layout) for x in (q, k, v)), None, 1 / 8)
+    _assert_close(_bhsd(dout, layout), sdpa, eager, "dense")
+
+
+@pytest.mark.interpret
+def test_plan_broadcast_and_per_head_counts():
+    b, s, h, d = 2, 90, 3, 64
+    q, k, v = _qkv(b, s, h, d, torch.bfloat16, "bshd", seed=7)
+    n = -(-s // 32)
+    shared = BlockPlan.from_block_mask((torch.rand(1, 1, n, n) < 0.5).to(DEVICE), 32, 32)
+    per_head = torch.zeros(1, h, n, n, dtype=torch.bool)
+    for i in range(h):
+        per_head[0, i, :, : i + 1] = True  # head i attends i+1 key blocks
+    per_head = BlockPlan.from_block_mask(per_head.to(DEVICE), 32, 32)
+    for plan in (shared, per_head):
+        out, _ = block_sparse_attention(q, k, v, plan, backend="triton")
+        ref, _ = attention_reference(*(x.transpose(1, 2).float() for x in (q, k, v)), plan, 1 / 8)
+        eager = _eager_lowp(*(x.transpose(1, 2) for x in (q, k, v)), plan.to_token_mask(s, s), 1 / 8)
+        _assert_close(out.transpose(1, 2), ref, eager, "broadcast plan")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_kv_len(sparse):
+    b, s, h, d = 3, 75, 2, 64
+    q, k, v = _qkv(b, s, h, d, torch.float16, "bshd", seed=11)
+    kv_len = torch.tensor([75, 40, 0], dtype=torch.int32, device=DEVICE)
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    if sparse:
+        plan = _random_plan(b, h, s, s, 16, 0.6, seed=2)
+        out, lse = block_sparse_attention(q, k, v, plan, kv_len=kv_len, backend="triton")
+        ref, ref_lse = attention_reference(qh.float(), kh.float(), vh.float(), plan, 0.125, kv_len)
+        tok = plan.to_token_mask(s, s)
+    else:
+        out, lse = dense_attention(q, k, v, kv_len=kv_len, backend="triton")
+        ref, ref_lse = attention_reference(qh.float(), kh.float(), vh.float(), None, 0.125, kv_len)
+        tok = None
+    eager = _eager_lowp(qh, kh, vh, tok, 0.125, kv_len)
+    _assert_close(out.transpose(1, 2), ref, eager, "kv_len out")
+    _assert_lse(lse, ref_lse, "kv_len lse")
+    assert (out[2] == 0).all() and torch.isneginf(lse[2]).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Block mass
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "s,d,block_q,block_k,layout",
+    [
+        pytest.param(113, 64, 32, 16, "bshd", id="S113-split-q"),
+        pytest.param(70, 72, 16, 32, "bhsd", id="S70-d72-split-k"),
+    ],
+)
+def test_block_mass_matches_reference(s, d, block_q, block_k, layout):
+    b, h = 2, 2
+    q, k, _ = _qkv(b, s, h, d, torch.bfloat16, layout, seed=13)
+    kv_len = torch.tensor([s, s // 2], dtype=torch.int32, device=DEVICE)
+    qh, kh = _bhsd(q, layout), _bhsd(k, layout)
+    _, lse = dense_attention(q, k, q, kv_len=kv_len, layout=layout, backend="torch")
+    lse[0, 1, :5] = float("-inf")  # rows with no key contribute nothing
+    w = block_mass(q, k, lse, block_q, block_k, kv_len=kv_len, layout=layout, backend="triton")
+    ref = block_mass_reference(qh.float(), kh.float(), lse, block_q, block_k, 1 / math.sqrt(d), kv_len)
+    assert w.shape == ref.shape == (b, h, -(-s // block_q), -(-s // block_k))
+    torch.testing.assert_close(w, ref, atol=2e-3 * block_q, rtol=2e-3)
+    # With the fresh LSE of a dense pass, each row of W sums to its number of rows.
+    _, fresh = dense_attention(q, k, q, layout=layout, backend="torch")
+    w = block_mass(q, k, fresh, block_q, block_k, layout=layout, backend="triton")
+    rows = torch.full((w.shape[2],), float(block_q), device=w.device)
+    rows[-1] = s - block_q * (w.shape[2] - 1)
+    torch.testing.assert_close(w.sum(-1), rows.expand_as(w.sum(-1)), atol=2e-2, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and dispatch
+# --------------------------------------------------------------------------------------------------
+def test_validation_errors():
+    q, k, v = _qkv(1, 40, 2, 32, torch.float16, "bshd")
+    plan = BlockPlan.dense(40, 40, 16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="k has dtype"):
+        block_sparse_attention(q, k.float(), v, plan)
+    with pytest.raises(ValueError, match="v has 39 tokens"):
+        block_sparse_attention(q, k, v[:, :39], plan)
+    with pytest.raises(ValueError, match="head_dim"):
+        block_sparse_attention(q, k[..., :16], v, plan)
+    with pytest.raises(ValueError, match="layout"):
+        block_sparse_attention(q, k, v, plan, layout="sbhd")
+    with pytest.raises(ValueError, match="query blocks"):
+        block_sparse_attention(q, k, v, BlockPlan.dense(80, 40, 16, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="key blocks"):
+        block_sparse_attention(q, k, v, BlockPlan.dense(40, 80, 16, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="plan has B=1, H=3"):
+        block_sparse_attention(q, k, v, plan.expand(1, 3))
+    with pytest.raises(ValueError, match="kv_len"):
+        dense_attention(q, k, v, kv_len=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="backend"):
+        dense_attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError, match="4-D"):
+        dense_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="lse must be"):
+        block_mass(q, k, torch.zeros(1, 2, 39), 16, 16)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run: dtype torch.float32"):
+        block_sparse_attention(q.float(), k.float(), v.float(), plan, backend="triton")
+
+
+def test_torch_backend_accepts_fp32_and_auto_uses_it_on_cpu():
+    q, k, v = _qkv(1, 40, 2, 32, torch.float32, "bshd")
+    plan = BlockPlan.dense(40, 40, 16, 16, device=DEVICE)
+    out, lse = block_sparse_attention(q, k, v, plan, backend="auto")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+    torch.testing.assert_close(out.transpose(1, 2), sdpa, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU only: real shapes, cuDNN LSE, torch.compile
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("s,d", [(4099, 128), (3001, 72), (2048, 64)])
+def test_gpu_sparse_and_dense_real_blocks(s, d):
+    q, k, v = _qkv(2, s, 4, d, torch.bfloat16, "bshd", seed=17)
+    plan = _random_plan(2, 4, s, s, 128, 0.3, seed=4)
+    out, lse = block_sparse_attention(q, k, v, plan)
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    ref, ref_lse = attention_reference(qh, kh, vh, plan, 1 / math.sqrt(d))
+    eager = _eager_lowp(qh, kh, vh, plan.to_token_mask(s, s), 1 / math.sqrt(d))
+    _assert_close(out.transpose(1, 2), ref.float(), eager, "gpu sparse")
+    _assert_lse(lse, ref_lse, "gpu sparse lse")
+    for backend in ("auto", "triton"):
+        dout, dlse = dense_attention(q, k, v, backend=backend)
+        ref, ref_lse = attention_reference(qh, kh, vh, None, 1 / math.sqrt(d))
+        _assert_close(
+            dout.transpose(1, 2), ref.float(), _eager_lowp(qh, kh, vh, None, 1 / math.sqrt(d)), backend
+        )
+        _assert_lse(dlse, ref_lse, backend)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    q, k, v = _qkv(1, 1000, 2, 64, torch.bfloat16, "bshd", seed=19)
+    plan = _random_plan(1, 2, 1000, 1000, 128, 0.5)
+
+    def f(q, k, v):
+        out, lse = block_sparse_attention(q, k, v, plan)
+        w = block_mass(q, k, lse, 128, 128)
+        return out * 2, w
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
