@@ -1,0 +1,15 @@
+# Source on a GPU machine without network or a build backend: makes `import dit_accel` (with its
+# dit_accel.kernels / dit_accel.pipelines mapping from pyproject.toml) work from a copy under /tmp, and
+# installs carried wheels from .whl/ if present. Usage: source benchmarks/gpu_env.sh
+_root=$(pwd)
+rm -rf /tmp/dit_accel_site && mkdir -p /tmp/dit_accel_site
+cp -r "$_root/dit_accel" /tmp/dit_accel_site/dit_accel
+cp -r "$_root/kernels" /tmp/dit_accel_site/dit_accel/kernels
+[ -d "$_root/pipelines" ] && cp -r "$_root/pipelines" /tmp/dit_accel_site/dit_accel/pipelines
+if ls "$_root"/.whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$_root"/.whl/*.whl
+  export PYTHONPATH=/tmp/dit_accel_site:/tmp/site
+else
+  export PYTHONPATH=/tmp/dit_accel_site
+fi
+export PYTHONUNBUFFERED=1
