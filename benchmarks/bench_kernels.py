@@ -165,48 +165,82 @@ def run_config(name, batch, heads, seq, d, densities, patterns, rep_ms, log):
     return res
 
 
-def sweep_tile_configs(seq, heads, d, rep_ms, log):
-    """Time every autotune candidate of the sparse kernel at one shape (dense plan and a 25% plan)."""
+SWEEP_VARIANTS = [
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, WARP_SPEC)
+    (128, 128, 8, 3, False, False),
+    (128, 128, 8, 3, True, False),
+    (128, 128, 8, 2, True, False),
+    (128, 64, 8, 3, True, False),
+    (128, 64, 4, 3, True, False),
+    (64, 64, 4, 3, True, False),
+    (128, 128, 8, 3, False, True),
+    (128, 128, 8, 3, True, True),
+    (128, 64, 4, 3, True, True),
+]
+
+
+def launch_variant(q, k, v, plan, variant, out, lse):
+    """Launch the sparse kernel with one fixed variant, bypassing the autotuner."""
     import triton
 
-    from dit_accel.kernels import BlockPlan
     from dit_accel.kernels import triton_attention as ta
 
+    bm, bn, warps, stages, tma, ws = variant
+    batch, heads, seq, d = q.shape
+    idx = plan.kv_indices.expand(batch, heads, -1, -1)
+    cnt = plan.kv_counts.expand(batch, heads, -1)
+    ta._block_sparse_attn_fwd_kernel.fn[(triton.cdiv(seq, bm), batch * heads)](
+        q, k, v, out, lse, idx, cnt, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3),
+        cnt.stride(0), cnt.stride(1), cnt.stride(2),
+        heads, seq, seq, d**-0.5 * 1.4426950408889634, 0,
+        HEAD_DIM=d, HEAD_DIM_PAD=ta._head_dim_pad(d), PLAN_BQ=BLOCK, PLAN_BK=BLOCK,
+        MAX_K_LOG2=max(int(plan.max_k).bit_length(), 1), DENSE=False, HAS_KV_LEN=False,
+        DOT_F32=False, TMA_OK=ta._tma_ok(k, v), BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, WARP_SPEC=ws,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+def sweep_variants(name, rep_ms, log):
+    """Time every kernel variant at one named shape (a dense plan and a 25% random plan)."""
+    from dit_accel.kernels import BlockPlan
+    from dit_accel.kernels.reference import attention_reference
+
+    batch, heads, seq, d = CONFIGS[name]
     dev = "cuda"
-    q, k, v = (torch.randn(1, heads, seq, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    # (B, S, H, D) storage read through (B, H, S, D) views, as diffusers' layout is.
+    q, k, v = (
+        torch.randn(batch, seq, heads, d, device=dev, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)
+    )
     n = math.ceil(seq / BLOCK)
-    out = []
+    rows = []
     for dens in (1.0, 0.25):
-        plan = BlockPlan.from_block_mask(make_mask("random", heads, n, n, dens).to(dev), BLOCK, BLOCK)
-        pairs = computed_pairs(make_mask("random", heads, n, n, dens), seq, BLOCK)
-        for cfg in ta._block_sparse_attn_fwd_kernel.configs:
-            meta = dict(cfg.kwargs)
-            o = torch.empty_like(q)
-            lse = torch.empty(1, heads, seq, device=dev, dtype=torch.float32)
-            idx, cnt = plan.kv_indices.expand(1, heads, n, -1), plan.kv_counts.expand(1, heads, n)
-
-            def launch():
-                ta._block_sparse_attn_fwd_kernel.fn[(triton.cdiv(seq, meta["BLOCK_M"]), heads)](
-                    q, k, v, o, lse, idx, cnt, lse,
-                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                    v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                    idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3),
-                    cnt.stride(0), cnt.stride(1), cnt.stride(2),
-                    heads, seq, seq, d**-0.5 * 1.4426950408889634, 0,
-                    HEAD_DIM=d, HEAD_DIM_PAD=ta._head_dim_pad(d), PLAN_BQ=BLOCK, PLAN_BK=BLOCK,
-                    MAX_K_LOG2=max(int(plan.max_k).bit_length(), 1), DENSE=False, HAS_KV_LEN=False,
-                    DOT_F32=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
-                )  # fmt: skip
-
+        mask = make_mask("random", heads, n, n, dens)
+        plan = BlockPlan.from_block_mask(mask.to(dev), BLOCK, BLOCK)
+        pairs = computed_pairs(mask, seq, BLOCK)
+        # Oracle on the first two query blocks of every head.
+        sub = BlockPlan(BLOCK, BLOCK, plan.kv_indices[:, :, :2], plan.kv_counts[:, :, :2], n)
+        ref, _ = attention_reference(q[:, :, : 2 * BLOCK], k, v, sub, d**-0.5)
+        for variant in SWEEP_VARIANTS:
+            out = torch.full_like(q, float("nan"))
+            lse = torch.empty(batch, heads, seq, device=dev, dtype=torch.float32)
+            row = {"config": name, "density": dens, "variant": list(variant)}
             try:
-                ms = bench(launch, rep_ms)
-                tf = tflops(pairs, 1, d, ms)
-            except Exception as exc:  # noqa: BLE001
-                ms, tf = float("nan"), float("nan")
-                log(f"  config {cfg} failed: {exc!r}"[:200])
-            out.append({"density": dens, "config": str(cfg), "ms": ms, "tflops": tf})
-            log(f"  tile sweep d={dens} {cfg}: {ms:.2f} ms {tf:.0f} TF/s")
-    return out
+                launch_variant(q, k, v, plan, variant, out, lse)
+                row["err"] = rel_err(out[:, :, : 2 * BLOCK], ref)
+                row["ms"] = bench(lambda: launch_variant(q, k, v, plan, variant, out, lse), rep_ms)
+                row["tflops"] = tflops(pairs, batch, d, row["ms"])
+                log(
+                    f"  sweep {name} d={dens} {variant}: {row['ms']:.2f} ms {row['tflops']:.0f} TF/s"
+                    f" err {row['err']:.1e}"
+                )
+            except Exception as exc:  # noqa: BLE001 - record the failure and keep sweeping
+                row["error"] = repr(exc)[:300]
+                log(f"  sweep {name} d={dens} {variant}: failed {exc!r}"[:300])
+            rows.append(row)
+    return rows
 
 
 def main(argv=None):
@@ -215,7 +249,9 @@ def main(argv=None):
     ap.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--rep-ms", type=int, default=200)
-    ap.add_argument("--sweep", action="store_true", help="also time every tile config at wan1.3b")
+    ap.add_argument(
+        "--sweep", default="", help="comma-separated configs at which to time every kernel variant"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -247,11 +283,12 @@ def main(argv=None):
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)
 
-    if args.sweep:
-        report["tile_sweep_wan1.3b"] = sweep_tile_configs(32760, 12, 128, args.rep_ms, log)
+    report["variant_sweep"] = []
+    for name in filter(None, args.sweep.split(",")):
+        report["variant_sweep"] += sweep_variants(name, args.rep_ms, log)
         save()
     densities = [float(x) for x in args.densities.split(",")]
-    for name in args.configs.split(","):
+    for name in filter(None, args.configs.split(",")):
         b, h, s, d = CONFIGS[name]
         report["configs"].append(
             run_config(name, b, h, s, d, densities, args.patterns.split(","), args.rep_ms, log)

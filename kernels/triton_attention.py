@@ -70,10 +70,16 @@ def _attend_tile(
     MASKED: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # One [BLOCK_M, BLOCK_N] step of the online softmax (base 2: scores are pre-multiplied by log2 e).
+    # With USE_TMA, k_base / v_base are tensor descriptors: the copy engine zero-fills rows past the
+    # sequence and columns past HEAD_DIM, so no load needs a mask.
     cols = start_n + offs_n  # [BLOCK_N]
-    k = _load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
+    if USE_TMA:
+        k = k_base.load([start_n, 0])  # [BLOCK_N, D_PAD]
+    else:
+        k = _load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
     if DOT_F32:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
@@ -89,7 +95,10 @@ def _attend_tile(
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = _load_tile(v_base, cols, stride_vs, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
+    if USE_TMA:
+        v = v_base.load([start_n, 0])  # [BLOCK_N, D_PAD]
+    else:
+        v = _load_tile(v_base, cols, stride_vs, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
     if DOT_F32:
         # P is rounded to the input dtype first, exactly as the compiled kernel does.
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
@@ -118,17 +127,17 @@ def _first_masked_entry(
 
 def _configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # Re-tune: run benchmarks/bench_kernels.py with DIT_ACCEL_AUTOTUNE_ALL=1 and keep the winners.
-    cfgs = [
-        (128, 128, 8, 3),
-        (128, 128, 8, 2),
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (64, 128, 4, 3),
-        (64, 64, 4, 3),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
+        return [_cfg(16, 16, 4, 1)]
+    # Re-tune: `python benchmarks/bench_kernels.py --sweep` times every variant at the wan shapes.
+    return [_cfg(*c) for c in [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)]]
+
+
+def _cfg(m, n, warps, stages, tma=False, warp_spec=False):
+    return triton.Config(
+        {"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": tma, "WARP_SPEC": warp_spec},
+        num_warps=warps,
+        num_stages=stages,
+    )
 
 
 def _prune(configs, named_args, **kwargs):
@@ -140,15 +149,17 @@ def _prune(configs, named_args, **kwargs):
             continue
         if d > 128 and (m > 64 or n > 64 or c.num_stages > 2):
             continue
+        if c.kwargs["USE_TMA"] and not kwargs["TMA_OK"]:
+            continue
         out.append(c)
     if not out:
-        out = [triton.Config({"BLOCK_M": min(bq, 64), "BLOCK_N": min(bk, 64)}, num_warps=4, num_stages=2)]
+        out = [_cfg(min(bq, 64), min(bk, 64), 4, 2)]
     return out
 
 
 @triton.autotune(
     configs=_configs(),
-    key=["HEAD_DIM_PAD", "SEQ_BUCKET", "DENSE", "PLAN_BQ", "PLAN_BK", "HAS_KV_LEN"],
+    key=["HEAD_DIM_PAD", "SEQ_BUCKET", "DENSE", "PLAN_BQ", "PLAN_BK", "HAS_KV_LEN", "TMA_OK"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -193,8 +204,11 @@ def _block_sparse_attn_fwd_kernel(
     DENSE: tl.constexpr,
     HAS_KV_LEN: tl.constexpr,
     DOT_F32: tl.constexpr,
+    TMA_OK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -212,6 +226,9 @@ def _block_sparse_attn_fwd_kernel(
     q = _load_tile(q_base, offs_m, stride_qs, offs_d, SEQ_Q, HEAD_DIM, True, EVEN_D)  # [BLOCK_M, D_PAD]
     if DOT_F32:
         q = q.to(tl.float32)
+    if USE_TMA:
+        k_base = tl.make_tensor_descriptor(k_base, [SEQ_K, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM_PAD])
+        v_base = tl.make_tensor_descriptor(v_base, [SEQ_K, HEAD_DIM], [stride_vs, 1], [BLOCK_N, HEAD_DIM_PAD])
 
     kv_limit = SEQ_K
     if HAS_KV_LEN:
@@ -223,7 +240,7 @@ def _block_sparse_attn_fwd_kernel(
 
     if DENSE:
         n_full = kv_limit // BLOCK_N
-        for t in range(0, n_full):
+        for t in tl.range(0, n_full, warp_specialize=WARP_SPEC):
             acc, m_i, l_i = _attend_tile(
                 acc,
                 m_i,
@@ -243,6 +260,7 @@ def _block_sparse_attn_fwd_kernel(
                 False,
                 EVEN_D,
                 DOT_F32,
+                USE_TMA,
             )
         if n_full * BLOCK_N < kv_limit:
             acc, m_i, l_i = _attend_tile(
@@ -264,6 +282,7 @@ def _block_sparse_attn_fwd_kernel(
                 True,
                 EVEN_D,
                 DOT_F32,
+                USE_TMA,
             )
     else:
         row = (pid_m * BLOCK_M) // PLAN_BQ
@@ -272,7 +291,7 @@ def _block_sparse_attn_fwd_kernel(
         )
         count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + row * stride_cm)
         n_full = _first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK, MAX_K_LOG2)
-        for t in range(0, n_full * SUB):
+        for t in tl.range(0, n_full * SUB, warp_specialize=WARP_SPEC):
             kb = tl.load(idx_base + (t // SUB) * stride_ik)
             start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
             acc, m_i, l_i = _attend_tile(
@@ -294,6 +313,7 @@ def _block_sparse_attn_fwd_kernel(
                 False,
                 EVEN_D,
                 DOT_F32,
+                USE_TMA,
             )
         for t in range(n_full * SUB, count * SUB):
             kb = tl.load(idx_base + (t // SUB) * stride_ik)
@@ -317,6 +337,7 @@ def _block_sparse_attn_fwd_kernel(
                 True,
                 EVEN_D,
                 DOT_F32,
+                USE_TMA,
             )
 
     has_key = l_i > 0.0
@@ -334,6 +355,29 @@ def _block_sparse_attn_fwd_kernel(
 def _dot_f32(q: torch.Tensor) -> bool:
     # Triton's interpreter (3.6) computes bf16 tl.dot wrongly; upcast the operands there only.
     return _INTERPRET and q.dtype == torch.bfloat16
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether per-(batch, head) tensor descriptors can address these (B, H, S, D) views on this GPU."""
+    if _INTERPRET or not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:3]):
+            return False
+    _ensure_allocator()
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator():
+    # Device-side tensor descriptors need scratch memory; Triton asks for it through this hook.
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
 
 
 def _head_dim_pad(d: int) -> int:
@@ -414,5 +458,6 @@ def sparse_attention_fwd(
         DENSE=dense,
         HAS_KV_LEN=kv_len is not None,
         DOT_F32=_dot_f32(q),
+        TMA_OK=_tma_ok(k, v),
     )
     return out, lse
