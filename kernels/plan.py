@@ -27,7 +27,8 @@ class BlockPlan:
     Attributes:
         block_q: query block size in tokens.
         block_k: key block size in tokens.
-        kv_indices: int32 [B, H, n_qblocks, max_k], ascending within the first ``kv_counts`` entries.
+        kv_indices: int32 [B, H, n_qblocks, max_k], strictly ascending within the first ``kv_counts``
+            entries (the kernels rely on it: a row with every block runs a dense loop).
         kv_counts: int32 [B, H, n_qblocks], 0 <= count <= max_k.
         num_kv_blocks: number of key blocks of the key sequence the plan was built for.
 

@@ -108,6 +108,40 @@ def _attend_tile(
 
 
 @triton.jit
+def _dense_loop(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    offs_n,
+    offs_d,
+    seq_k,
+    kv_limit,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Every key tile below kv_limit: full tiles unmasked, then the partial one masked.
+    n_full = kv_limit // BLOCK_N
+    for t in range(0, n_full):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, t * BLOCK_N, offs_n,
+                                     offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32,
+                                     USE_TMA)  # fmt: skip
+    if n_full * BLOCK_N < kv_limit:
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, n_full * BLOCK_N,
+                                     offs_n, offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32,
+                                     USE_TMA)  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _first_masked_entry(
     idx_base, stride_ik, count, kv_limit, PLAN_BK: tl.constexpr, MAX_K_LOG2: tl.constexpr
 ):
@@ -234,106 +268,34 @@ def _block_sparse_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     if DENSE:
-        n_full = kv_limit // BLOCK_N
-        for t in range(0, n_full):
-            acc, m_i, l_i = _attend_tile(
-                acc,
-                m_i,
-                l_i,
-                q,
-                k_base,
-                v_base,
-                stride_ks,
-                stride_vs,
-                t * BLOCK_N,
-                offs_n,
-                offs_d,
-                SEQ_K,
-                kv_limit,
-                qk_scale,
-                HEAD_DIM,
-                False,
-                EVEN_D,
-                DOT_F32,
-                USE_TMA,
-            )
-        if n_full * BLOCK_N < kv_limit:
-            acc, m_i, l_i = _attend_tile(
-                acc,
-                m_i,
-                l_i,
-                q,
-                k_base,
-                v_base,
-                stride_ks,
-                stride_vs,
-                n_full * BLOCK_N,
-                offs_n,
-                offs_d,
-                SEQ_K,
-                kv_limit,
-                qk_scale,
-                HEAD_DIM,
-                True,
-                EVEN_D,
-                DOT_F32,
-                USE_TMA,
-            )
+        acc, m_i, l_i = _dense_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, SEQ_K,
+                                    kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, BLOCK_N)  # fmt: skip
     else:
         row = (pid_m * BLOCK_M) // PLAN_BQ
         idx_base = (
             KV_IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + row.to(tl.int64) * stride_im
         )
         count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + row * stride_cm)
-        n_full = _first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK, MAX_K_LOG2)
-        for t in range(0, n_full * SUB):
-            kb = tl.load(idx_base + (t // SUB) * stride_ik)
-            start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
-            acc, m_i, l_i = _attend_tile(
-                acc,
-                m_i,
-                l_i,
-                q,
-                k_base,
-                v_base,
-                stride_ks,
-                stride_vs,
-                start_n,
-                offs_n,
-                offs_d,
-                SEQ_K,
-                kv_limit,
-                qk_scale,
-                HEAD_DIM,
-                False,
-                EVEN_D,
-                DOT_F32,
-                USE_TMA,
-            )
-        for t in range(n_full * SUB, count * SUB):
-            kb = tl.load(idx_base + (t // SUB) * stride_ik)
-            start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
-            acc, m_i, l_i = _attend_tile(
-                acc,
-                m_i,
-                l_i,
-                q,
-                k_base,
-                v_base,
-                stride_ks,
-                stride_vs,
-                start_n,
-                offs_n,
-                offs_d,
-                SEQ_K,
-                kv_limit,
-                qk_scale,
-                HEAD_DIM,
-                True,
-                EVEN_D,
-                DOT_F32,
-                USE_TMA,
-            )
+        if count == tl.cdiv(SEQ_K, PLAN_BK):
+            # A row that keeps every key block (indices are strictly ascending, so they are 0 .. n-1) runs
+            # the dense loop: affine addresses pipeline better than indirect ones (~16% on an H200).
+            acc, m_i, l_i = _dense_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_n, offs_d,
+                                        SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA,
+                                        BLOCK_N)  # fmt: skip
+        else:
+            n_full = _first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK, MAX_K_LOG2)
+            for t in range(0, n_full * SUB):
+                kb = tl.load(idx_base + (t // SUB) * stride_ik)
+                start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
+                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_n,
+                                             offs_d, SEQ_K, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32,
+                                             USE_TMA)  # fmt: skip
+            for t in range(n_full * SUB, count * SUB):
+                kb = tl.load(idx_base + (t // SUB) * stride_ik)
+                start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
+                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_n,
+                                             offs_d, SEQ_K, kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32,
+                                             USE_TMA)  # fmt: skip
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)

@@ -5,9 +5,9 @@ dense pass over the same q and k, each row of W sums to the number of valid rows
 the exact attention mass per block. Given a stale LSE (from an earlier denoising step), it is the mass
 under the old normaliser, which is what a cached pattern search needs.
 
-Design: one program per (query tile, batch*head) walks every key block; each program writes one scalar
-per key block. When the kernel's query tile is smaller than the plan's query block, the launcher sums the
-tiles' partial rows (deterministic, no atomics). Rows past the sequence and rows with lse = -inf read
+Design: one program per (plan query block, batch*head) walks every key block and writes one scalar per
+key block (deterministic, no atomics). When the kernel's query tile is smaller than the plan's query
+block, the program loops over its query tiles, reloading them from L2 for each key block. Rows past the sequence and rows with lse = -inf read
 lse = +inf, so their exp is 0 without a mask; key tiles that can hold invalid keys (sequence tail, keys
 past ``kv_len``) are the last ones and alone pay for a mask.
 """
@@ -58,6 +58,73 @@ def _mass_tile(
     return tl.sum(tl.sum(p, 1), 0)
 
 
+@triton.jit
+def _query_tile(
+    q_base,
+    lse_base,
+    row0,
+    stride_qs,
+    stride_ls,
+    offs_d,
+    seq_q,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # q rows row0 .. row0 + BLOCK_M and their base-2 LSE; rows past the sequence or with lse = -inf get
+    # +inf, so their exp is exactly 0.
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    q = _load_tile(q_base, offs_m, stride_qs, offs_d, seq_q, HEAD_DIM, True, EVEN_D)  # [BLOCK_M, D_PAD]
+    if DOT_F32:
+        q = q.to(tl.float32)
+    lse = tl.load(lse_base + offs_m * stride_ls, mask=offs_m < seq_q, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return q, lse * 1.4426950408889634
+
+
+@triton.jit
+def _mass_block(
+    q,
+    lse2,
+    q_base,
+    lse_base,
+    row0,
+    stride_qs,
+    stride_ls,
+    k_base,
+    stride_ks,
+    c,
+    offs_n,
+    offs_d,
+    seq_q,
+    seq_k,
+    kv_limit,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    MASKED: tl.constexpr,
+    PLAN_BK: tl.constexpr,
+    SUBM: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Mass of plan block (row block of this program, key block c), summed over its query and key tiles.
+    w = 0.0
+    for r in tl.static_range(SUBM):
+        if SUBM > 1:
+            # Several query tiles per plan block: reload each (from L2) rather than add across programs.
+            q, lse2 = _query_tile(q_base, lse_base, row0 + r * BLOCK_M, stride_qs, stride_ls, offs_d, seq_q,
+                                  HEAD_DIM, EVEN_D, DOT_F32, BLOCK_M)  # fmt: skip
+        for s in tl.static_range(SUB):
+            w += _mass_tile(q, lse2, k_base, stride_ks, c * PLAN_BK + s * BLOCK_N, offs_n, offs_d, seq_k, kv_limit,
+                            qk_scale, HEAD_DIM, MASKED, EVEN_D, DOT_F32, USE_TMA)  # fmt: skip
+    return w
+
+
 def _configs():
     if _INTERPRET:
         return [_cfg(16, 16, 4, 1)]
@@ -69,7 +136,6 @@ def _configs():
     configs=_configs(),
     key=["HEAD_DIM_PAD", "SEQ_BUCKET", "PLAN_BQ", "PLAN_BK", "HAS_KV_LEN", "USE_TMA"],
     prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["W"],
 )
 @triton.jit
 def _block_mass_kernel(
@@ -111,80 +177,35 @@ def _block_mass_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
     SUB: tl.constexpr = PLAN_BK // BLOCK_N
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    SUBM: tl.constexpr = PLAN_BQ // BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row0 = pid_m * PLAN_BQ
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    q = _load_tile(q_base, offs_m, stride_qs, offs_d, SEQ_Q, HEAD_DIM, True, EVEN_D)  # [BLOCK_M, D_PAD]
-    if DOT_F32:
-        q = q.to(tl.float32)
+    lse_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     if USE_TMA:
         k_base = tl.make_tensor_descriptor(k_base, [SEQ_K, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM_PAD])
-    lse = tl.load(
-        LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_ls,
-        mask=offs_m < SEQ_Q,
-        other=float("inf"),
-    )
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    lse2 = lse * 1.4426950408889634  # [BLOCK_M], base 2
+    # With one query tile per plan block, q stays in registers for the whole key loop.
+    q, lse2 = _query_tile(q_base, lse_base, row0, stride_qs, stride_ls, offs_d, SEQ_Q, HEAD_DIM, EVEN_D,
+                          DOT_F32, BLOCK_M)  # fmt: skip
 
     kv_limit = SEQ_K
     if HAS_KV_LEN:
         kv_limit = tl.minimum(tl.load(KV_LEN + b).to(tl.int32), SEQ_K)
 
-    # Several query tiles of one plan block add into the same row of W (W starts at zero).
-    SPLIT_M: tl.constexpr = BLOCK_M < PLAN_BQ
-    w_base = W + pid_bh.to(tl.int64) * N_QB * N_KB + ((pid_m * BLOCK_M) // PLAN_BQ) * N_KB
+    w_base = W + pid_bh.to(tl.int64) * N_QB * N_KB + pid_m * N_KB
     n_full = kv_limit // PLAN_BK
     for c in range(0, n_full):
-        w = 0.0
-        for s in tl.static_range(SUB):
-            w += _mass_tile(
-                q,
-                lse2,
-                k_base,
-                stride_ks,
-                c * PLAN_BK + s * BLOCK_N,
-                offs_n,
-                offs_d,
-                SEQ_K,
-                kv_limit,
-                qk_scale,
-                HEAD_DIM,
-                False,
-                EVEN_D,
-                DOT_F32,
-                USE_TMA,
-            )
-        if SPLIT_M:
-            tl.atomic_add(w_base + c, w)
-        else:
-            tl.store(w_base + c, w)
+        w = _mass_block(q, lse2, q_base, lse_base, row0, stride_qs, stride_ls, k_base, stride_ks, c, offs_n, offs_d,
+                        SEQ_Q, SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, False, PLAN_BK,
+                        SUBM, SUB, BLOCK_M, BLOCK_N)  # fmt: skip
+        tl.store(w_base + c, w)
     for c in range(n_full, N_KB):
-        w = 0.0
-        for s in tl.static_range(SUB):
-            w += _mass_tile(
-                q,
-                lse2,
-                k_base,
-                stride_ks,
-                c * PLAN_BK + s * BLOCK_N,
-                offs_n,
-                offs_d,
-                SEQ_K,
-                kv_limit,
-                qk_scale,
-                HEAD_DIM,
-                True,
-                EVEN_D,
-                DOT_F32,
-                USE_TMA,
-            )
-        if SPLIT_M:
-            tl.atomic_add(w_base + c, w)
-        else:
-            tl.store(w_base + c, w)
+        w = _mass_block(q, lse2, q_base, lse_base, row0, stride_qs, stride_ls, k_base, stride_ks, c, offs_n, offs_d,
+                        SEQ_Q, SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, True, PLAN_BK,
+                        SUBM, SUB, BLOCK_M, BLOCK_N)  # fmt: skip
+        tl.store(w_base + c, w)
 
 
 def block_mass_fwd(
@@ -201,10 +222,8 @@ def block_mass_fwd(
     seq_k = k.shape[2]
     n_qb, n_kb = triton.cdiv(seq_q, block_q), triton.cdiv(seq_k, block_k)
     kv_len_arg = kv_len if kv_len is not None else lse
-    w = torch.zeros(batch, heads, n_qb, n_kb, dtype=torch.float32, device=q.device)
-
-    def grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+    w = torch.empty(batch, heads, n_qb, n_kb, dtype=torch.float32, device=q.device)
+    grid = (n_qb, batch * heads)
 
     _block_mass_kernel[grid](
         q,
