@@ -1,0 +1,204 @@
+"""One Wan2.1-1.3B transformer forward (random weights, real config): stock, dit_accel dense, dit_accel
+window, and with attention replaced by a no-op (the attention share of the forward).
+
+GPU run (bf16, latent (1, 16, 21, 60, 104) = 480p 81 frames, 32,760 tokens; text (1, 512, 4096)):
+
+    python benchmarks/bench_forward.py [--out benchmarks/results/forward_wan1.3b_<gpu>.json]
+
+CPU smoke run of the same code paths on a tiny config (fp32, perf_counter medians):
+
+    python benchmarks/bench_forward.py --smoke --out /tmp/forward_smoke.json
+
+Times are medians of ``triton.testing.do_bench`` on GPU. Before timing, the dit_accel dense forward must equal
+the stock forward and the window method at density 1.0 must match it within bf16 tolerance; otherwise no
+speedup is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import WanTransformer3DModel
+
+import dit_accel
+from dit_accel.methods import SparseMethod
+
+WAN_1_3B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+WAN_TINY = {
+    **WAN_1_3B,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "text_dim": 32,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "rope_max_seq_len": 32,
+}
+SHAPES = {
+    "wan1.3b_480p_81f": {"latent": (1, 16, 21, 60, 104), "text": (1, 512, 4096), "block": 128},
+    "smoke": {"latent": (1, 16, 3, 8, 12), "text": (1, 8, 32), "block": 16},
+}
+
+
+class NoAttention(SparseMethod):
+    """Attention replaced by a no-op (returns v): the forward without attention."""
+
+    name = "no-attention"
+
+    def attention(self, q, k, v, call):
+        return v
+
+
+def _gpu_tag() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    match = re.search(r"(h100|h200|h800|a100|l40s|b200|gb200|a10g|l4)", name)
+    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def _bench(fn, smoke: bool) -> float:
+    if not smoke:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=100, rep=1000, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny config on CPU (checks the code paths)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    parser.add_argument("--density", type=float, default=0.1, help="window method density")
+    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    args = parser.parse_args(argv)
+
+    smoke = args.smoke
+    if not smoke and not torch.cuda.is_available():
+        parser.error("needs a CUDA device (use --smoke on CPU)")
+    device = torch.device("cpu" if smoke else "cuda")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    shape_name = "smoke" if smoke else "wan1.3b_480p_81f"
+    shape = SHAPES[shape_name]
+    out_path = args.out or Path(__file__).parent / "results" / f"forward_wan1.3b_{_gpu_tag()}.json"
+
+    torch.manual_seed(0)
+    config = WAN_TINY if smoke else WAN_1_3B
+    model = WanTransformer3DModel(**config).to(device=device, dtype=dtype).eval()
+    latent = torch.randn(shape["latent"], device=device, dtype=dtype)
+    text = torch.randn(shape["text"], device=device, dtype=dtype)
+    timestep = torch.tensor([500.0], device=device)
+    block = shape["block"]
+
+    @torch.inference_mode()
+    def forward():
+        out = model(hidden_states=latent, timestep=timestep, encoder_hidden_states=text, return_dict=False)
+        return out[0]
+
+    result = {
+        "benchmark": "bench_forward",
+        "shape": shape_name,
+        "latent": list(shape["latent"]),
+        "text": list(shape["text"]),
+        "tokens": shape["latent"][2] * (shape["latent"][3] // 2) * (shape["latent"][4] // 2),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "diffusers": _version("diffusers"),
+            "dit_accel": dit_accel.__version__,
+            "cuda": torch.version.cuda,
+            "python": sys.version.split()[0],
+        },
+        "timer": "perf_counter median of 3" if smoke else "triton.testing.do_bench median",
+        "block": block,
+        "backend": args.backend,
+    }
+
+    stock = forward()
+    ms_stock = _bench(forward, smoke)
+
+    handle = dit_accel.apply(model, method="dense")
+    dense_out = forward()
+    dense_exact = bool(torch.equal(dense_out, stock))
+    ms_dense = _bench(forward, smoke)
+
+    dit_accel.apply(model, method="window", density=1.0, block_q=block, block_k=block, backend=args.backend)
+    full = forward()
+    full_err = ((full.float() - stock.float()).abs().max() / stock.float().abs().max().clamp_min(1e-6)).item()
+    full_ok = full_err <= (1e-5 if smoke else 3e-2)
+
+    handle = dit_accel.apply(
+        model, method="window", density=args.density, block_q=block, block_k=block, backend=args.backend
+    )
+    forward()
+    window_density = handle.stats().records[0]["density"]
+    ms_window = _bench(forward, smoke)
+
+    dit_accel.apply(model, method=NoAttention())
+    ms_noattn = _bench(forward, smoke)
+    dit_accel.remove(model)
+
+    correct = dense_exact and full_ok
+    result.update(
+        {
+            "correct": correct,
+            "checks": {"dense_equals_stock": dense_exact, "full_density_rel_err": full_err},
+            "ms": {
+                "stock": ms_stock,
+                "dit_accel_dense": ms_dense,
+                "window": ms_window,
+                "no_attention": ms_noattn,
+            },
+            "window_density": window_density,
+            "attention_share": 1.0 - ms_noattn / ms_stock,
+            "attention_only_ceiling": ms_stock / ms_noattn,
+            "speedup_window": ms_stock / ms_window if correct else None,
+            "overhead_dense": ms_dense / ms_stock - 1.0,
+        }
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    if not correct:
+        print("correctness check failed: no speedup reported", file=sys.stderr)
+    return result
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()

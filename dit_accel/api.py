@@ -1,0 +1,348 @@
+"""Public entry points: :func:`apply`, :func:`remove`, :func:`attn_processors`; the handle and its stats."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .config import SparseAttentionConfig
+from .methods import SparseMethod, create_method
+from .processors import Family, Runtime, family_for
+from .processors.base import LayerRecord
+from .tracking import TRACKER_HOOK_NAME, StepTracker, install_tracker
+
+__all__ = ["AttentionStats", "SparseAttentionHandle", "apply", "attn_processors", "remove"]
+
+_HANDLE_ATTR = "_dit_accel_handle"
+
+
+def _is_pipeline(target) -> bool:
+    return not isinstance(target, torch.nn.Module) and hasattr(target, "components")
+
+
+def _transformers(target) -> list[tuple[str, torch.nn.Module]]:
+    if isinstance(target, torch.nn.Module):
+        return [("transformer", target)]
+    if _is_pipeline(target):
+        found = [
+            (name, module)
+            for name, module in target.components.items()
+            if name.startswith("transformer") and isinstance(module, torch.nn.Module)
+        ]
+        if not found:
+            raise ValueError(
+                f"{type(target).__name__} has no transformer component for dit_accel to accelerate"
+            )
+        return found
+    raise TypeError(f"target must be a diffusers pipeline or transformer, got {type(target).__name__}")
+
+
+def _set_processor(module: torch.nn.Module, processor) -> None:
+    if "processor" in module._modules and not isinstance(processor, torch.nn.Module):
+        del module._modules["processor"]
+    module.processor = processor
+
+
+@dataclass
+class AttentionStats:
+    """Per attention call of the latest run: dense or sparse, density, time.
+
+    Attributes:
+        method: the method's name.
+        records: one dict per call with keys run, component, context, step, layer, kind ("dense",
+            "sparse", "dense+sparse", "custom" or a method's label), density (computed blocks over all
+            blocks, summed over the passes of the call; 1.0 for dense) and time_ms (None unless timed).
+    """
+
+    method: str
+    records: list[dict]
+
+    def per_step(self) -> list[dict]:
+        """One dict per (context, step): calls, dense, sparse, mean_density, time_ms (None without timing)."""
+        groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+        for r in self.records:
+            groups[(r["context"], r["step"])].append(r)
+        rows = []
+        for (context, step), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            times = [r["time_ms"] for r in rs if r["time_ms"] is not None]
+            densities = [r["density"] for r in rs if not math.isnan(r["density"])]
+            rows.append(
+                {
+                    "context": context,
+                    "step": step,
+                    "calls": len(rs),
+                    "dense": sum(r["kind"] == "dense" for r in rs),
+                    "sparse": sum(r["kind"] != "dense" for r in rs),
+                    "mean_density": sum(densities) / len(densities) if densities else float("nan"),
+                    "time_ms": sum(times) if times else None,
+                }
+            )
+        return rows
+
+    def summary(self) -> str:
+        """A short text summary: totals, then one line per (context, step)."""
+        if not self.records:
+            return f"dit_accel[{self.method}]: no attention calls recorded"
+        rows = self.per_step()
+        sparse = [r for r in self.records if r["kind"] != "dense"]
+        density = (
+            sum(r["density"] for r in sparse if not math.isnan(r["density"])) / len(sparse) if sparse else 1.0
+        )
+        timed = [r["time_ms"] for r in self.records if r["time_ms"] is not None]
+        lines = [
+            f"dit_accel[{self.method}]: {len(self.records)} attention calls over {len(rows)} (context, step) "
+            f"pairs; {len(self.records) - len(sparse)} dense, {len(sparse)} sparse"
+            + (f" at mean density {density:.3f}" if sparse else "")
+            + (f"; attention {sum(timed):.2f} ms" if timed else "")
+        ]
+        lines.append(
+            f"{'context':<12}{'step':>5}{'calls':>7}{'dense':>7}{'sparse':>7}{'density':>9}{'ms':>10}"
+        )
+        for r in rows:
+            ms = f"{r['time_ms']:.2f}" if r["time_ms"] is not None else "-"
+            lines.append(
+                f"{r['context']:<12}{r['step']:>5}{r['calls']:>7}{r['dense']:>7}{r['sparse']:>7}"
+                f"{r['mean_density']:>9.3f}{ms:>10}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+class _Installed:
+    def __init__(self, family: Family, had_registry: bool, had_forward: bool):
+        self.family = family
+        self.had_registry = had_registry
+        self.had_forward = had_forward
+        self.originals: dict[str, object] = {}
+        self.processors: dict[str, object] = {}
+
+
+class SparseAttentionHandle:
+    """What :func:`apply` / :func:`attn_processors` return: the installed state of one configuration.
+
+    Attributes:
+        config: the :class:`SparseAttentionConfig`.
+        method: the method instance (its ``cache`` holds the plans).
+        tracker: the :class:`dit_accel.tracking.StepTracker` shared by the transformers.
+        transformers: name -> transformer module.
+    """
+
+    def __init__(self, target, config: SparseAttentionConfig, method: SparseMethod, tracker: StepTracker):
+        self.target = target
+        self.config = config
+        self.method = method
+        self.tracker = tracker
+        self.runtime = Runtime(config, method, tracker)
+        self.transformers: dict[str, torch.nn.Module] = {}
+        self._installed: dict[str, _Installed] = {}
+        self._removed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseAttentionHandle(method={self.method.name!r}, transformers={list(self.transformers)}, "
+            f"layers={len(self.layers)})"
+        )
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the attention layers this handle replaces."""
+        return [p.layer for inst in self._installed.values() for p in inst.processors.values()]
+
+    def _build(self, name: str, transformer: torch.nn.Module, family: Family) -> _Installed:
+        inst = _Installed(
+            family, "_diffusers_hook" in transformer.__dict__, "forward" in transformer.__dict__
+        )
+        candidates = [
+            (path, module)
+            for path, module in transformer.named_modules()
+            if hasattr(module, "processor") and family.select(path)
+        ]
+        chosen = [(p, m) for p, m in candidates if type(m.processor).__name__ in family.processors]
+        others = sorted({type(m.processor).__name__ for p, m in candidates} - set(family.processors))
+        if not chosen:
+            raise ValueError(
+                f"{type(transformer).__name__} ({name}) has no self-attention layer with a stock processor "
+                f"dit_accel can replace (expected {sorted(family.processors)}, found {others})"
+            )
+        if others:
+            _log_skipped(f"{name}: layers with processors {others} stay as they are")
+        for i, (path, module) in enumerate(chosen):
+            stock = module.processor
+            cls = family.processors[type(stock).__name__]
+            inst.originals[path] = stock
+            inst.processors[path] = cls(self.runtime, f"{name}.{path}", i, len(chosen), stock)
+        self.transformers[name] = transformer
+        self._installed[name] = inst
+        install_tracker(transformer, self.tracker, name, family.geometry)
+        setattr(transformer, _HANDLE_ATTR, self)
+        return inst
+
+    def _activate(self) -> None:
+        for name, inst in self._installed.items():
+            modules = dict(self.transformers[name].named_modules())
+            for path, proc in inst.processors.items():
+                _set_processor(modules[path], proc)
+
+    def stats(self) -> AttentionStats:
+        """Per-call records of the latest run (see :class:`AttentionStats`); synchronises CUDA when timed."""
+        records = self.runtime.records
+        if any(isinstance(r.time, tuple) for r in records) and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return AttentionStats(self.method.name, [_as_dict(r) for r in records])
+
+    def reset(self) -> None:
+        """Start a new run now (step counts from 0, cached plans dropped). Pipelines that reset stateful
+        hooks at the end of a call (most) do this themselves."""
+        self.tracker.reset()
+
+    def remove(self) -> None:
+        """Restore the original processors and hooks of every transformer of this handle."""
+        if self._removed:
+            return
+        for name, inst in self._installed.items():
+            transformer = self.transformers[name]
+            modules = dict(transformer.named_modules())
+            for path, original in inst.originals.items():
+                if modules.get(path) is not None:
+                    _set_processor(modules[path], original)
+            registry = getattr(transformer, "_diffusers_hook", None)
+            if registry is not None:
+                registry.remove_hook(TRACKER_HOOK_NAME, recurse=False)
+                if not registry.hooks:
+                    if not inst.had_forward:
+                        transformer.__dict__.pop("forward", None)
+                    if not inst.had_registry:
+                        del transformer._diffusers_hook
+            if getattr(transformer, _HANDLE_ATTR, None) is self:
+                delattr(transformer, _HANDLE_ATTR)
+        if not isinstance(self.target, torch.nn.Module) and getattr(self.target, _HANDLE_ATTR, None) is self:
+            delattr(self.target, _HANDLE_ATTR)
+        self.method.new_run()
+        self._removed = True
+
+
+def _as_dict(r: LayerRecord) -> dict:
+    t = r.time
+    if isinstance(t, tuple):
+        t = t[0].elapsed_time(t[1])
+    return {
+        "run": r.run,
+        "component": r.component,
+        "context": r.context,
+        "step": r.step,
+        "layer": r.layer,
+        "kind": r.kind,
+        "density": r.density,
+        "time_ms": t,
+    }
+
+
+def _log_skipped(msg: str) -> None:
+    from .processors.base import _log_once
+
+    _log_once(msg)
+
+
+def _existing_handles(target) -> list[SparseAttentionHandle]:
+    handles = []
+    for obj in [target, *(m for _, m in _transformers(target))]:
+        h = getattr(obj, _HANDLE_ATTR, None)
+        if h is not None and h not in handles:
+            handles.append(h)
+    return handles
+
+
+def _new_handle(target, config, knobs) -> SparseAttentionHandle:
+    config = SparseAttentionConfig.from_knobs(config, **knobs)
+    components = _transformers(target)
+    families = [(name, tr, family_for(tr)) for name, tr in components]
+    method = create_method(config)
+    for h in _existing_handles(target):
+        h.remove()
+    tracker = StepTracker(target if _is_pipeline(target) else None)
+    handle = SparseAttentionHandle(target, config, method, tracker)
+    try:
+        for name, tr, family in families:
+            handle._build(name, tr, family)
+    except Exception:
+        handle.remove()
+        raise
+    if _is_pipeline(target):
+        setattr(target, _HANDLE_ATTR, handle)
+    return handle
+
+
+def apply(target, config: SparseAttentionConfig | None = None, **knobs) -> SparseAttentionHandle:
+    """Replace the self-attention processors of a pipeline's transformer(s), or of one transformer.
+
+    Applying again replaces the earlier installation (it is removed first); it never stacks.
+
+    Args:
+        target: a diffusers pipeline (every ``transformer*`` component is accelerated, sharing one step
+            tracker, as Wan 2.2's two experts need) or a supported transformer module.
+        config: a :class:`SparseAttentionConfig`; ``knobs`` override its fields (``method="window"``,
+            ``dense_steps=0.25``, ...) and unknown knobs become method options (``density=0.1``).
+
+    Returns:
+        a :class:`SparseAttentionHandle` (``.stats()``, ``.reset()``, ``.remove()``).
+
+    Raises:
+        ValueError: the transformer is not supported (the message names the supported ones) or the
+            knobs are invalid. NotImplementedError: a method name that is reserved but not available yet.
+    """
+    handle = _new_handle(target, config, knobs)
+    handle._activate()
+    return handle
+
+
+def attn_processors(
+    transformer: torch.nn.Module, config: SparseAttentionConfig | None = None, **knobs
+) -> dict[str, object]:
+    """Processors for ``transformer.set_attn_processor(...)``: one entry per attention layer of the model.
+
+    Self-attention layers get dit_accel processors; the rest keep their current processor. The step
+    tracker hook is installed on ``transformer`` now; :func:`remove` undoes both. A transformer without
+    ``set_attn_processor`` (Mochi) takes them by assignment:
+    ``module.processor = procs[f"{path}.processor"]``.
+
+    Args:
+        transformer: a supported diffusers transformer.
+        config, knobs: as in :func:`apply`.
+
+    Returns:
+        dict "<module path>.processor" -> processor.
+    """
+    if not isinstance(transformer, torch.nn.Module):
+        raise TypeError(f"attn_processors takes a transformer module, got {type(transformer).__name__}")
+    handle = _new_handle(transformer, config, knobs)
+    (inst,) = handle._installed.values()
+    if hasattr(transformer, "set_attn_processor"):
+        current = dict(transformer.attn_processors)
+    else:
+        current = {
+            f"{p}.processor": m.processor for p, m in transformer.named_modules() if hasattr(m, "processor")
+        }
+    return {key: inst.processors.get(key[: -len(".processor")], proc) for key, proc in current.items()}
+
+
+def remove(target) -> bool:
+    """Undo :func:`apply` / :func:`attn_processors` on ``target``: original processors and hooks are restored.
+
+    Returns:
+        True when something was removed.
+    """
+    handles = _existing_handles(target)
+    for h in handles:
+        h.remove()
+    return bool(handles)
+
+
+def get_handle(target) -> SparseAttentionHandle | None:
+    """The handle installed on a pipeline or transformer, if any."""
+    handles = _existing_handles(target)
+    return handles[0] if handles else None

@@ -1,0 +1,96 @@
+"""The configuration of a sparse-attention run: which method, block sizes, dense steps and layers, backend."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SparseAttentionConfig"]
+
+_BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig:
+    """How the replaced self-attention layers compute attention.
+
+    Attributes:
+        method: "dense", "window" (a local band of key blocks; proves the plumbing), or an instance of
+            :class:`dit_accel.methods.SparseMethod`. "radial", "adaspa" and "rettention" are reserved names.
+        block_q: query block size in tokens of a block plan (a power of two >= 16 for the Triton kernels).
+        block_k: key block size in tokens.
+        dense_steps: dense warm-up: an int counts steps, a float in [0, 1) is a fraction of the run's steps
+            (rounded down). Steps are counted per CFG context, from 0.
+        dense_layers: indices of replaced attention layers that always run dense; negative indices count from
+            the last layer. Layers are numbered per transformer in module order (Flux: dual blocks, then
+            single blocks).
+        backend: "auto" | "triton" | "torch" for dit_accel's kernels. Dense steps and dense layers run the
+            stock diffusers attention op (whatever attention backend diffusers is set to).
+        timing: record each attention call's wall time in the handle's stats (adds a CUDA event pair per
+            call; no host synchronisation until stats are read).
+        options: method-specific knobs (e.g. ``{"density": 0.1}`` for "window"); checked by the method.
+    """
+
+    method: Any = "dense"
+    block_q: int = 128
+    block_k: int = 128
+    dense_steps: int | float = 0
+    dense_layers: tuple[int, ...] = ()
+    backend: str = "auto"
+    timing: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        steps = self.dense_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)):
+            raise ValueError(
+                f"dense_steps must be an int (count) or a float in [0, 1) (fraction), got {steps!r}"
+            )
+        if isinstance(steps, int) and steps < 0:
+            raise ValueError(f"dense_steps must be >= 0, got {steps}")
+        if isinstance(steps, float) and not 0.0 <= steps < 1.0:
+            raise ValueError(f"a fractional dense_steps must lie in [0, 1), got {steps}")
+        layers = self.dense_layers
+        if isinstance(layers, int):
+            layers = (layers,)
+        layers = tuple(layers)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise ValueError(f"dense_layers must be ints, got {self.dense_layers!r}")
+        object.__setattr__(self, "dense_layers", layers)
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+        object.__setattr__(self, "options", dict(self.options))
+
+    @classmethod
+    def from_knobs(cls, config: SparseAttentionConfig | None = None, **knobs) -> SparseAttentionConfig:
+        """``config`` (or the defaults) with ``knobs`` applied; non-field knobs become ``options``."""
+        base = config if config is not None else cls()
+        if not isinstance(base, cls):
+            raise TypeError(f"config must be a {cls.__name__}, got {type(base).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in knobs.items() if k in names}
+        options = {
+            **base.options,
+            **fields.pop("options", {}),
+            **{k: v for k, v in knobs.items() if k not in names},
+        }
+        return dataclasses.replace(base, **fields, options=options)
+
+    def num_dense_steps(self, num_steps: int | None) -> int | None:
+        """Warm-up steps for a run of ``num_steps`` steps (None: a fraction with an unknown step count)."""
+        if isinstance(self.dense_steps, int):
+            return self.dense_steps
+        if self.dense_steps == 0.0:
+            return 0
+        if num_steps is None:
+            return None
+        return int(self.dense_steps * num_steps)
+
+    def is_dense_layer(self, layer_index: int, num_layers: int) -> bool:
+        return any(i == layer_index or i + num_layers == layer_index for i in self.dense_layers)

@@ -1,0 +1,151 @@
+"""HunyuanVideo: joint attention of the dual-stream and single-stream blocks; the token refiner stays stock.
+
+Mirrors ``HunyuanVideoAttnProcessor2_0``. The sequence is [video, text]: text last, padded to a fixed length
+with a boolean key mask [B, 1, 1, N] that keeps a prefix; the sparse path passes it as ``kv_len`` (valid keys
+per batch element) instead of a dense mask. RoPE covers the video part only.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..tracking import Geometry
+from .base import Family, SparseAttnProcessorBase, prefix_lengths
+
+__all__ = ["FAMILY", "HunyuanVideoSparseAttnProcessor"]
+
+
+class HunyuanVideoSparseAttnProcessor(SparseAttnProcessorBase):
+    """Replaces ``HunyuanVideoAttnProcessor2_0`` on ``transformer_blocks.*.attn`` and
+    ``single_transformer_blocks.*.attn``."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attn.add_q_proj is None and encoder_hidden_states is not None:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if image_rotary_emb is not None:
+            if attn.add_q_proj is None and encoder_hidden_states is not None:
+                text = encoder_hidden_states.shape[1]
+                query = torch.cat(
+                    [apply_rotary_emb(query[:, :-text], image_rotary_emb, sequence_dim=1), query[:, -text:]],
+                    dim=1,
+                )
+                key = torch.cat(
+                    [apply_rotary_emb(key[:, :-text], image_rotary_emb, sequence_dim=1), key[:, -text:]],
+                    dim=1,
+                )
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            encoder_query = attn.add_q_proj(encoder_hidden_states)
+            encoder_key = attn.add_k_proj(encoder_hidden_states)
+            encoder_value = attn.add_v_proj(encoder_hidden_states)
+
+            encoder_query = encoder_query.unflatten(2, (attn.heads, -1))
+            encoder_key = encoder_key.unflatten(2, (attn.heads, -1))
+            encoder_value = encoder_value.unflatten(2, (attn.heads, -1))
+
+            if attn.norm_added_q is not None:
+                encoder_query = attn.norm_added_q(encoder_query)
+            if attn.norm_added_k is not None:
+                encoder_key = attn.norm_added_k(encoder_key)
+
+            query = torch.cat([query, encoder_query], dim=1)
+            key = torch.cat([key, encoder_key], dim=1)
+            value = torch.cat([value, encoder_value], dim=1)
+
+        def dense():
+            return dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                dropout_p=0.0,
+                is_causal=False,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+
+        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
+        kv_len, unexpressed = None, None
+        if attention_mask is not None:
+            mask = attention_mask
+            if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1):
+                kv_len = prefix_lengths(mask[:, 0, 0])
+            if kv_len is None:
+                unexpressed = attention_mask
+        hidden_states = self._attend(
+            query,
+            key,
+            value,
+            layout="bshd",
+            dense_fn=dense,
+            kv_len=kv_len,
+            text_len=text_len,
+            text_position="last" if text_len else None,
+            attention_mask=unexpressed,
+        )
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : -encoder_hidden_states.shape[1]],
+                hidden_states[:, -encoder_hidden_states.shape[1] :],
+            )
+
+            if getattr(attn, "to_out", None) is not None:
+                hidden_states = attn.to_out[0](hidden_states)
+                hidden_states = attn.to_out[1](hidden_states)
+
+            if getattr(attn, "to_add_out", None) is not None:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+        return hidden_states, encoder_hidden_states
+
+
+def _geometry(transformer, args: dict) -> Geometry:
+    _, _, frames, height, width = args["hidden_states"].shape
+    p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+    text = args.get("encoder_hidden_states")
+    text_len = int(text.shape[1]) if text is not None else 0
+    return Geometry((frames // p_t, height // p, width // p), text_len, "last" if text_len else None)
+
+
+def _select(path: str) -> bool:
+    return (path.startswith("transformer_blocks.") or path.startswith("single_transformer_blocks.")) and (
+        path.endswith(".attn")
+    )
+
+
+FAMILY = Family(
+    name="hunyuan_video",
+    transformer_classes=("HunyuanVideoTransformer3DModel",),
+    processors={"HunyuanVideoAttnProcessor2_0": HunyuanVideoSparseAttnProcessor},
+    select=_select,
+    geometry=_geometry,
+)
