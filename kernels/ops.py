@@ -245,9 +245,10 @@ def block_sparse_attention(
     return _from_bhsd(out, layout), lse
 
 
-# Which path ``dense_attention(backend="auto")`` takes on CUDA when cuDNN can run it; set from the
-# side-by-side measurement in benchmarks/results/kernels_*.json (cuDNN was faster at every config).
-_DENSE_AUTO_PREFERS_CUDNN = True
+# Which path ``dense_attention(backend="auto")`` takes on CUDA, from the side-by-side measurement in
+# benchmarks/results/kernels_nvidia_h200.json: cuDNN was 10-30% faster than our dense loop at head_dim 72
+# and 128, ours 3% faster at head_dim 64 (cogvideox5b).
+_DENSE_AUTO_CUDNN_MIN_HEAD_DIM = 65
 
 
 def _cudnn_unavailable_reason(qh: torch.Tensor, kv_len) -> str | None:
@@ -287,8 +288,9 @@ def dense_attention(
     """Dense softmax attention with the per-row log-sum-exp (for dense steps and pattern searches).
 
     Same arguments and returns as :func:`block_sparse_attention` without a plan. ``backend`` is "auto",
-    "triton", "cudnn" or "torch"; "auto" on CUDA uses cuDNN where it supports the call (fp16/bf16,
-    head_dim a multiple of 8 up to 128, no kv_len) and our dense Triton kernel otherwise.
+    "triton", "cudnn" or "torch"; "auto" on CUDA uses cuDNN where it supports the call and was measured
+    faster (fp16/bf16, head_dim a multiple of 8 in 65..128, no kv_len) and our dense Triton kernel
+    otherwise.
     """
     qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
     if backend == "cudnn":
@@ -297,7 +299,11 @@ def dense_attention(
             raise RuntimeError(f"dense_attention: backend='cudnn' cannot run: {reason}")
         out, lse = _cudnn_attention(qh, kh, vh, scale)
         return _from_bhsd(out, layout), lse
-    if backend == "auto" and _DENSE_AUTO_PREFERS_CUDNN and _cudnn_unavailable_reason(qh, kv_len) is None:
+    if (
+        backend == "auto"
+        and qh.shape[3] >= _DENSE_AUTO_CUDNN_MIN_HEAD_DIM
+        and _cudnn_unavailable_reason(qh, kv_len) is None
+    ):
         out, lse = _cudnn_attention(qh, kh, vh, scale)
         return _from_bhsd(out, layout), lse
     if _pick(backend, qh, "dense_attention") == "torch":
