@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,13 +55,17 @@ class AttentionStats:
         records: one dict per call with keys run, component, context, step, layer, kind ("dense",
             "sparse", "dense+sparse", "custom" or a method's label), density (computed blocks over all
             blocks, summed over the passes of the call; 1.0 for dense) and time_ms (None unless timed).
+        memory: bytes held by the method's caches (:meth:`SparseMethod.memory`: ``plans``, ``state``,
+            ``total``, and what the method adds, e.g. adaspa's ``lse`` and ``peak``).
     """
 
     method: str
     records: list[dict]
+    memory: dict = field(default_factory=dict)
 
     def per_step(self) -> list[dict]:
-        """One dict per (context, step): calls, dense, sparse, mean_density, time_ms (None without timing)."""
+        """One dict per (context, step): calls, dense, sparse, kinds ({kind: calls}), mean_density,
+        time_ms (None without timing)."""
         groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
         for r in self.records:
             groups[(r["context"], r["step"])].append(r)
@@ -76,6 +80,7 @@ class AttentionStats:
                     "calls": len(rs),
                     "dense": sum(r["kind"] == "dense" for r in rs),
                     "sparse": sum(r["kind"] != "dense" for r in rs),
+                    "kinds": dict(Counter(r["kind"] for r in rs)),
                     "mean_density": sum(densities) / len(densities) if densities else float("nan"),
                     "time_ms": sum(times) if times else None,
                 }
@@ -97,20 +102,38 @@ class AttentionStats:
             f"pairs; {len(self.records) - len(sparse)} dense, {len(sparse)} sparse"
             + (f" at mean density {density:.3f}" if sparse else "")
             + (f"; attention {sum(timed):.2f} ms" if timed else "")
+            + _memory_note(self.memory)
         ]
         lines.append(
-            f"{'context':<12}{'step':>5}{'calls':>7}{'dense':>7}{'sparse':>7}{'density':>9}{'ms':>10}"
+            f"{'context':<12}{'step':>5}{'calls':>7}{'dense':>7}{'sparse':>7}{'density':>9}{'ms':>10}  kinds"
         )
         for r in rows:
             ms = f"{r['time_ms']:.2f}" if r["time_ms"] is not None else "-"
+            kinds = r["kinds"]
+            kind = next(iter(kinds)) if len(kinds) == 1 else ",".join(f"{k}:{n}" for k, n in kinds.items())
             lines.append(
                 f"{r['context']:<12}{r['step']:>5}{r['calls']:>7}{r['dense']:>7}{r['sparse']:>7}"
-                f"{r['mean_density']:>9.3f}{ms:>10}"
+                f"{r['mean_density']:>9.3f}{ms:>10}  {kind}"
             )
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _memory_note(memory: dict) -> str:
+    total, peak = memory.get("total", 0), memory.get("peak")
+    if not total and not peak:
+        return ""
+    return f"; caches {_fmt_bytes(total)}" + (f" (peak {_fmt_bytes(peak)})" if peak else "")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
 
 
 class _Installed:
@@ -193,7 +216,7 @@ class SparseAttentionHandle:
         records = self.runtime.records
         if any(isinstance(r.time, tuple) for r in records) and torch.cuda.is_available():
             torch.cuda.synchronize()
-        return AttentionStats(self.method.name, [_as_dict(r) for r in records])
+        return AttentionStats(self.method.name, [_as_dict(r) for r in records], self.method.memory())
 
     def reset(self) -> None:
         """Start a new run now (step counts from 0, cached plans dropped). Pipelines that reset stateful
@@ -262,6 +285,7 @@ def _new_handle(target, config, knobs) -> SparseAttentionHandle:
     components = _transformers(target)
     families = [(name, tr, family_for(tr)) for name, tr in components]
     method = create_method(config)
+    config = method.configure(config, tuple(dict.fromkeys(family.name for _, _, family in families)))
     for h in _existing_handles(target):
         h.remove()
     tracker = StepTracker(target if _is_pipeline(target) else None)

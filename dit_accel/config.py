@@ -22,10 +22,12 @@ class SparseAttentionConfig:
         block_q: query block size in tokens of a block plan (a power of two >= 16 for the Triton kernels).
         block_k: key block size in tokens.
         dense_steps: dense warm-up: an int counts steps, a float in [0, 1) is a fraction of the run's steps
-            (rounded down). Steps are counted per CFG context, from 0.
+            (rounded down). Steps are counted per CFG context, from 0. None (the default): the method's
+            default for the model family (see ``SparseMethod.configure``; 0 unless the method has one).
         dense_layers: indices of replaced attention layers that always run dense; negative indices count from
             the last layer. Layers are numbered per transformer in module order (Flux: dual blocks, then
-            single blocks).
+            single blocks). None (the default): the method's default, as for ``dense_steps`` (none unless
+            the method has one).
         backend: "auto" | "triton" | "torch" for dit_accel's kernels. Dense steps and dense layers run the
             stock diffusers attention op (whatever attention backend diffusers is set to).
         timing: record each attention call's wall time in the handle's stats (adds a CUDA event pair per
@@ -36,8 +38,8 @@ class SparseAttentionConfig:
     method: Any = "dense"
     block_q: int = 128
     block_k: int = 128
-    dense_steps: int | float = 0
-    dense_layers: tuple[int, ...] = ()
+    dense_steps: int | float | None = None
+    dense_layers: tuple[int, ...] | None = None
     backend: str = "auto"
     timing: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -48,7 +50,7 @@ class SparseAttentionConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         steps = self.dense_steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, float)):
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, float))):
             raise ValueError(
                 f"dense_steps must be an int (count) or a float in [0, 1) (fraction), got {steps!r}"
             )
@@ -57,12 +59,13 @@ class SparseAttentionConfig:
         if isinstance(steps, float) and not 0.0 <= steps < 1.0:
             raise ValueError(f"a fractional dense_steps must lie in [0, 1), got {steps}")
         layers = self.dense_layers
-        if isinstance(layers, int):
-            layers = (layers,)
-        layers = tuple(layers)
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-            raise ValueError(f"dense_layers must be ints, got {self.dense_layers!r}")
-        object.__setattr__(self, "dense_layers", layers)
+        if layers is not None:
+            if isinstance(layers, int):
+                layers = (layers,)
+            layers = tuple(layers)
+            if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+                raise ValueError(f"dense_layers must be ints, got {self.dense_layers!r}")
+            object.__setattr__(self, "dense_layers", layers)
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         object.__setattr__(self, "options", dict(self.options))
@@ -84,6 +87,8 @@ class SparseAttentionConfig:
 
     def num_dense_steps(self, num_steps: int | None) -> int | None:
         """Warm-up steps for a run of ``num_steps`` steps (None: a fraction with an unknown step count)."""
+        if self.dense_steps is None:
+            return 0
         if isinstance(self.dense_steps, int):
             return self.dense_steps
         if self.dense_steps == 0.0:
@@ -93,4 +98,4 @@ class SparseAttentionConfig:
         return int(self.dense_steps * num_steps)
 
     def is_dense_layer(self, layer_index: int, num_layers: int) -> bool:
-        return any(i == layer_index or i + num_layers == layer_index for i in self.dense_layers)
+        return any(i == layer_index or i + num_layers == layer_index for i in self.dense_layers or ())

@@ -67,7 +67,7 @@ def test_knobs_build_the_config():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        pytest.param({"method": "radial"}, NotImplementedError, "not wired", id="reserved"),
+        pytest.param({"method": "rettention"}, NotImplementedError, "not wired", id="reserved"),
         pytest.param({"method": "nope"}, ValueError, "unknown method", id="unknown"),
         pytest.param(
             {"method": "window", "options": {"width": 3}}, ValueError, "bad options", id="bad-option"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from ..config import SparseAttentionConfig
+from .adaspa import AdaspaMethod
 from .base import AttentionCall, CacheEntry, PlanCache, SparseMethod
 from .dense import DenseMethod
+from .radial import RadialMethod
 from .window import WindowMethod
 
 __all__ = [
@@ -17,8 +19,8 @@ __all__ = [
     "create_method",
 ]
 
-_BUILTIN = {"dense": DenseMethod, "window": WindowMethod}
-_PLANNED = ("radial", "adaspa", "rettention")
+_BUILTIN = {"dense": DenseMethod, "window": WindowMethod, "radial": RadialMethod, "adaspa": AdaspaMethod}
+_PLANNED = ("rettention",)
 
 
 def create_method(config: SparseAttentionConfig) -> SparseMethod:

@@ -197,10 +197,40 @@ class SparseMethod:
 
     def __init__(self):
         self.cache = PlanCache()
+        self._last_memory: dict[str, int] = {}
 
     def new_run(self) -> None:
         """Drop run-scoped state (called when the step tracker starts a new run)."""
+        if len(self.cache):
+            self._last_memory = self._memory_now()
         self.cache.clear()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held by the per-(context, layer) caches: ``plans``, ``state`` (tensors directly in
+        ``entry.state``) and ``total``; methods may add keys. Between runs: the figures at the end of the
+        latest run that cached anything ({} before any)."""
+        return self._memory_now() if len(self.cache) else dict(self._last_memory)
+
+    def _memory_now(self) -> dict[str, int]:
+        # Counted once per object: a static method shares one plan among all its entries.
+        plans: dict[int, int] = {}
+        state: dict[int, int] = {}
+        for e in self.cache.entries().values():
+            if e.plan is not None:
+                plans[id(e.plan)] = e.plan.nbytes()
+            state.update({id(t): t.nbytes for t in e.state.values() if isinstance(t, torch.Tensor)})
+        total_plans, total_state = sum(plans.values()), sum(state.values())
+        return {"plans": total_plans, "state": total_state, "total": total_plans + total_state}
+
+    def configure(self, config: SparseAttentionConfig, families: tuple[str, ...]) -> SparseAttentionConfig:
+        """The configuration to run with, given the model families of the handle's transformers.
+
+        :func:`dit_accel.apply` calls this once, before any forward, with the distinct family names
+        (``"wan"``, ``"flux"``, ...: ``dit_accel.processors`` ``Family.name``). A method may refuse families
+        it cannot serve (raise ValueError) and fill fields the user left None (``dense_steps``,
+        ``dense_layers``) with its per-family defaults. The default returns ``config`` unchanged.
+        """
+        return config
 
     def dense_reason(self, call: AttentionCall) -> str | None:
         """Why this call runs dense ("dense layer", "warm-up"), or None."""
