@@ -2,8 +2,9 @@
 
 Paper: "Training-free and Adaptive Sparse Attention for Efficient Long Video Generation" (no public
 code). This module holds the pure pieces of the method: block selection, head recall, head-adaptive
-sparsity tiers, the step schedule, and the two search steps written against ``dit_accel.kernels``. The
-per-(context, layer) caching and the processors live elsewhere.
+sparsity tiers, the step schedule, the two search steps written against ``dit_accel.kernels``, and
+:class:`AdaspaMethod`, which runs the schedule per (CFG context, layer) behind the processors (the last
+section below; docs/adaspa.md has the user-facing account).
 
 Block mass
 ----------
@@ -77,10 +78,36 @@ that no step uses, so when w >= num_steps - 1 every step is dense (1 step: dense
 or before the fused search, or past the end, are dropped. Small runs keep the rule literally: 2 steps
 give fused search, cached search (w rounds to 0; step 0 is still computed densely); 3 steps give dense,
 fused search, cached search.
+
+The method (``AdaspaMethod``)
+-----------------------------
+Per (CFG context, layer) one cache entry holds the latest plan (int32 index lists, ``BlockPlan``) and,
+between the fused search and the last cached search, the LSE of the fused search. Per call, by the phase
+of its step:
+
+- ``dense``: the stock diffusers op;
+- ``fused_search``: dit_accel's dense attention with LSE (its output is the step's output), block mass
+  with that LSE -> plan; the LSE is kept when a cached search follows;
+- ``cached_search``: block mass of the current q, k under the kept LSE -> a new plan, run sparse;
+- ``sparse``: the entry's latest plan; after the last cached search the LSE is released.
+
+A step that needs a plan but finds none (the run started past the fused search, a layer first runs late
+as Wan 2.2's second expert does, the geometry changed) runs a fused search at that step. The warm-up is
+``warmup`` when given, else the config's ``dense_steps`` when set (its count, or floor(fraction * n) as
+everywhere in the config), else 0.2; giving both is an error.
+
+``max_cache_bytes`` bounds the kept LSE of all entries of a run: the LSE is stored in fp32 when the
+predicted total (this LSE x layers x CFG contexts) fits, else in fp16 (for |LSE| < 32 fp16 rounds by
+<= 2^-7, so a row's weight exp(L_fresh - L_stale) moves by < 0.8%; bf16: up to 6.5%); an entry whose LSE
+does not fit even in fp16 keeps none and skips its cached searches (it keeps its fused-search plan).
+Entries are served in call order (layer order, then CFG context). Plans are always kept: every sparse
+step needs them.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -90,7 +117,11 @@ import torch
 from dit_accel.kernels import BlockPlan, block_mass, dense_attention
 from dit_accel.kernels.plan import num_blocks
 
+from ..config import SparseAttentionConfig
+from .base import AttentionCall, SparseMethod
+
 __all__ = [
+    "AdaspaMethod",
     "AdaspaSchedule",
     "Phase",
     "SearchInfo",
@@ -106,6 +137,9 @@ __all__ = [
 Phase = Literal["dense", "fused_search", "cached_search", "sparse"]
 
 RECALL_THRESHOLD = 0.8
+DEFAULT_WARMUP = 0.2
+
+logger = logging.getLogger("dit_accel")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,3 +592,269 @@ def cached_search(
         text_k_blocks=text_k_blocks,
         head_adaptive=head_adaptive,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# the method
+# --------------------------------------------------------------------------------------------------
+@functools.cache
+def _log_once(msg: str) -> None:
+    logger.warning(msg)
+
+
+def _check_fraction(value, name: str, low: float, high: float, closed_low: bool, closed_high: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value >= low if closed_low else value > low) and (
+            value <= high if closed_high else value < high
+        )
+    if not ok:
+        lo, hi = "[" if closed_low else "(", "]" if closed_high else ")"
+        raise ValueError(f"adaspa {name} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
+    return float(value)
+
+
+class AdaspaMethod(SparseMethod):
+    """AdaSpa: dense warm-up, a fused search, cached searches, and the latest searched plan in between.
+
+    Calls are labelled in the stats by phase: "dense", "fused_search", "cached_search", "sparse".
+    :meth:`memory` reports the bytes of kept LSE and plans (now and the run's peak).
+
+    Args:
+        sparsity: base sparsity s of top-k selection: [0, 1) with head_adaptive, else [0, 1]. Default 0.8
+            when ``tau`` is not given.
+        tau: coverage selection at this mass fraction in (0, 1] instead of top-k (excludes ``sparsity``).
+        warmup: dense warm-up as a fraction of the run's steps (float, rounded half up) or a step count
+            (int). None: the config's ``dense_steps`` when set, else 0.2. Giving both is an error.
+        search_at: cached-search steps as fractions of the run (float) or step indices (int); () for none.
+        head_adaptive: per-head sparsity tiers (top-k only). Default: True with sparsity, False with tau.
+        max_cache_bytes: bound on the kept LSE over every (context, layer) of a run, in bytes (None:
+            unbounded). Over it, LSE is kept in fp16, then not at all for the layers that do not fit
+            (their cached searches are skipped; they keep their fused-search plan).
+    """
+
+    name = "adaspa"
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        tau: float | None = None,
+        warmup: float | int | None = None,
+        search_at: tuple[float | int, ...] | float | int = (0.6,),
+        head_adaptive: bool | None = None,
+        max_cache_bytes: int | None = None,
+    ):
+        super().__init__()
+        if sparsity is not None and tau is not None:
+            raise ValueError("adaspa takes sparsity (top-k selection) or tau (coverage selection), not both")
+        if tau is not None:
+            if head_adaptive:
+                raise ValueError("adaspa head_adaptive tiers are defined on sparsity; they exclude tau")
+            self.tau, self.sparsity, self.head_adaptive = (
+                _check_fraction(tau, "tau", 0, 1, False, True),
+                None,
+                False,
+            )
+        else:
+            self.head_adaptive = True if head_adaptive is None else bool(head_adaptive)
+            s = 0.8 if sparsity is None else sparsity
+            closed_high = not self.head_adaptive
+            self.sparsity, self.tau = _check_fraction(s, "sparsity", 0, 1, True, closed_high), None
+        if isinstance(search_at, (int, float)):
+            search_at = (search_at,)
+        self.search_at = tuple(search_at)
+        self.warmup = warmup
+        AdaspaSchedule(1, DEFAULT_WARMUP if warmup is None else warmup, self.search_at)  # validates both
+        if max_cache_bytes is not None and (
+            isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes < 0
+        ):
+            raise ValueError(f"adaspa max_cache_bytes must be None or an int >= 0, got {max_cache_bytes!r}")
+        self.max_cache_bytes = max_cache_bytes
+        self._schedules: dict[tuple, AdaspaSchedule] = {}
+        self._reset_run_counters()
+
+    def _reset_run_counters(self) -> None:
+        self._peak = 0
+        self._lse_fp16 = 0
+        self._lse_dropped = 0
+
+    def new_run(self) -> None:
+        super().new_run()
+        self._reset_run_counters()
+
+    # --- schedule ----------------------------------------------------------------------------------
+    def configure(self, config: SparseAttentionConfig, families: tuple[str, ...]) -> SparseAttentionConfig:
+        """Refuse a warm-up given twice (``warmup`` and ``dense_steps``); the config is used as it is."""
+        self._check_warmup(config)
+        return config
+
+    def _check_warmup(self, config: SparseAttentionConfig) -> None:
+        if self.warmup is not None and config.dense_steps is not None:
+            raise ValueError(
+                f"adaspa got its warm-up twice: warmup={self.warmup!r} and "
+                f"dense_steps={config.dense_steps!r}; give one of them"
+            )
+
+    def _warmup_for(self, call: AttentionCall) -> float | int | None:
+        """The warm-up spec of this call (None: a fractional dense_steps with an unknown step count)."""
+        self._check_warmup(call.config)
+        if call.config.dense_steps is None:
+            return DEFAULT_WARMUP if self.warmup is None else self.warmup
+        return call.config.num_dense_steps(call.info.num_steps)
+
+    def schedule_for(self, call: AttentionCall) -> AdaspaSchedule | None:
+        """The run's schedule as seen by this call; None when it cannot be known (dense until it can)."""
+        warmup = self._warmup_for(call)
+        n = call.info.num_steps
+        if n is None and warmup is not None and all(isinstance(v, int) for v in (warmup, *self.search_at)):
+            # Step indices do not depend on the run's length: any length past every named step reads the
+            # same, and later steps keep the latest plan (phase_for).
+            n = max(warmup, *self.search_at) + 2
+        if n is None or warmup is None:
+            _log_once(
+                "adaspa: the number of steps is unknown and the warm-up or search steps are fractions; "
+                "running dense until it is known (pass num_inference_steps through the pipeline, or give "
+                "warmup and search_at as step indices)"
+            )
+            return None
+        key = (n, warmup)
+        schedule = self._schedules.get(key)
+        if schedule is None:
+            schedule = self._schedules[key] = AdaspaSchedule(n, warmup, self.search_at)
+        return schedule
+
+    def phase_for(self, call: AttentionCall) -> Phase:
+        """The phase this call's step has in the schedule (before the no-plan rule)."""
+        if call.config.is_dense_layer(call.layer_index, call.num_layers):
+            return "dense"
+        schedule = self.schedule_for(call)
+        if schedule is None:
+            return "dense"
+        if call.step >= schedule.num_steps:
+            return "dense" if schedule.fused_step is None else "sparse"
+        return schedule.phase(call.step)
+
+    # --- attention ---------------------------------------------------------------------------------
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall
+    ) -> torch.Tensor:
+        phase = self.phase_for(call)
+        entry = call.entry
+        if phase == "dense":
+            call.label = "dense"
+            return call.run_dense()
+        if phase != "fused_search" and entry.plan is None:
+            _log_once(
+                f"adaspa: a {phase} step found no searched plan (the run started past the fused-search step, "
+                "a layer first ran late, or the geometry changed); running a fused search at that step"
+            )
+            phase = "fused_search"
+        if phase == "fused_search":
+            return self._fused_search(q, k, call)
+        lse = entry.state.get("lse")
+        if phase == "cached_search" and lse is not None:
+            return self._cached_search(q, k, lse, call)
+        if lse is not None and not self._searches_after(call):
+            del entry.state["lse"]
+        call.label = "sparse"
+        return call.run_sparse(entry.plan)
+
+    def _searches_after(self, call: AttentionCall) -> bool:
+        schedule = self.schedule_for(call)
+        return schedule is not None and any(t > call.step for t in schedule.cached_steps)
+
+    def _selection(self, call: AttentionCall, device) -> dict:
+        bq, bk = call.config.block_q, call.config.block_k
+        text_q = text_k = None
+        if call.text_len > 0 and call.text_position in ("first", "last"):
+            first = call.text_position == "first"
+            text_q = text_block_mask(call.q_len, bq, call.text_len, text_first=first, device=device)
+            text_k = text_block_mask(call.k_len, bk, call.text_len, text_first=first, device=device)
+        return {
+            "sparsity": self.sparsity,
+            "tau": self.tau,
+            "block_q": bq,
+            "block_k": bk,
+            "text_q_blocks": text_q,
+            "text_k_blocks": text_k,
+            "head_adaptive": self.head_adaptive,
+        }
+
+    def _fused_search(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        entry = call.entry
+        out, lse = call.run_dense(return_lse=True)
+        sel = self._selection(call, q.device)
+        W = block_mass(
+            q,
+            k,
+            lse,
+            sel["block_q"],
+            sel["block_k"],
+            kv_len=call.kv_len,
+            layout=call.layout,
+            backend=call.config.backend,
+        )
+        plan, info = _select(W, **sel)
+        entry.set_plan(plan, call.step)
+        entry.state.pop("lse", None)
+        entry.state["search"] = info
+        if self._searches_after(call):
+            self._keep_lse(call, lse)
+        self._note_peak()
+        call.label = "fused_search"
+        return out
+
+    def _cached_search(
+        self, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, call: AttentionCall
+    ) -> torch.Tensor:
+        entry = call.entry
+        plan, info = cached_search(
+            q,
+            k,
+            lse.float(),
+            kv_len=call.kv_len,
+            layout=call.layout,
+            backend=call.config.backend,
+            **self._selection(call, q.device),
+        )
+        entry.set_plan(plan, call.step)
+        entry.state["search"] = info
+        self._note_peak()
+        call.label = "cached_search"
+        return call.run_sparse(plan)
+
+    # --- memory ------------------------------------------------------------------------------------
+    def _keep_lse(self, call: AttentionCall, lse: torch.Tensor) -> None:
+        """Keep this entry's LSE for its cached searches, within ``max_cache_bytes`` (class docstring)."""
+        budget = self.max_cache_bytes
+        if budget is None:
+            call.entry.state["lse"] = lse
+            return
+        held = self._memory_now()["lse"]
+        contexts = 2 if call.info.cfg == "separate" else 1
+        predicted = lse.numel() * 4 * call.num_layers * contexts
+        dtypes = (torch.float32, torch.float16) if predicted <= budget else (torch.float16,)
+        for dtype in dtypes:
+            if held + lse.numel() * dtype.itemsize <= budget:
+                call.entry.state["lse"] = lse.to(dtype)
+                self._lse_fp16 += dtype == torch.float16
+                return
+        self._lse_dropped += 1
+        _log_once(
+            f"adaspa: max_cache_bytes={budget} cannot hold the LSE of every layer even in fp16; layers over "
+            "the budget skip their cached searches and keep their fused-search plan"
+        )
+
+    def _note_peak(self) -> None:
+        self._peak = max(self._peak, self._memory_now()["total"])
+
+    def _memory_now(self) -> dict[str, int]:
+        now = super()._memory_now()
+        return {
+            "lse": now["state"],
+            "plans": now["plans"],
+            "total": now["total"],
+            "peak": max(self._peak, now["total"]),
+            "lse_fp16_entries": self._lse_fp16,
+            "lse_dropped_entries": self._lse_dropped,
+        }
