@@ -1,0 +1,366 @@
+"""Quality harness: the same prompt and seed rendered dense and with a dit_accel configuration, compared on
+raw decoded frames (before any video encoding) with PSNR and SSIM per frame, plus prompt adherence when the
+prompt is a caption of the embedded tiny model's grammar.
+
+Works with any diffusers pipeline that takes ``prompt``, ``generator`` and ``output_type="np"`` and returns
+``.frames`` (video) or ``.images`` (one frame). Only the public API is used: :func:`dit_accel.apply` and
+:func:`dit_accel.remove`.
+
+    python -m dit_accel.pipelines.quality --device cuda --methods dense "window:density=0.25" \
+        --prompts 8 --out docs/quality_tiny.md
+
+SSIM follows Wang et al. 2004: Gaussian window 11, sigma 1.5, C1 = 0.01^2, C2 = 0.03^2 for data range 1, valid
+filtering, computed per RGB channel and averaged (pytorch-msssim's and skimage's ``gaussian_weights`` recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+import dit_accel
+
+__all__ = ["compare", "format_table", "parse_method_spec", "psnr", "quality_table", "render_frames", "ssim"]
+
+
+def _frames_tensor(frames) -> torch.Tensor:
+    x = frames if torch.is_tensor(frames) else torch.from_numpy(np.asarray(frames))
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"frames must be [F, H, W, C] (or [H, W, C]) in [0, 1], got {tuple(x.shape)}")
+    return x.double()
+
+
+def psnr(a, b) -> torch.Tensor:
+    """PSNR in dB per frame of two clips [F, H, W, C] in [0, 1] (data range 1); inf where identical."""
+    x, y = _frames_tensor(a), _frames_tensor(b)
+    if x.shape != y.shape:
+        raise ValueError(f"clips differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    mse = ((x - y) ** 2).flatten(1).mean(1)
+    return torch.where(mse > 0, -10 * torch.log10(mse.clamp_min(1e-300)), torch.full_like(mse, math.inf))
+
+
+def _gaussian(window: int, sigma: float, dtype) -> torch.Tensor:
+    coords = torch.arange(window, dtype=dtype) - (window - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(a, b, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM per frame of two clips [F, H, W, C] in [0, 1] (see the module docstring); 1 where identical."""
+    x, y = _frames_tensor(a), _frames_tensor(b)
+    if x.shape != y.shape:
+        raise ValueError(f"clips differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    if min(x.shape[1], x.shape[2]) < window:
+        raise ValueError(f"frames of {tuple(x.shape[1:3])} are smaller than the SSIM window {window}")
+    x, y = x.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2)  # [F, C, H, W]
+    channels = x.shape[1]
+    g = _gaussian(window, sigma, x.dtype).to(x.device)
+    gh = g.view(1, 1, 1, window).repeat(channels, 1, 1, 1)
+    gv = g.view(1, 1, window, 1).repeat(channels, 1, 1, 1)
+
+    def filt(t):
+        t = torch.nn.functional.conv2d(t, gh, groups=channels)
+        return torch.nn.functional.conv2d(t, gv, groups=channels)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_x, mu_y = filt(x), filt(y)
+    sxx = filt(x * x) - mu_x**2
+    syy = filt(y * y) - mu_y**2
+    sxy = filt(x * y) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
+    return (num / den).flatten(1).mean(1)
+
+
+def render_frames(pipe, prompt: str, seed: int = 0, **call_kwargs) -> np.ndarray:
+    """Render one clip: [F, H, W, 3] float in [0, 1], the pipeline's raw decoded frames.
+
+    The generator is a CPU ``torch.Generator`` seeded with ``seed``, so the initial noise does not depend on
+    the device. ``call_kwargs`` go to the pipeline (``num_frames``, ``height``, ``num_inference_steps``, ...).
+    """
+    out = pipe(
+        prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call_kwargs
+    )
+    frames = out.frames if hasattr(out, "frames") else out.images
+    frames = frames[0]
+    if torch.is_tensor(frames):
+        frames = frames.float().cpu().numpy()
+    frames = np.asarray(frames, dtype=np.float32)
+    if frames.ndim == 3:
+        frames = frames[None]
+    return frames
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed_render(pipe, prompt, seed, call_kwargs):
+    _sync()
+    t0 = time.perf_counter()
+    frames = render_frames(pipe, prompt, seed, **call_kwargs)
+    _sync()
+    return frames, time.perf_counter() - t0
+
+
+def _adherence(frames, prompt):
+    from .tiny_video.adherence import score_clip
+    from .tiny_video.data import parse_caption
+
+    if parse_caption(prompt) is None:
+        return None
+    r = score_clip(frames, prompt)
+    return {"score": r["score"], "correct": r["correct"], "observed": r["observation"].describe()}
+
+
+def _summary(values: torch.Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    if len(finite) < len(values):
+        return math.inf if len(finite) == 0 else float("nan")
+    return float(values.mean())
+
+
+def compare(
+    pipe,
+    prompt: str,
+    config: dit_accel.SparseAttentionConfig | None = None,
+    *,
+    seed: int = 0,
+    dense=None,
+    call_kwargs: dict | None = None,
+    **knobs,
+) -> dict:
+    """Render ``prompt`` dense and with a dit_accel configuration; compare the raw frames.
+
+    Any dit_accel installation on ``pipe`` is removed first (the reference must be stock attention) and the
+    pipeline is left without one.
+
+    Args:
+        pipe: a diffusers pipeline (see the module docstring).
+        prompt: the text prompt; adherence is scored when it is a caption of the tiny model's grammar.
+        config, knobs: what :func:`dit_accel.apply` takes (``method="window", density=0.25``).
+        seed: seed of the CPU generator of both renders.
+        dense: frames of an earlier dense render of the same prompt, seed and call_kwargs, to skip rendering.
+        call_kwargs: pipeline call arguments besides prompt/generator/output_type.
+
+    Returns:
+        dict with ``psnr`` and ``ssim`` (lists, one per frame), ``psnr_mean`` (inf when every frame is
+        identical; NaN when only some are), ``ssim_mean``, ``adherence_dense`` / ``adherence`` (None for a
+        prompt outside the grammar), ``seconds_dense`` / ``seconds`` (wall time of each render; None for a
+        reused dense render), ``density`` (mean computed-block density of the sparse attention calls, 1.0 when
+        none), ``sparse_calls``, ``dense_frames`` and ``frames`` ([F, H, W, 3] numpy).
+    """
+    call_kwargs = dict(call_kwargs or {})
+    dit_accel.remove(pipe)
+    seconds_dense = None
+    if dense is None:
+        dense, seconds_dense = _timed_render(pipe, prompt, seed, call_kwargs)
+    handle = dit_accel.apply(pipe, config, **knobs)
+    try:
+        frames, seconds = _timed_render(pipe, prompt, seed, call_kwargs)
+        records = handle.stats().records
+    finally:
+        dit_accel.remove(pipe)
+    sparse = [r for r in records if r["kind"] != "dense" and not math.isnan(r["density"])]
+    p, s = psnr(dense, frames), ssim(dense, frames)
+    return {
+        "prompt": prompt,
+        "seed": seed,
+        "psnr": p.tolist(),
+        "ssim": s.tolist(),
+        "psnr_mean": _summary(p),
+        "ssim_mean": float(s.mean()),
+        "adherence_dense": _adherence(dense, prompt),
+        "adherence": _adherence(frames, prompt),
+        "seconds_dense": seconds_dense,
+        "seconds": seconds,
+        "density": sum(r["density"] for r in sparse) / len(sparse) if sparse else 1.0,
+        "sparse_calls": len(sparse),
+        "dense_frames": dense,
+        "frames": frames,
+    }
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """``"window:density=0.25,dense_steps=0.25"`` -> ("window", {"density": 0.25, "dense_steps": 0.25}).
+
+    Values are Python literals where they parse (``dense_layers=(0,)``), else strings.
+    """
+    name, _, rest = spec.partition(":")
+    knobs = {}
+    for item in filter(None, _split_top(rest)):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"bad knob {item!r} in {spec!r}: expected key=value")
+        knobs[key.strip()] = parse_value(value.strip())
+    return name.strip(), knobs
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "([{" and 1 or 0
+        depth -= ch in ")]}" and 1 or 0
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts]
+
+
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def quality_table(
+    pipe,
+    prompts: list[str],
+    methods: dict[str, dict],
+    *,
+    seed: int = 0,
+    call_kwargs: dict | None = None,
+) -> list[dict]:
+    """One row per method: PSNR/SSIM against dense averaged over ``prompts`` (each rendered dense once, same
+    seed), adherence of dense and of the method, render seconds and attention density.
+
+    Args:
+        methods: label -> knobs for :func:`dit_accel.apply` (``{"window 25%": {"method": "window",
+            "density": 0.25}}``).
+    """
+    dense = {}
+    per_method: dict[str, list[dict]] = {label: [] for label in methods}
+    for prompt in prompts:
+        for label, knobs in methods.items():
+            r = compare(pipe, prompt, seed=seed, dense=dense.get(prompt), call_kwargs=call_kwargs, **knobs)
+            if prompt not in dense:
+                dense[prompt] = r["dense_frames"]
+                per_method.setdefault("_dense", []).append(r)
+            per_method[label].append(r)
+    rows = []
+    dense_runs = per_method.pop("_dense", [])
+    rows.append(_row("dense (reference)", {}, dense_runs, dense_side=True))
+    for label, runs in per_method.items():
+        rows.append(_row(label, methods[label], runs))
+    return rows
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _row(label, knobs, runs, dense_side=False):
+    adh_key, sec_key = ("adherence_dense", "seconds_dense") if dense_side else ("adherence", "seconds")
+    all_psnr = [v for r in runs for v in r["psnr"]]
+    finite = [v for v in all_psnr if math.isfinite(v)]
+    return {
+        "method": label,
+        "knobs": {k: v for k, v in knobs.items()},
+        "prompts": len(runs),
+        "psnr": math.inf if dense_side or not finite else _mean(finite),
+        "psnr_min_frame": math.inf if dense_side or not finite else min(finite),
+        "identical_frames": sum(not math.isfinite(v) for v in all_psnr) if not dense_side else None,
+        "ssim": 1.0 if dense_side else _mean([r["ssim_mean"] for r in runs]),
+        "adherence": _mean([r[adh_key]["score"] if r[adh_key] else None for r in runs]),
+        "seconds": _mean([r[sec_key] for r in runs]),
+        "density": 1.0 if dense_side else _mean([r["density"] for r in runs]),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of :func:`quality_table` rows."""
+
+    def num(v, fmt):
+        if v is None:
+            return "-"
+        if isinstance(v, float) and math.isinf(v):
+            return "inf"
+        return format(v, fmt)
+
+    lines = [
+        "| method | knobs | prompts | PSNR dB (mean / worst frame) | SSIM | adherence | density | s / clip |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        knobs = ", ".join(f"{k}={v}" for k, v in r["knobs"].items()) or "-"
+        lines.append(
+            f"| {r['method']} | {knobs} | {r['prompts']} "
+            f"| {num(r['psnr'], '.2f')} / {num(r['psnr_min_frame'], '.2f')}"
+            f" | {num(r['ssim'], '.4f')} | {num(r['adherence'], '.3f')} | {num(r['density'], '.3f')}"
+            f" | {num(r['seconds'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dit_accel.pipelines.quality",
+        description="PSNR/SSIM vs dense and prompt adherence of dit_accel methods on the tiny model.",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", required=True, help='specs like "window:density=0.25,dense_steps=2"'
+    )
+    parser.add_argument("--prompts", type=int, default=8, help="number of held-out grammar prompts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--weights", help="weights folder of the tiny model (default: the package's)")
+    parser.add_argument("--out", help="write the markdown table here (and the rows as JSON next to it)")
+    args = parser.parse_args(argv)
+
+    from .tiny_video.data import held_out_prompts
+    from .tiny_video.model import load_tiny_video_pipeline, render_defaults
+
+    defaults = render_defaults(args.device)
+    call_kwargs = {
+        "num_frames": args.frames or defaults["frames"],
+        "height": args.height or defaults["height"],
+        "width": args.width or defaults["width"],
+        "num_inference_steps": args.steps or defaults["steps"],
+        "guidance_scale": args.guidance,
+    }
+    pipe = load_tiny_video_pipeline(device=args.device, weights_dir=args.weights)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [p for p, _ in held_out_prompts(args.prompts)]
+    methods = {}
+    for spec in args.methods:
+        name, knobs = parse_method_spec(spec)
+        methods[spec] = {"method": name, **knobs}
+    rows = quality_table(pipe, prompts, methods, seed=args.seed, call_kwargs=call_kwargs)
+    geometry = f"{call_kwargs['num_frames']}x{call_kwargs['height']}x{call_kwargs['width']}"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    text = (
+        f"Embedded tiny model, {geometry}, {call_kwargs['num_inference_steps']} steps, guidance "
+        f"{args.guidance}, seed {args.seed}, {len(prompts)} held-out prompts, {device}.\n\n"
+        + format_table(rows)
+    )
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+            json.dump({"call": call_kwargs, "seed": args.seed, "device": device, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""Train the embedded tiny text-to-video model on the procedural data, on one GPU, from a seed.
+
+    python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --minutes 9 --seed 0
+
+Two phases in one run, sharing a wall-clock budget (``--minutes``, everything included):
+
+1. VAE (``--vae-fraction`` of the budget, default 0.3): ``AutoencoderKLWan`` on 9-frame clips of every
+   training geometry's resolution; loss L1 + 1e-4 x KL (per element). The causal VAE encodes the first frame
+   alone and then chunks of four, so 9-frame clips train every code path that 49-frame clips use.
+2. Transformer + text encoder: latents (posterior mean, normalised per channel with statistics measured at the
+   start of the phase and stored in the VAE config as ``latents_mean`` / ``latents_std``, which is how
+   WanPipeline un-normalises) of clips in the geometry buckets of the config; rectified flow:
+   x_t = (1 - s) x_0 + s e, target e - x_0, timestep 1000 s, s = shift u / (1 + (shift - 1) u), u ~ U(0, 1),
+   shift 3 (the scheduler's flow_shift). Captions are encoded exactly as ``WanPipeline._get_t5_prompt_embeds``
+   does (padded to the pipeline's max_sequence_length, embeddings past the prompt zeroed); 10% are replaced by
+   "" for classifier-free guidance. Latents come from a ring-buffer pool per bucket: each clip is encoded once
+   and drawn ``--reuse`` times on average, so the VAE encoder costs a quarter of what it would per step.
+   AdamW, warm-up then cosine decay to 10%, grad-norm clip 1, bf16 autocast, EMA (0.998) weights are saved.
+
+Step counts: after a few warm-up steps each phase times itself and fixes its number of steps to fill its share
+of the budget; the learning-rate schedule depends only on that number. The log records both counts; passing
+``--vae-steps`` and ``--dit-steps`` reproduces a run step for step (data, noise and initialisation all come
+from ``--seed``; GPU kernels are not bitwise deterministic).
+
+Outputs in ``--out``: ``vae.safetensors``, ``transformer.safetensors``, ``text_encoder.safetensors`` (bf16),
+``tiny_video.json`` (configs, vocabulary, training record) and ``train_log.json`` (loss curves, timings).
+``--smoke`` runs a few steps of everything on the CPU at toy sizes (CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import sample_batch
+from .model import DEFAULT_CONFIG, SMOKE_CONFIG, TinyVideoConfig, build_components, save_weights
+
+__all__ = ["encode_prompts", "main", "parse_args"]
+
+CFG_DROP = 0.1
+OMIT_PROB = 0.2
+KL_WEIGHT = 1e-4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m dit_accel.pipelines.tiny_video.train", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--out", required=True, help="folder for the safetensors, manifest and log")
+    p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of the whole run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    p.add_argument("--vae-fraction", type=float, default=0.3, help="share of the budget for the VAE phase")
+    p.add_argument("--vae-steps", type=int, help="fix the VAE step count (reproduce a logged run)")
+    p.add_argument("--dit-steps", type=int, help="fix the transformer step count (reproduce a logged run)")
+    p.add_argument("--vae-batch", type=int, default=8, help="clips per VAE step at the main resolution")
+    p.add_argument("--batch", type=int, default=32, help="clips per transformer step at the main geometry")
+    p.add_argument("--vae-lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--reuse", type=int, default=4, help="mean number of times a pooled latent clip is drawn")
+    p.add_argument("--pool", type=int, default=1024, help="latent clips pooled per geometry bucket")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--smoke", action="store_true", help="a few CPU steps at toy sizes (tests the script)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device = args.device or "cpu"
+        args.vae_steps = args.vae_steps or 3
+        args.dit_steps = args.dit_steps or 4
+        args.vae_batch, args.batch, args.pool, args.log_every = 2, 2, 4, 1
+    args.device = args.device or "cuda"
+    return args
+
+
+def encode_prompts(
+    tokenizer, text_encoder, prompts: list[str], max_sequence_length: int, device
+) -> torch.Tensor:
+    """Prompt embeddings exactly as ``WanPipeline._get_t5_prompt_embeds`` makes them, with gradients."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    tokens = tokenizer(
+        [prompt_clean(p) for p in prompts],
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    emb = text_encoder(ids, mask).last_hidden_state
+    return emb * mask[..., None].to(emb.dtype)
+
+
+class _Schedule:
+    def __init__(self, base_lr: float, warmup: int):
+        self.base_lr, self.warmup, self.total = base_lr, warmup, None
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.base_lr * (step + 1) / self.warmup
+        if self.total is None:
+            return self.base_lr
+        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class _Budget:
+    """Fixes a phase's step count from its measured rate (or takes it from the command line)."""
+
+    def __init__(self, fixed: int | None, seconds: float, warm: int, timed: int):
+        self.total = fixed
+        self.seconds, self.warm, self.timed = seconds, warm, timed
+        self.t_start = time.perf_counter()
+        self.t_warm = None
+
+    def update(self, step: int, device) -> None:
+        """Call once after each step with the number of steps done."""
+        if self.total is not None:
+            return
+        if step == self.warm:
+            _sync(device)
+            self.t_warm = time.perf_counter()
+        elif step == self.warm + self.timed:
+            _sync(device)
+            now = time.perf_counter()
+            rate = (now - self.t_warm) / self.timed
+            left = self.seconds - (now - self.t_start)
+            self.total = max(step, step + int(left / rate))
+
+    def done(self, step: int) -> bool:
+        return self.total is not None and step >= self.total
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _fused(device) -> dict:
+    return {"fused": True} if torch.device(device).type == "cuda" else {}
+
+
+def _autocast(device):
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _bucket_batches(config: TinyVideoConfig, batch: int) -> list[tuple[int, int, int, float, int]]:
+    """(frames, height, width, weight, clips per step); smaller geometries take more clips, up to 4x."""
+    f0, h0, w0, _ = config.geometries[0]
+    out = []
+    for f, h, w, weight in config.geometries:
+        scale = min(4.0, (f0 * h0 * w0) / (f * h * w))
+        out.append((f, h, w, weight, max(1, int(round(batch * scale)))))
+    return out
+
+
+def _pick(weights: list[float], g: torch.Generator) -> int:
+    return int(torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=g))
+
+
+def train_vae(vae, config: TinyVideoConfig, args, seconds: float, log: dict) -> None:
+    device = args.device
+    vae.train().to(device)
+    g = torch.Generator().manual_seed(args.seed * 1000 + 1)
+    noise_g = torch.Generator(device).manual_seed(args.seed * 1000 + 4)
+    opt = torch.optim.AdamW(
+        vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0, **_fused(device)
+    )
+    sched = _Schedule(args.vae_lr, warmup=min(50, args.vae_steps or 50))
+    budget = _Budget(args.vae_steps, seconds, warm=10, timed=20)
+    frames = config.vae_frames
+    _, h0, w0, _ = config.geometries[0]
+    weights = [geo[3] for geo in config.geometries]
+    curve, acc, step, t0 = [], [], 0, time.perf_counter()
+    while not budget.done(step):
+        _, h, w, _ = config.geometries[_pick(weights, g)]
+        n = max(1, int(round(args.vae_batch * min(4.0, (h0 * w0) / (h * w)))))
+        x = sample_batch(n, frames, h, w, g, device=device, split="train").video
+        for group in opt.param_groups:
+            group["lr"] = sched(step)
+        with _autocast(device):
+            post = vae.encode(x).latent_dist
+            eps = torch.randn(post.mean.shape, generator=noise_g, device=device, dtype=post.mean.dtype)
+            z = post.mean + post.std * eps
+            rec = vae.decode(z).sample
+        rec_loss = (rec.float() - x).abs().mean()
+        kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1 - post.logvar.float()).mean()
+        loss = rec_loss + KL_WEIGHT * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        acc.append((rec_loss.item(), kl.item()))
+        step += 1
+        budget.update(step, device)
+        sched.total = budget.total
+        if step % args.log_every == 0 or budget.done(step):
+            r = sum(a[0] for a in acc) / len(acc)
+            k = sum(a[1] for a in acc) / len(acc)
+            curve.append(
+                {"step": step, "l1": r, "kl": k, "lr": sched(step - 1), "seconds": time.perf_counter() - t0}
+            )
+            print(
+                f"[vae] step {step}/{budget.total or '?'} l1 {r:.4f} kl {k:.3f} "
+                f"({time.perf_counter() - t0:.0f}s)"
+            )
+            acc = []
+    log["vae"] = {"steps": step, "seconds": time.perf_counter() - t0, "curve": curve}
+    vae.eval()
+
+
+@torch.no_grad()
+def _encode_latents(vae, video, mean=None, std=None):
+    z = vae.encode(video).latent_dist.mean.float()
+    if mean is not None:
+        z = (z - mean) / std
+    return z
+
+
+@torch.no_grad()
+def latent_statistics(
+    vae, config: TinyVideoConfig, args, batches: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the VAE's posterior means over clips of the main geometry."""
+    g = torch.Generator().manual_seed(args.seed * 1000 + 2)
+    f, h, w, _ = config.geometries[0]
+    zs = []
+    for _ in range(batches):
+        video = sample_batch(max(2, args.batch // 4), f, h, w, g, device=args.device).video
+        with _autocast(args.device):
+            zs.append(_encode_latents(vae, video).transpose(0, 1).flatten(1))
+    z = torch.cat(zs, 1)
+    mean, std = z.mean(1), z.std(1)
+    std = torch.maximum(std, 0.1 * std.median())  # a collapsed channel must not blow up the targets
+    return mean, std
+
+
+class _Pool:
+    """Ring buffer of encoded clips for one geometry bucket."""
+
+    def __init__(self, vae, geometry, size, args, mean, std, g):
+        self.vae, self.args, self.g = vae, args, g
+        self.frames, self.height, self.width, _, self.batch = geometry
+        self.mean = mean.view(1, -1, 1, 1, 1).to(args.device)
+        self.std = std.view(1, -1, 1, 1, 1).to(args.device)
+        self.size, self.next, self.draws = size, 0, 0
+        self.latents, self.captions = None, [""] * size
+        filled = 0
+        while filled < size:
+            n = min(self.batch, size - filled)
+            self.refresh(n)
+            filled += n
+
+    def refresh(self, n):
+        n = min(n, self.size)
+        clips = sample_batch(
+            n, self.frames, self.height, self.width, self.g, device=self.args.device, omit_prob=OMIT_PROB
+        )
+        with _autocast(self.args.device):
+            z = _encode_latents(self.vae, clips.video, self.mean, self.std).to(torch.bfloat16)
+        if self.latents is None:
+            self.latents = torch.empty((self.size, *z.shape[1:]), dtype=torch.bfloat16, device=z.device)
+        idx = [(self.next + i) % self.size for i in range(n)]
+        self.latents[idx] = z
+        for i, c in zip(idx, clips.captions):
+            self.captions[i] = c
+        self.next = (self.next + n) % self.size
+
+    def draw(self):
+        self.draws += 1
+        if self.draws % self.args.reuse == 0:
+            self.refresh(self.batch)
+        idx = torch.randint(self.size, (self.batch,), generator=self.g)
+        return self.latents[idx.to(self.latents.device)].float(), [self.captions[i] for i in idx.tolist()]
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+
+
+def train_transformer(components, config: TinyVideoConfig, args, deadline: float, log: dict) -> dict:
+    device = args.device
+    vae, transformer, text_encoder, tokenizer = (
+        components["vae"],
+        components["transformer"],
+        components["text_encoder"],
+        components["tokenizer"],
+    )
+    t0 = time.perf_counter()
+    mean, std = latent_statistics(vae, config, args)
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    config.vae["latents_mean"], config.vae["latents_std"] = mean.tolist(), std.tolist()
+
+    g = torch.Generator().manual_seed(args.seed * 1000 + 3)
+    buckets = _bucket_batches(config, args.batch)
+    pools = [
+        _Pool(vae, b, args.pool if i == 0 else max(4, args.pool // 2), args, mean, std, g)
+        for i, b in enumerate(buckets)
+    ]
+    pool_seconds = time.perf_counter() - t0
+
+    transformer.train().to(device)
+    text_encoder.train().to(device)
+    ema = {
+        "transformer": copy.deepcopy(transformer).eval(),
+        "text_encoder": copy.deepcopy(text_encoder).eval(),
+    }
+    model = transformer
+    if args.compile:
+        model = torch.compile(transformer)
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01, **_fused(device))
+    noise_g = torch.Generator(device).manual_seed(args.seed * 1000 + 5)
+    sched = _Schedule(args.lr, warmup=min(100, args.dit_steps or 100))
+    budget = _Budget(args.dit_steps, deadline - time.perf_counter(), warm=10, timed=30)
+    shift = float(config.scheduler.get("flow_shift", 3.0))
+    weights = [b[3] for b in buckets]
+    curve, acc, step, t1 = [], [], 0, time.perf_counter()
+    while not budget.done(step):
+        b = _pick(weights, g)
+        x0, captions = pools[b].draw()
+        drop = torch.rand(len(captions), generator=g) < CFG_DROP
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        u = torch.rand(len(captions), generator=g)
+        sigma = (shift * u / (1 + (shift - 1) * u)).to(device)
+        noise = torch.randn(x0.shape, generator=noise_g, device=device)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        for group in opt.param_groups:
+            group["lr"] = sched(step)
+        with _autocast(device):
+            emb = encode_prompts(tokenizer, text_encoder, captions, config.max_sequence_length, device)
+            pred = model(
+                hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False
+            )[0]
+        loss = ((pred.float() - (noise - x0)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        _ema_update(ema["transformer"], transformer, decay)
+        _ema_update(ema["text_encoder"], text_encoder, decay)
+        acc.append((loss.item(), gnorm.item(), b))
+        step += 1
+        budget.update(step, device)
+        sched.total = budget.total
+        if step % args.log_every == 0 or budget.done(step):
+            mean_loss = sum(a[0] for a in acc) / len(acc)
+            per_bucket = {
+                str(k): sum(a[0] for a in acc if a[2] == k) / max(1, sum(a[2] == k for a in acc))
+                for k in sorted({a[2] for a in acc})
+            }
+            curve.append(
+                {
+                    "step": step,
+                    "loss": mean_loss,
+                    "loss_by_bucket": per_bucket,
+                    "grad_norm": sum(a[1] for a in acc) / len(acc),
+                    "lr": sched(step - 1),
+                    "seconds": time.perf_counter() - t1,
+                }
+            )
+            print(
+                f"[dit] step {step}/{budget.total or '?'} loss {mean_loss:.4f} "
+                f"({time.perf_counter() - t1:.0f}s)"
+            )
+            acc = []
+    log["transformer"] = {
+        "steps": step,
+        "seconds": time.perf_counter() - t1,
+        "pool_seconds": pool_seconds,
+        "buckets": [list(b) for b in buckets],
+        "latents_mean": mean.tolist(),
+        "latents_std": std.tolist(),
+        "curve": curve,
+    }
+    return ema
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    deadline = t_start + args.minutes * 60
+    config = copy.deepcopy(SMOKE_CONFIG if args.smoke else DEFAULT_CONFIG)
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: the real run needs a GPU (use --smoke for a CPU check)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    components = build_components(config, seed=args.seed)
+    log = {
+        "command": " ".join(["python -m dit_accel.pipelines.tiny_video.train", *(argv or sys.argv[1:])]),
+        "args": vars(args),
+        "env": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        },
+    }
+    train_vae(components["vae"], config, args, args.minutes * 60 * args.vae_fraction, log)
+    ema = train_transformer(components, config, args, deadline, log)
+    components = {**components, **ema}
+    reproduce = (
+        f"python -m dit_accel.pipelines.tiny_video.train --out {args.out} --seed {args.seed} "
+        f"--vae-steps {log['vae']['steps']} --dit-steps {log['transformer']['steps']}"
+        + (" --smoke" if args.smoke else "")
+    )
+    log["total_seconds"] = time.perf_counter() - t_start
+    log["reproduce"] = reproduce
+    record = {
+        "training": {
+            "seed": args.seed,
+            "vae_steps": log["vae"]["steps"],
+            "dit_steps": log["transformer"]["steps"],
+            "total_seconds": log["total_seconds"],
+            "device": log["env"]["device"],
+            "reproduce": reproduce,
+            "smoke": args.smoke,
+        }
+    }
+    sizes = save_weights(args.out, components, config, extra=record)
+    log["files"] = sizes
+    Path(args.out, "train_log.json").write_text(json.dumps(log, indent=1))
+    print(f"wrote {args.out}: {sizes} ({sum(sizes.values()) / 1e6:.1f} MB) in {log['total_seconds']:.0f}s")
+    print(f"reproduce: {reproduce}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

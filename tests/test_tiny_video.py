@@ -1,0 +1,418 @@
+"""The embedded tiny text-to-video model: procedural data, tokenizer, adherence check, training script
+(smoke), loader, quality harness and the ``dit-accel render`` command, all on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dit_accel import cli
+from dit_accel.pipelines import load_tiny_video_pipeline
+from dit_accel.pipelines.quality import compare, format_table, parse_method_spec, psnr, quality_table, ssim
+from dit_accel.pipelines.tiny_video import adherence, data, model, train
+
+SMALL = (9, 48, 64)
+CPU_GEO = (17, 96, 128)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_dataset_is_deterministic_by_seed():
+    a = data.sample_batch(4, *SMALL, _gen(3), omit_prob=0.3)
+    b = data.sample_batch(4, *SMALL, _gen(3), omit_prob=0.3)
+    c = data.sample_batch(4, *SMALL, _gen(4), omit_prob=0.3)
+    assert a.video.shape == (4, 3, *SMALL)
+    assert torch.equal(a.video, b.video) and a.captions == b.captions
+    assert not torch.equal(a.video, c.video)
+    assert a.video.min() >= -1 and a.video.max() <= 1
+    assert a.video.min() < -0.5 or a.video.max() > 0.5  # not a flat grey clip
+
+
+def test_captions_parse_back_to_labels():
+    b = data.sample_batch(64, 2, 32, 32, _gen(0), omit_prob=0.5)
+    for i, text in enumerate(b.captions):
+        parsed = data.parse_caption(text)
+        assert parsed is not None, text
+        for name, value in b.labels.items():
+            if b.mentioned[name][i]:
+                assert parsed[name] == int(value[i]), (text, name)
+            else:
+                assert name not in parsed
+    assert data.parse_caption("a red dragon moving left") is None
+    assert data.parse_caption("a red circle moving sideways") is None
+
+
+def test_training_split_never_renders_held_out_combinations():
+    labels = data.sample_labels(4000, _gen(0), "train")
+    idx = data.combo_index(
+        labels["colour"], labels["shape"], labels["size"], labels["motion"], labels["background"]
+    )
+    assert not data.HELD_OUT[idx].any()
+    held = data.sample_labels(500, _gen(0), "held_out")
+    idx = data.combo_index(held["colour"], held["shape"], held["size"], held["motion"], held["background"])
+    assert data.HELD_OUT[idx].all()
+    prompts = data.held_out_prompts(64)
+    assert len({p for p, _ in prompts}) == 64
+    for text, labels in prompts:
+        assert data.HELD_OUT[data.combo_index(**labels)] and data.parse_caption(text) == labels
+
+
+@pytest.mark.gpu
+def test_dataset_same_on_cuda():
+    a = data.sample_batch(2, *SMALL, _gen(5))
+    b = data.sample_batch(2, *SMALL, _gen(5), device="cuda")
+    torch.testing.assert_close(b.video.cpu(), a.video, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- tokenizer / text encoding
+
+
+def test_tokenizer_is_word_level_and_offline():
+    tok = model.build_tokenizer()
+    vocab = tok.get_vocab()
+    assert vocab["<pad>"] == 0 and vocab["</s>"] == 1 and vocab["<unk>"] == 2
+    assert set(data.vocabulary()) <= set(vocab) and len(vocab) == 3 + len(data.vocabulary())
+    out = tok(["A Red, circle!", "a purple circle"], padding="max_length", max_length=6, return_tensors="pt")
+    assert out.input_ids[0].tolist() == [vocab["a"], vocab["red"], vocab["circle"], 1, 0, 0]
+    assert out.input_ids[1].tolist()[:4] == [vocab["a"], 2, vocab["circle"], 1]
+    assert out.attention_mask[0].tolist() == [1, 1, 1, 1, 0, 0]
+
+
+def test_training_prompt_encoding_matches_wan_pipeline():
+    pipe = model.build_pipeline(model.build_components(model.SMOKE_CONFIG))
+    prompts = ["a red circle moving left", "a small blue square orbiting clockwise on a gray background"]
+    ref, neg = pipe.encode_prompt(prompts, max_sequence_length=32, device="cpu")
+    with torch.no_grad():
+        mine = train.encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, 32, "cpu")
+        empty = train.encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], 32, "cpu")
+    torch.testing.assert_close(mine, ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(empty[0], neg[0].detach(), atol=1e-5, rtol=0)
+    assert ref[0, 6:].abs().max() == 0  # 5 words + </s>, then zeros
+
+
+# ---------------------------------------------------------------- adherence
+
+
+@pytest.fixture(scope="module")
+def truth_clips():
+    b = data.sample_batch(32, *CPU_GEO, _gen(11), split="all")
+    return list(data.to_frames(b.video)), [data.caption(b.labels, i) for i in range(32)]
+
+
+def _perfect(r, count):
+    assert r["accuracy"] == {k: 1.0 for k in ("background", "colour", "motion", "shape", "size")}, r["rows"]
+    assert r["measured"]["shape"] == count and r["core_all_correct"] == 1.0
+
+
+def test_adherence_scores_ground_truth_clips_perfectly(truth_clips):
+    _perfect(adherence.score_clips(*truth_clips), 32)
+
+
+def test_adherence_scores_ground_truth_at_training_geometry():
+    b = data.sample_batch(3, 49, 192, 256, _gen(12), split="all")
+    _perfect(
+        adherence.score_clips(list(data.to_frames(b.video)), [data.caption(b.labels, i) for i in range(3)]), 3
+    )
+
+
+def test_adherence_scores_shuffled_captions_low(truth_clips):
+    frames, captions = truth_clips
+    r = adherence.score_clips(frames, captions[1:] + captions[:1])
+    assert r["mean_score"] < 0.5 and r["core_all_correct"] < 0.2, r["accuracy"]
+
+
+def test_adherence_fails_a_clip_without_the_object():
+    frames = np.full((17, 96, 128, 3), 0.5, dtype=np.float32)
+    r = adherence.score_clip(frames, "a large red circle moving left on a gray background")
+    assert r["correct"]["colour"] is False and r["correct"]["motion"] is False
+    assert r["correct"]["background"] is True and r["score"] < 0.5
+
+
+def test_adherence_reads_each_motion():
+    for m in range(len(data.MOTIONS)):
+        labels = {
+            "colour": torch.tensor([2]),
+            "shape": torch.tensor([0]),
+            "size": torch.tensor([1]),
+            "motion": torch.tensor([m]),
+            "background": torch.tensor([0]),
+        }
+        video, _ = data.render(labels, *CPU_GEO, _gen(m))
+        obs = adherence.analyze_clip(data.to_frames(video)[0])
+        assert obs.motion == m, (data.MOTIONS[m], obs.details)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_psnr_and_ssim_basics():
+    g = _gen(0)
+    a = torch.rand(3, 24, 20, 3, generator=g)
+    assert torch.isinf(psnr(a, a)).all() and torch.allclose(ssim(a, a), torch.ones(3, dtype=torch.float64))
+    b = (a + 0.1).clamp(max=10)  # no clipping: exactly 0.1 everywhere
+    torch.testing.assert_close(psnr(a, b), torch.full((3,), 20.0, dtype=torch.float64))
+    noisy = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    s = ssim(a, noisy)
+    assert (s < 0.95).all() and (s > 0).all()
+    torch.testing.assert_close(s, ssim(noisy, a))
+
+
+def test_ssim_matches_a_direct_2d_window():
+    g = _gen(1)
+    a, b = torch.rand(2, 17, 19, 3, generator=g).double().unbind(0)
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    w1 = torch.exp(-(coords**2) / (2 * 1.5**2))
+    w2 = (w1[:, None] * w1[None, :]) / w1.sum() ** 2
+    vals = []
+    for c in range(3):
+        x = a[..., c].unfold(0, 11, 1).unfold(1, 11, 1)  # [7, 9, 11, 11]
+        y = b[..., c].unfold(0, 11, 1).unfold(1, 11, 1)
+        mx, my = (x * w2).sum((-1, -2)), (y * w2).sum((-1, -2))
+        vx = (x * x * w2).sum((-1, -2)) - mx**2
+        vy = (y * y * w2).sum((-1, -2)) - my**2
+        cxy = (x * y * w2).sum((-1, -2)) - mx * my
+        m = ((2 * mx * my + 1e-4) * (2 * cxy + 9e-4)) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4))
+        vals.append(m.mean())
+    torch.testing.assert_close(ssim(a[None], b[None])[0], torch.stack(vals).mean())
+
+
+# ---------------------------------------------------------------- quality harness
+
+
+@pytest.fixture(scope="module")
+def random_pipe():
+    pipe = model.build_pipeline(model.build_components(model.SMOKE_CONFIG, seed=0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CALL = {"num_frames": 9, "height": 64, "width": 64, "num_inference_steps": 2, "max_sequence_length": 32}
+WINDOW = {"method": "window", "density": 0.3, "block_q": 16, "block_k": 16}  # 48 tokens: 3 blocks, keeps 1
+
+
+def test_quality_dense_vs_dense_is_identical(random_pipe):
+    r = compare(random_pipe, "a red circle moving left", method="dense", call_kwargs=CALL)
+    assert r["frames"].shape == (9, 64, 64, 3)
+    assert r["psnr_mean"] == math.inf and all(math.isinf(p) for p in r["psnr"])
+    assert r["ssim_mean"] == pytest.approx(1.0, abs=1e-12)
+    assert r["adherence"] is not None and r["adherence_dense"] is not None
+
+
+def test_quality_table_window_differs_and_pipeline_is_restored(random_pipe):
+    stock = {k: type(v).__name__ for k, v in random_pipe.transformer.attn_processors.items()}
+    methods = {"dense": {"method": "dense"}, "window": WINDOW}
+    rows = quality_table(random_pipe, ["a red circle moving left"], methods, call_kwargs=CALL)
+    assert [r["method"] for r in rows] == ["dense (reference)", "dense", "window"]
+    assert rows[1]["psnr"] == math.inf and rows[1]["identical_frames"] == 9 and rows[1]["ssim"] == 1.0
+    assert math.isfinite(rows[2]["psnr"]) and 0 < rows[2]["ssim"] < 1 and rows[2]["identical_frames"] == 0
+    assert rows[2]["density"] == pytest.approx(1 / 3)
+    assert {k: type(v).__name__ for k, v in random_pipe.transformer.attn_processors.items()} == stock
+    assert "| window |" in format_table(rows)
+    assert parse_method_spec("window:density=0.25,dense_layers=(0, 1)") == (
+        "window",
+        {"density": 0.25, "dense_layers": (0, 1)},
+    )
+
+
+# ---------------------------------------------------------------- training script and loader
+
+
+@pytest.fixture(scope="module")
+def smoke_weights(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    assert train.main(["--smoke", "--out", str(out), "--vae-steps", "2", "--dit-steps", "2"]) == 0
+    return out
+
+
+def test_training_smoke_writes_weights_and_log(smoke_weights):
+    files = {p.name for p in smoke_weights.iterdir()}
+    assert {
+        "vae.safetensors",
+        "transformer.safetensors",
+        "text_encoder.safetensors",
+        "tiny_video.json",
+        "train_log.json",
+    } <= files
+    log = json.loads((smoke_weights / "train_log.json").read_text())
+    assert log["vae"]["steps"] == 2 and log["transformer"]["steps"] == 2
+    assert all(math.isfinite(c["loss"]) for c in log["transformer"]["curve"])
+    assert len(log["transformer"]["curve"]) == 2 and "--vae-steps 2 --dit-steps 2" in log["reproduce"]
+    manifest = json.loads((smoke_weights / "tiny_video.json").read_text())
+    assert manifest["config"]["vae"]["latents_std"] != [1.0] * 4  # measured, not the placeholder
+
+
+def test_training_is_reproducible_from_seed(smoke_weights, tmp_path):
+    from safetensors.torch import load_file
+
+    assert train.main(["--smoke", "--out", str(tmp_path), "--vae-steps", "2", "--dit-steps", "2"]) == 0
+    for name in ("vae", "transformer", "text_encoder"):
+        a = load_file(str(smoke_weights / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_loader_builds_a_wan_pipeline_that_renders(smoke_weights):
+    from diffusers import WanPipeline
+
+    pipe = load_tiny_video_pipeline(device="cpu", weights_dir=smoke_weights)
+    assert isinstance(pipe, WanPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompt="a red circle moving left",
+        num_frames=5,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        output_type="np",
+        generator=_gen(0),
+    ).frames
+    assert out.shape == (1, 5, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_loader_without_weights_names_the_training_command(tmp_path):
+    with pytest.raises(model.WeightsNotFoundError) as exc:
+        load_tiny_video_pipeline(weights_dir=tmp_path)
+    assert model.TRAIN_COMMAND in str(exc.value)
+
+
+def test_embedded_weights_render_on_cpu():
+    if not (model.WEIGHTS_DIR / model.MANIFEST).is_file():
+        pytest.skip(f"the embedded model is not trained yet; train it on a GPU with: {model.TRAIN_COMMAND}")
+    pipe = load_tiny_video_pipeline(device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    d = model.render_defaults("cpu")
+    out = pipe(
+        prompt="a large red circle moving right on a black background",
+        num_frames=d["frames"],
+        height=d["height"],
+        width=d["width"],
+        num_inference_steps=d["steps"],
+        output_type="np",
+        generator=_gen(0),
+    ).frames
+    assert out.shape == (1, d["frames"], d["height"], d["width"], 3)
+    assert adherence.score_clip(out[0], "a large red circle moving right on a black background")["correct"][
+        "colour"
+    ]
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_parses_render_flags():
+    args = cli.build_parser().parse_args(
+        [
+            "render",
+            "--prompt",
+            "a red circle moving left",
+            "--out",
+            "x.gif",
+            "--method",
+            "window",
+            "--opt",
+            "density=0.25",
+            "--opt",
+            "block_q=64",
+            "--dense-steps",
+            "2",
+            "--steps",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert (args.command, args.method, args.steps, args.device, args.frames) == (
+        "render",
+        "window",
+        4,
+        "cpu",
+        None,
+    )
+    assert cli._knobs(args) == {"method": "window", "density": 0.25, "block_q": 64, "dense_steps": 2}
+    args = cli.build_parser().parse_args(["render", "--prompt", "p", "--out", "o", "--dense-steps", "0.25"])
+    with pytest.raises(SystemExit):
+        cli._knobs(args)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["render", "--out", "x.gif"])
+    with pytest.raises(SystemExit, match="unknown output type"):
+        cli.check_output("clip.avi")
+
+
+def test_cli_without_weights_says_how_to_train(tmp_path, capsys):
+    rc = cli.main(
+        [
+            "render",
+            "--prompt",
+            "a red circle moving left",
+            "--out",
+            str(tmp_path / "x.gif"),
+            "--weights",
+            str(tmp_path / "none"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 2
+    assert model.TRAIN_COMMAND in capsys.readouterr().err
+    assert not (tmp_path / "x.gif").exists()
+
+
+@pytest.mark.parametrize("out", ["clip.gif", "frames", "clip.mp4"])
+def test_cli_renders_with_smoke_weights(smoke_weights, tmp_path, capsys, out):
+    if out.endswith(".mp4"):
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            with pytest.raises(SystemExit, match=r"dit-accel\[video\]"):
+                cli.check_output(str(tmp_path / out))
+            return
+    rc = cli.main(
+        [
+            "render",
+            "--prompt",
+            "a red circle moving left",
+            "--out",
+            str(tmp_path / out),
+            "--weights",
+            str(smoke_weights),
+            "--device",
+            "cpu",
+            "--frames",
+            "5",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--steps",
+            "2",
+            "--method",
+            "window",
+            "--opt",
+            "density=0.5",
+            "--opt",
+            "block_q=16",
+            "--opt",
+            "block_k=16",
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "wrote" in text and "dit_accel[window]" in text
+    path = tmp_path / out
+    if out == "frames":
+        assert sorted(p.name for p in path.iterdir()) == [f"frame_{i:04d}.png" for i in range(5)]
+    else:
+        assert path.stat().st_size > 0
+    if out.endswith(".gif"):
+        from PIL import Image
+
+        assert Image.open(path).n_frames == 5
