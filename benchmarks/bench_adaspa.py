@@ -34,14 +34,14 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_forward import WAN_1_3B, WAN_TINY, _gpu_tag, _version  # noqa: E402
+from _common import bench, gpu_tag, rel_err, versions  # noqa: E402
+from bench_forward import WAN_1_3B, WAN_TINY  # noqa: E402
 
 import dit_accel  # noqa: E402
 from dit_accel.kernels import block_mass, block_sparse_attention, dense_attention  # noqa: E402
@@ -66,26 +66,7 @@ class Timer:
         self.smoke, self.rep_ms = smoke, rep_ms
 
     def __call__(self, fn) -> float:
-        if self.smoke:
-            fn()
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        import triton.testing
-
-        return float(
-            triton.testing.do_bench(
-                fn, warmup=max(25, self.rep_ms // 4), rep=self.rep_ms, return_mode="median"
-            )
-        )
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+        return bench(fn, self.smoke, self.rep_ms)
 
 
 def _heads(plan: BlockPlan, h: slice) -> BlockPlan:
@@ -136,7 +117,7 @@ def bench_kernels(name, shape, device, dtype, timer, backend, smoke) -> dict:
         ref = attention_reference(
             q2[:, hs].float(), k2[:, hs].float(), v[:, hs].float(), _heads(plan2, hs), D**-0.5
         )[0]
-        err = _rel_err(out, ref)
+        err = rel_err(out, ref)
         sparse_ok = err <= (1e-4 if smoke else 2e-2)
         ok = ok and sparse_ok
         ms_fused = timer(lambda: fused_search(q, k, v, **sel))
@@ -209,7 +190,7 @@ def bench_forward(device, dtype, timer, backend, smoke) -> dict:
         )
         ms = {"dense": timer(at_step(0))}
         fused_out = at_step(fused_step)()
-        err = _rel_err(fused_out, stock)
+        err = rel_err(fused_out, stock)
         ok = err <= (1e-5 if smoke else 3e-2)
         ms["fused_search"] = timer(at_step(fused_step))
         ms["sparse_1"] = timer(at_step(fused_step + 1))
@@ -302,7 +283,7 @@ def main(argv=None) -> dict:
     default_out = (
         Path(tempfile.gettempdir()) / "adaspa_smoke.json"
         if smoke
-        else Path(__file__).parent / "results" / f"adaspa_{_gpu_tag()}.json"
+        else Path(__file__).parent / "results" / f"adaspa_{gpu_tag()}.json"
     )
     out_path = args.out or default_out
 
@@ -310,14 +291,7 @@ def main(argv=None) -> dict:
         "benchmark": "bench_adaspa",
         "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {
-            "torch": torch.__version__,
-            "triton": _version("triton"),
-            "diffusers": _version("diffusers"),
-            "dit_accel": dit_accel.__version__,
-            "cuda": torch.version.cuda,
-            "python": sys.version.split()[0],
-        },
+        "versions": versions(),
         "timer": "perf_counter median of 3"
         if smoke
         else f"triton.testing.do_bench median, rep {args.rep_ms} ms",

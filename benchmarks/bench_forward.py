@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _common import bench, gpu_tag, versions
 from diffusers import WanTransformer3DModel
 
 import dit_accel
@@ -70,26 +68,8 @@ class NoAttention(SparseMethod):
         return v
 
 
-def _gpu_tag() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name().lower()
-    match = re.search(r"(h100|h200|h800|a100|l40s|b200|gb200|a10g|l4)", name)
-    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def _bench(fn, smoke: bool) -> float:
-    if not smoke:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=100, rep=1000, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None) -> dict:
@@ -107,7 +87,7 @@ def main(argv=None) -> dict:
     dtype = torch.float32 if smoke else torch.bfloat16
     shape_name = "smoke" if smoke else "wan1.3b_480p_81f"
     shape = SHAPES[shape_name]
-    out_path = args.out or Path(__file__).parent / "results" / f"forward_wan1.3b_{_gpu_tag()}.json"
+    out_path = args.out or Path(__file__).parent / "results" / f"forward_wan1.3b_{gpu_tag()}.json"
 
     torch.manual_seed(0)
     config = WAN_TINY if smoke else WAN_1_3B
@@ -130,26 +110,19 @@ def main(argv=None) -> dict:
         "tokens": shape["latent"][2] * (shape["latent"][3] // 2) * (shape["latent"][4] // 2),
         "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {
-            "torch": torch.__version__,
-            "triton": _version("triton"),
-            "diffusers": _version("diffusers"),
-            "dit_accel": dit_accel.__version__,
-            "cuda": torch.version.cuda,
-            "python": sys.version.split()[0],
-        },
+        "versions": versions(),
         "timer": "perf_counter median of 3" if smoke else "triton.testing.do_bench median",
         "block": block,
         "backend": args.backend,
     }
 
     stock = forward()
-    ms_stock = _bench(forward, smoke)
+    ms_stock = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
 
     handle = dit_accel.apply(model, method="dense")
     dense_out = forward()
     dense_exact = bool(torch.equal(dense_out, stock))
-    ms_dense = _bench(forward, smoke)
+    ms_dense = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
 
     dit_accel.apply(model, method="window", density=1.0, block_q=block, block_k=block, backend=args.backend)
     full = forward()
@@ -161,10 +134,10 @@ def main(argv=None) -> dict:
     )
     forward()
     window_density = handle.stats().records[0]["density"]
-    ms_window = _bench(forward, smoke)
+    ms_window = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
 
     dit_accel.apply(model, method=NoAttention())
-    ms_noattn = _bench(forward, smoke)
+    ms_noattn = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
     dit_accel.remove(model)
 
     correct = dense_exact and full_ok
@@ -193,11 +166,6 @@ def main(argv=None) -> dict:
     return result
 
 
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

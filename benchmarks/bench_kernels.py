@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from _common import bench, rel_err
 
 CONFIGS = {
     # name: (B, H, S, D)
@@ -63,15 +64,8 @@ def tflops(pairs: int, batch: int, d: int, ms: float) -> float:
     return 4.0 * batch * pairs * d / (ms * 1e-3) / 1e12
 
 
-def bench(fn, rep_ms: int) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median"))
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def run_config(name, batch, heads, seq, d, densities, patterns, rep_ms, log):
@@ -96,7 +90,7 @@ def run_config(name, batch, heads, seq, d, densities, patterns, rep_ms, log):
             return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)
 
     ref_dense = cudnn()
-    ms_cudnn = bench(cudnn, rep_ms)
+    ms_cudnn = bench(cudnn, rep_ms=rep_ms)
     res["cudnn_ms"] = ms_cudnn
     res["cudnn_tflops"] = tflops(dense_pairs * heads, batch, d, ms_cudnn)
     log(f"{name}: cuDNN dense {ms_cudnn:.2f} ms ({res['cudnn_tflops']:.0f} TF/s)")
@@ -106,7 +100,7 @@ def run_config(name, batch, heads, seq, d, densities, patterns, rep_ms, log):
         try:
             out, lse = dense_attention(q, k, v, backend=backend)
             err = rel_err(out.transpose(1, 2), ref_dense)
-            ms = bench(lambda b=backend: dense_attention(q, k, v, backend=b), rep_ms)
+            ms = bench(lambda b=backend: dense_attention(q, k, v, backend=b), rep_ms=rep_ms)
             res[f"dense_attention_{backend}_ms"] = ms
             res[f"dense_attention_{backend}_err"] = err
             log(f"  dense_attention[{backend}] {ms:.2f} ms err {err:.1e}")
@@ -121,7 +115,7 @@ def run_config(name, batch, heads, seq, d, densities, patterns, rep_ms, log):
     rows = torch.full((n,), float(BLOCK), device=dev)
     rows[-1] = seq - BLOCK * (n - 1)
     mass_err = float(((w.sum(-1) - rows) / rows).abs().max())
-    ms_mass = bench(lambda: block_mass(q, k, dense_lse, BLOCK, BLOCK), rep_ms)
+    ms_mass = bench(lambda: block_mass(q, k, dense_lse, BLOCK, BLOCK), rep_ms=rep_ms)
     res.update(block_mass_ms=ms_mass, block_mass_rowsum_err=mass_err, block_mass_vs_cudnn=ms_mass / ms_cudnn)
     log(f"  block_mass {ms_mass:.2f} ms = {ms_mass / ms_cudnn:.2f} x cuDNN (row-sum err {mass_err:.1e})")
 
@@ -145,8 +139,8 @@ def run_config(name, batch, heads, seq, d, densities, patterns, rep_ms, log):
                 row["err_vs_cudnn"] = rel_err(out.transpose(1, 2), ref_dense)
                 ok = ok and row["err_vs_cudnn"] < 2e-2
             row["correct"] = ok
-            row["ours_ms"] = bench(lambda: block_sparse_attention(q, k, v, plan), rep_ms)
-            row["flex_ms"] = bench(lambda: flex(qh, kh, vh, block_mask=bm), rep_ms)
+            row["ours_ms"] = bench(lambda: block_sparse_attention(q, k, v, plan), rep_ms=rep_ms)
+            row["flex_ms"] = bench(lambda: flex(qh, kh, vh, block_mask=bm), rep_ms=rep_ms)
             row["ours_tflops"] = tflops(pairs, batch, d, row["ours_ms"])
             row["flex_tflops"] = tflops(pairs, batch, d, row["flex_ms"])
             if ok:
@@ -232,7 +226,7 @@ def sweep_variants(name, rep_ms, log):
             try:
                 launch_variant(q, k, v, plan, variant, out, lse)
                 row["err"] = rel_err(out[:, :, : 2 * BLOCK], ref)
-                row["ms"] = bench(lambda: launch_variant(q, k, v, plan, variant, out, lse), rep_ms)
+                row["ms"] = bench(lambda: launch_variant(q, k, v, plan, variant, out, lse), rep_ms=rep_ms)
                 row["tflops"] = tflops(pairs, batch, d, row["ms"])
                 log(
                     f"  sweep {name} d={dens} {variant}: {row['ms']:.2f} ms {row['tflops']:.0f} TF/s"

@@ -35,14 +35,14 @@ import argparse
 import json
 import math
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from bench_forward import WAN_1_3B, WAN_TINY, _version
+from _common import bench, gpu_tag, rel_err, versions
+from bench_forward import WAN_1_3B, WAN_TINY
 from diffusers import WanTransformer3DModel
 
 import dit_accel
@@ -67,10 +67,6 @@ REFERENCE_DENSE_STEPS = 12
 ORACLE_BLOCKS = 8
 
 
-def _gpu_tag() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name().lower()).strip("_")
 
 
 def _sync(device: torch.device) -> None:
@@ -78,18 +74,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _bench(fn, smoke: bool, rep_ms: int = 500) -> float:
-    if not smoke:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _time_forward(
@@ -110,9 +94,6 @@ def _time_forward(
     return statistics.median(times), times, warmup, out
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -135,7 +116,7 @@ def _oracle_error(q, k, v, out, plan, blocks: list[int]) -> float:
         )
         s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows].float(), k[:, :, keys].float()) * scale
         ref = torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v[:, :, keys].float())
-        worst = max(worst, _rel_err(out[:, :, rows], ref))
+        worst = max(worst, rel_err(out[:, :, rows], ref))
     return worst
 
 
@@ -167,13 +148,13 @@ def attention_only(name, shape, plan, device, dtype, smoke, backend, log) -> dic
         {0, n - 1, *torch.randperm(n, generator=torch.Generator().manual_seed(0))[:ORACLE_BLOCKS]}
     )
     sparse_err = _oracle_error(q, k, v, out_sparse, plan, [int(b) for b in blocks])
-    dense_err = _rel_err(out_dense, ref)
+    dense_err = rel_err(out_dense, ref)
     tol = 1e-4 if smoke else 2e-2
     correct = sparse_err <= tol and dense_err <= tol and bool(torch.isfinite(out_sparse).all())
 
-    ms_sdpa = _bench(sdpa, smoke)
-    ms_dense = _bench(lambda: dense_attention(q, k, v, layout="bhsd", backend=ours_dense_backend), smoke)
-    ms_sparse = _bench(
+    ms_sdpa = bench(sdpa, smoke)
+    ms_dense = bench(lambda: dense_attention(q, k, v, layout="bhsd", backend=ours_dense_backend), smoke)
+    ms_sparse = bench(
         lambda: block_sparse_attention(q, k, v, plan, layout="bhsd", backend=sparse_backend), smoke
     )
     pairs = _computed_pairs(plan, seq)
@@ -278,7 +259,7 @@ def forward(name, shape, plan_density, block, device, dtype, smoke, backend, log
         "plan_builds": method.plan_builds,
         "stats_pattern_ok": pattern_ok,
         "output_finite": finite,
-        "vs_stock": {"cosine": _cosine(out_sparse, out_dense), "rel_err": _rel_err(out_sparse, out_dense)},
+        "vs_stock": {"cosine": _cosine(out_sparse, out_dense), "rel_err": rel_err(out_sparse, out_dense)},
         "model_build_s": build_s,
     }
     res["speedup_sparse_step"] = ms_dense / ms_sparse if pattern_ok and finite else None
@@ -325,7 +306,7 @@ def main(argv=None) -> dict:
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         parser.error(f"unknown shapes {unknown}; known: {sorted(SHAPES)}")
-    out_path = args.out or Path(__file__).parent / "results" / f"radial_{_gpu_tag()}.json"
+    out_path = args.out or Path(__file__).parent / "results" / f"radial_{gpu_tag()}.json"
     defaults = FAMILY_DEFAULTS["wan"]
     block = 16 if smoke else 128
 
@@ -336,14 +317,7 @@ def main(argv=None) -> dict:
         "benchmark": "bench_radial",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype).replace("torch.", ""),
-        "versions": {
-            "torch": torch.__version__,
-            "triton": _version("triton"),
-            "diffusers": _version("diffusers"),
-            "dit_accel": dit_accel.__version__,
-            "cuda": torch.version.cuda,
-            "python": sys.version.split()[0],
-        },
+        "versions": versions(),
         "timer": (
             "perf_counter median of 3"
             if smoke
