@@ -51,26 +51,6 @@ def _load_tile(
 
 
 @triton.jit
-def _load_kv_tile(
-    src,
-    start_n,
-    cols,
-    stride_s,
-    offs_d,
-    seq_k,
-    HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
-    # [BLOCK_N, D_PAD] key or value tile at rows start_n + offs_n. With USE_TMA, src is a tensor
-    # descriptor and the copy engine zero-fills rows past the sequence and columns past HEAD_DIM.
-    if USE_TMA:
-        return src.load([start_n, 0])
-    return _load_tile(src, cols, stride_s, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)
-
-
-@triton.jit
 def _attend_tile(
     acc,
     m_i,
@@ -93,8 +73,13 @@ def _attend_tile(
     USE_TMA: tl.constexpr,
 ):
     # One [BLOCK_M, BLOCK_N] step of the online softmax (base 2: scores are pre-multiplied by log2 e).
+    # With USE_TMA, k_base / v_base are tensor descriptors: the copy engine zero-fills rows past the
+    # sequence and columns past HEAD_DIM, so no load needs a mask.
     cols = start_n + offs_n  # [BLOCK_N]
-    k = _load_kv_tile(k_base, start_n, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D, USE_TMA)
+    if USE_TMA:
+        k = k_base.load([start_n, 0])  # [BLOCK_N, D_PAD]
+    else:
+        k = _load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
     if DOT_F32:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
@@ -110,7 +95,10 @@ def _attend_tile(
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = _load_kv_tile(v_base, start_n, cols, stride_vs, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D, USE_TMA)
+    if USE_TMA:
+        v = v_base.load([start_n, 0])  # [BLOCK_N, D_PAD]
+    else:
+        v = _load_tile(v_base, cols, stride_vs, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
     if DOT_F32:
         # P is rounded to the input dtype first, exactly as the compiled kernel does.
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _cfg, _dot_f32, _head_dim_pad, _load_kv_tile, _load_tile, _prune, _tma_ok
+from .triton_attention import _cfg, _dot_f32, _head_dim_pad, _load_tile, _prune, _tma_ok
 
 _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -45,7 +45,10 @@ def _mass_tile(
     USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n  # [BLOCK_N]
-    k = _load_kv_tile(k_base, start_n, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D, USE_TMA)
+    if USE_TMA:
+        k = k_base.load([start_n, 0])  # [BLOCK_N, D_PAD]; zero-filled past the sequence and HEAD_DIM
+    else:
+        k = _load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
     if DOT_F32:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
