@@ -351,12 +351,13 @@ def test_batch2_with_batched_cfg(build, run, kwargs):
     assert torch.isfinite(sparse).all() and not torch.allclose(sparse, ref)
 
 
-def test_forward_benchmark_smoke(tmp_path):
+def test_forward_benchmark_smoke(tmp_path, monkeypatch):
     import importlib.util
     import json
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "benchmarks" / "bench_forward.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as `python benchmarks/bench_forward.py` has it
     spec = importlib.util.spec_from_file_location("bench_forward", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
