@@ -278,6 +278,35 @@ def test_loader_builds_a_wan_pipeline_that_renders(smoke_weights):
     assert out.shape == (1, 5, 32, 32, 3) and np.isfinite(out).all()
 
 
+def test_sharded_weights_load_like_single_files(smoke_weights, tmp_path):
+    from safetensors.torch import load_file
+
+    pipe = load_tiny_video_pipeline(device="cpu", weights_dir=smoke_weights)
+    components = {"vae": pipe.vae, "transformer": pipe.transformer, "text_encoder": pipe.text_encoder}
+    config = model.TinyVideoConfig.from_dict(
+        json.loads((smoke_weights / model.MANIFEST).read_text())["config"]
+    )
+    sizes = model.save_weights(tmp_path, components, config, max_shard_bytes=4096)
+    files = json.loads((tmp_path / model.MANIFEST).read_text())["files"]
+    assert len(files["transformer"]) > 2 and files["transformer"][0].endswith(
+        f"-of-{len(files['transformer']):05d}.safetensors"
+    )
+    assert set(sizes) == {model.MANIFEST, *(f for names in files.values() for f in names)}
+    again = load_tiny_video_pipeline(device="cpu", weights_dir=tmp_path)
+    for name, module in components.items():
+        a, b = module.state_dict(), getattr(again, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    merged = {}
+    for f in files["transformer"]:
+        shard = load_file(str(tmp_path / f))
+        assert len(shard) == 1 or sum(t.numel() * t.element_size() for t in shard.values()) <= 4096
+        merged.update(shard)
+    assert merged.keys() == set(pipe.transformer.state_dict())
+    (tmp_path / files["transformer"][1]).unlink()
+    with pytest.raises(model.WeightsNotFoundError, match=files["transformer"][1]):
+        load_tiny_video_pipeline(weights_dir=tmp_path)
+
+
 def test_loader_without_weights_names_the_training_command(tmp_path):
     with pytest.raises(model.WeightsNotFoundError) as exc:
         load_tiny_video_pipeline(weights_dir=tmp_path)

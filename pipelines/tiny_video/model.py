@@ -45,7 +45,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "tiny_video.json"
 COMPONENTS = ("vae", "transformer", "text_encoder")
 TRAIN_COMMAND = (
-    "python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --minutes 9 --seed 0"
+    "python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --minutes 8 --seed 0"
 )
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
@@ -257,8 +257,33 @@ def build_pipeline(components: dict):
     )
 
 
-def save_weights(out_dir, components: dict, config: TinyVideoConfig, extra: dict | None = None) -> dict:
-    """Write ``<component>.safetensors`` (bf16) and the manifest (configs, vocabulary, ``extra``).
+MAX_SHARD_BYTES = 15 * 2**20
+
+
+def _shards(state: dict, max_bytes: int) -> list[dict]:
+    """Split a state dict (in order) into consecutive groups of at most ``max_bytes`` of tensor data."""
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += n
+    return [*shards, cur] if cur or not shards else shards
+
+
+def save_weights(
+    out_dir,
+    components: dict,
+    config: TinyVideoConfig,
+    extra: dict | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> dict:
+    """Write each component as bf16 safetensors and the manifest (configs, vocabulary, file list, ``extra``).
+
+    A component over ``max_shard_bytes`` (default 15 MiB) is split into ``<name>-00001-of-0000N.safetensors``
+    shards (whole tensors each), else written as ``<name>.safetensors``; the manifest lists the files.
 
     Returns:
         {file name: bytes written}.
@@ -267,7 +292,7 @@ def save_weights(out_dir, components: dict, config: TinyVideoConfig, extra: dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = {}
+    sizes, files = {}, {}
     for name in COMPONENTS:
         state = {
             k: v.detach().to("cpu", torch.bfloat16).contiguous()
@@ -275,13 +300,23 @@ def save_weights(out_dir, components: dict, config: TinyVideoConfig, extra: dict
         }
         # UMT5 ties encoder.embed_tokens to shared: store one copy (load_state_dict re-ties it).
         state = {k: v for k, v in state.items() if k != "encoder.embed_tokens.weight"}
-        path = out / f"{name}.safetensors"
-        save_file(state, str(path), metadata={"format": "pt"})
-        sizes[path.name] = path.stat().st_size
+        shards = _shards(state, max_shard_bytes)
+        files[name] = []
+        for i, shard in enumerate(shards):
+            fname = (
+                f"{name}.safetensors"
+                if len(shards) == 1
+                else f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+            path = out / fname
+            save_file(shard, str(path), metadata={"format": "pt"})
+            sizes[fname] = path.stat().st_size
+            files[name].append(fname)
     manifest = {
         "format": 1,
         "config": config.to_dict(),
         "vocabulary": list(SPECIAL_TOKENS) + vocabulary(),
+        "files": files,
         **(extra or {}),
     }
     path = out / MANIFEST
@@ -318,14 +353,16 @@ def load_tiny_video_pipeline(device="cpu", dtype: torch.dtype | None = None, wei
     from safetensors.torch import load_file
 
     folder = _resolve_weights_dir(weights_dir)
-    missing = [f for f in (MANIFEST, *(f"{c}.safetensors" for c in COMPONENTS)) if not (folder / f).is_file()]
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
+    files = {c: manifest.get("files", {}).get(c, [f"{c}.safetensors"]) for c in COMPONENTS}
+    listed = [f for c in COMPONENTS for f in files[c]]
+    missing = [f for f in (MANIFEST, *listed) if not (folder / f).is_file()]
     if missing:
         raise WeightsNotFoundError(
             f"the embedded tiny video model has no weights in {folder} (missing {', '.join(missing)}). "
-            f"Train them on a GPU (about 10 minutes on an H200) with:\n    {TRAIN_COMMAND}\n"
+            f"Train them on a GPU (about 10 minutes) with:\n    {TRAIN_COMMAND}\n"
             "or pass weights_dir= / set DIT_ACCEL_TINY_VIDEO_WEIGHTS to a folder written by that command."
         )
-    manifest = json.loads((folder / MANIFEST).read_text())
     config = TinyVideoConfig.from_dict(manifest["config"])
     expected = list(SPECIAL_TOKENS) + vocabulary()
     if manifest.get("vocabulary") != expected:
@@ -335,7 +372,9 @@ def load_tiny_video_pipeline(device="cpu", dtype: torch.dtype | None = None, wei
         )
     components = build_components(config, seed=None)
     for name in COMPONENTS:
-        state = load_file(str(folder / f"{name}.safetensors"))
+        state = {}
+        for fname in files[name]:
+            state.update(load_file(str(folder / fname)))
         module = components[name]
         if name == "text_encoder":
             state["encoder.embed_tokens.weight"] = state["shared.weight"]

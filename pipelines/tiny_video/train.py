@@ -1,6 +1,6 @@
 """Train the embedded tiny text-to-video model on the procedural data, on one GPU, from a seed.
 
-    python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --minutes 9 --seed 0
+    python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --minutes 8 --seed 0
 
 Two phases in one run, sharing a wall-clock budget (``--minutes``, everything included):
 
@@ -22,8 +22,9 @@ of the budget; the learning-rate schedule depends only on that number. The log r
 ``--vae-steps`` and ``--dit-steps`` reproduces a run step for step (data, noise and initialisation all come
 from ``--seed``; GPU kernels are not bitwise deterministic).
 
-Outputs in ``--out``: ``vae.safetensors``, ``transformer.safetensors``, ``text_encoder.safetensors`` (bf16),
-``tiny_video.json`` (configs, vocabulary, training record) and ``train_log.json`` (loss curves, timings).
+Outputs in ``--out``: bf16 safetensors per component (the transformer in two shards of at most 15 MiB),
+``tiny_video.json`` (configs, vocabulary, file list, training record) and ``train_log.json`` (loss curves,
+timings).
 ``--smoke`` runs a few steps of everything on the CPU at toy sizes (CI).
 """
 
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m dit_accel.pipelines.tiny_video.train", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", required=True, help="folder for the safetensors, manifest and log")
-    p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of the whole run")
+    p.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the whole run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument("--vae-fraction", type=float, default=0.3, help="share of the budget for the VAE phase")
