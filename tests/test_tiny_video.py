@@ -226,6 +226,41 @@ def test_quality_table_window_differs_and_pipeline_is_restored(random_pipe):
 # ---------------------------------------------------------------- training script and loader
 
 
+def test_vae_loss_weights_mark_the_object_only():
+    batch = data.sample_batch(4, 3, 32, 32, _gen(3))
+    w = train.object_weights(batch.video)
+    chroma = batch.video.amax(1, keepdim=True) - batch.video.amin(1, keepdim=True)
+    assert w.shape == (4, 1, 3, 32, 32) and set(w.unique().tolist()) == {1.0, train.OBJECT_WEIGHT}
+    assert torch.equal(w > 1, chroma > 0.1)
+    assert (chroma[w == 1] < 0.1).all() and 0.002 < (w > 1).float().mean() < 0.2  # backgrounds are grey
+
+
+def test_vae_windows_keep_the_full_clip_motion():
+    x = train.vae_clips(2, 17, 32, 32, 5, _gen(4), "cpu")
+    g = _gen(4)
+    full = data.sample_batch(2, 17, 32, 32, g).video
+    start = int(torch.randint(0, 13, (1,), generator=g))
+    assert x.shape == (2, 3, 5, 32, 32) and torch.equal(x, full[:, :, start : start + 5])
+
+
+def test_vae_loss_sees_the_decoder_output_before_its_clamp():
+    vae = model.build_components(model.SMOKE_CONFIG)["vae"].eval()
+    z = 40 * torch.randn(1, 4, 2, 4, 4, generator=_gen(6))  # large latents: the output overshoots
+    with torch.no_grad():
+        raw = train.decode_unclamped(vae, z)
+        out = vae.decode(z).sample
+    assert raw.shape == out.shape and raw.abs().max() > 1
+    assert torch.equal(raw.clamp(-1, 1), out)
+
+
+def test_vae_posterior_starts_narrow():
+    vae = model.build_components(model.SMOKE_CONFIG)["vae"]
+    train.start_posterior_narrow(vae)
+    with torch.no_grad():
+        post = vae.encode(data.sample_batch(1, 5, 32, 32, _gen(5)).video).latent_dist
+    assert torch.allclose(post.logvar, torch.full_like(post.logvar, train.INIT_LOGVAR))
+
+
 @pytest.fixture(scope="module")
 def smoke_weights(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")

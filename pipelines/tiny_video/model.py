@@ -45,7 +45,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "tiny_video.json"
 COMPONENTS = ("vae", "transformer", "text_encoder")
 TRAIN_COMMAND = (
-    "python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --minutes 8 --seed 0"
+    "python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --minutes 7.5 --seed 0"
 )
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
