@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dit-steps", type=int, help="fix the transformer step count (reproduce a logged run)")
     p.add_argument("--vae-batch", type=int, default=8, help="clips per VAE step at the main resolution")
     p.add_argument("--batch", type=int, default=32, help="clips per transformer step at the main geometry")
-    p.add_argument("--vae-lr", type=float, default=4e-4)
+    p.add_argument("--vae-lr", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--reuse", type=int, default=4, help="mean number of times a pooled latent clip is drawn")
