@@ -1,6 +1,8 @@
 # Source on a GPU machine without network or a build backend: makes `import dit_accel` (with its
 # dit_accel.kernels / dit_accel.pipelines mapping from pyproject.toml) work from a copy under /tmp, and
-# installs carried wheels from .whl/ if present. Usage: source benchmarks/gpu_env.sh
+# installs carried wheels from .whl/ if present. Usage: source benchmarks/gpu_env.sh; then run scripts by
+# path, or modules with `python3 -P -m dit_accel...` (-P: the repo root, whose dit_accel/ lacks the kernels
+# mapping, must not come first on sys.path).
 _root=$(pwd)
 rm -rf /tmp/dit_accel_site && mkdir -p /tmp/dit_accel_site
 cp -r "$_root/dit_accel" /tmp/dit_accel_site/dit_accel
