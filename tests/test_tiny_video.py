@@ -243,6 +243,26 @@ def test_vae_windows_keep_the_full_clip_motion():
     assert x.shape == (2, 3, 5, 32, 32) and torch.equal(x, full[:, :, start : start + 5])
 
 
+def test_vae_crops_hold_the_object_at_its_real_size():
+    x = train.vae_clips(6, 17, 96, 128, 5, _gen(7), "cpu", crop=(48, 64))
+    g = _gen(7)
+    full = data.sample_batch(6, 17, 96, 128, g)
+    start = int(torch.randint(0, 13, (1,), generator=g))
+    window = full.video[:, :, start : start + 5]
+    assert x.shape == (6, 3, 5, 48, 64)
+    for i in range(6):  # each crop is a window of its clip, and the object is in its middle frame
+        hits = [
+            (y, xx)
+            for y in range(0, 96 - 48 + 1)
+            for xx in range(0, 128 - 64 + 1)
+            if torch.equal(window[i, :, :, y : y + 48, xx : xx + 64], x[i])
+        ]
+        assert hits
+        assert (train.object_weights(x[i : i + 1])[0, 0, 2] > 1).any()
+    with pytest.raises(ValueError, match="larger"):
+        train.vae_clips(1, 17, 32, 32, 5, _gen(7), "cpu", crop=(48, 64))
+
+
 def test_vae_loss_sees_the_decoder_output_before_its_clamp():
     vae = model.build_components(model.SMOKE_CONFIG)["vae"].eval()
     z = 40 * torch.randn(1, 4, 2, 4, 4, generator=_gen(6))  # large latents: the output overshoots
@@ -285,10 +305,19 @@ def test_training_smoke_writes_weights_and_log(smoke_weights):
     assert manifest["config"]["vae"]["latents_std"] != [1.0] * 4  # measured, not the placeholder
 
 
-def test_training_is_reproducible_from_seed(smoke_weights, tmp_path):
+def test_training_in_two_phases_reproduces_one_run(smoke_weights, tmp_path):
+    """Same seed: --phase vae then --phase transformer writes exactly what one --phase all run writes."""
     from safetensors.torch import load_file
 
-    assert train.main(["--smoke", "--out", str(tmp_path), "--vae-steps", "2", "--dit-steps", "2"]) == 0
+    flags = ["--smoke", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--phase vae"):
+        train.main([*flags, "--phase", "transformer", "--dit-steps", "2"])
+    assert train.main([*flags, "--phase", "vae", "--vae-steps", "2"]) == 0
+    assert not (tmp_path / model.MANIFEST).exists()  # a VAE alone is not a loadable model
+    assert train.main([*flags, "--phase", "transformer", "--dit-steps", "2"]) == 0
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["vae"]["steps"] == 2 and log["vae_run"]["args"]["phase"] == "vae"
+    assert "--phase vae --vae-steps 2 && " in log["reproduce"]
     for name in ("vae", "transformer", "text_encoder"):
         a = load_file(str(smoke_weights / f"{name}.safetensors"))
         b = load_file(str(tmp_path / f"{name}.safetensors"))

@@ -3,13 +3,16 @@ and loading/saving its safetensors weights.
 
 Components (all stock diffusers/transformers classes, built from configs, nothing fetched):
 
-- ``AutoencoderKLWan``: base_dim 16, dim_mult (1, 2, 4, 4), z_dim 16 -> 4x temporal, 8x spatial (2.6M params).
-- ``WanTransformer3DModel``: 6 layers, 6 heads x 64, ffn 1152, patch (1, 2, 2), text_dim 128 (~13.6M params).
+- ``AutoencoderKLWan``: base_dim 16, dim_mult (1, 2, 4), z_dim 16 -> 4x temporal, 4x spatial (1.9M params).
+  Wan 2.1's VAE compresses 8x spatially; at this size and training budget an 8x VAE never learned to draw
+  the object (docs/tiny_model.md). At 4x each latent carries 12x fewer pixel values instead of 48x, and the
+  transformer's 4x4 patches keep the token count of 8x latents with 2x2 patches.
+- ``WanTransformer3DModel``: 6 layers, 6 heads x 64, ffn 1152, patch (1, 4, 4), text_dim 128 (~14.0M params).
 - ``UMT5EncoderModel`` (what Wan uses): d_model 128, 2 layers, 4 heads, vocabulary = the grammar's words.
 - A word-level ``PreTrainedTokenizerFast`` built in memory (pad 0, eos 1, unk 2, then the words).
 - ``UniPCMultistepScheduler`` in flow-matching mode (flow_shift 3), Wan 2.1's scheduler in diffusers.
 
-Training geometry 49 frames x 192 x 256 -> latents 13 x 24 x 32 -> 13 x 12 x 16 = 2,496 tokens (192 per frame,
+Training geometry 49 frames x 192 x 256 -> latents 13 x 48 x 64 -> 13 x 12 x 16 = 2,496 tokens (192 per frame,
 not a multiple of 128, like every real video geometry in DESIGN.md §5). A CPU render of 17 x 96 x 128 is
 5 x 6 x 8 = 240 tokens.
 """
@@ -44,9 +47,8 @@ __all__ = [
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "tiny_video.json"
 COMPONENTS = ("vae", "transformer", "text_encoder")
-TRAIN_COMMAND = (
-    "python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --minutes 7.5 --seed 0"
-)
+_TRAIN = "python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --seed 0"
+TRAIN_COMMAND = f"{_TRAIN} --phase vae && {_TRAIN} --phase transformer"
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
 
@@ -58,7 +60,9 @@ class TinyVideoConfig:
         vae, transformer, text_encoder, scheduler: constructor kwargs of the diffusers/transformers classes.
         geometries: (frames, height, width, weight) buckets the transformer is trained on; the first is the
             main one (the quality geometry), the others keep short low-resolution renders (CPU) on-model.
-        vae_frames: frames of the VAE's training clips (at every bucket's resolution).
+        vae_frames: frames of the VAE's training clips (windows of every bucket's full-length clips).
+        vae_crop: (height, width) of the VAE's training crops, centred near the object (the VAE is fully
+            convolutional: crops cost a fraction of a full frame and the object is always in them).
         max_sequence_length: text length the transformer is trained with; WanPipeline pads every prompt to
             ``max_sequence_length`` (default 512), so training uses the pipeline's default.
     """
@@ -69,6 +73,7 @@ class TinyVideoConfig:
     scheduler: dict = field(default_factory=dict)
     geometries: tuple = ((49, 192, 256, 0.75), (17, 96, 128, 0.25))
     vae_frames: int = 9
+    vae_crop: tuple = (96, 128)
     max_sequence_length: int = 512
 
     def to_dict(self) -> dict:
@@ -79,6 +84,7 @@ class TinyVideoConfig:
             "scheduler": self.scheduler,
             "geometries": [list(g) for g in self.geometries],
             "vae_frames": self.vae_frames,
+            "vae_crop": list(self.vae_crop),
             "max_sequence_length": self.max_sequence_length,
         }
 
@@ -91,6 +97,7 @@ class TinyVideoConfig:
             scheduler=dict(d["scheduler"]),
             geometries=tuple(tuple(g) for g in d["geometries"]),
             vae_frames=int(d["vae_frames"]),
+            vae_crop=tuple(d["vae_crop"]),
             max_sequence_length=int(d["max_sequence_length"]),
         )
 
@@ -110,16 +117,18 @@ DEFAULT_CONFIG = TinyVideoConfig(
     vae={
         "base_dim": 16,
         "z_dim": 16,
-        "dim_mult": [1, 2, 4, 4],
+        "dim_mult": [1, 2, 4],
         "num_res_blocks": 1,
         "attn_scales": [],
-        "temperal_downsample": [False, True, True],
+        "temperal_downsample": [True, True],
+        "scale_factor_temporal": 4,
+        "scale_factor_spatial": 4,  # WanPipeline sizes latents by these, not by the layers
         "dropout": 0.0,
         "latents_mean": [0.0] * 16,
         "latents_std": [1.0] * 16,
     },
     transformer={
-        "patch_size": [1, 2, 2],
+        "patch_size": [1, 4, 4],
         "num_attention_heads": 6,
         "attention_head_dim": 64,
         "in_channels": 16,
@@ -183,6 +192,7 @@ SMOKE_CONFIG = TinyVideoConfig(
     scheduler=dict(_SCHEDULER),
     geometries=((5, 32, 32, 0.75), (5, 16, 16, 0.25)),
     vae_frames=5,
+    vae_crop=(16, 16),
     max_sequence_length=32,
 )
 
@@ -360,7 +370,7 @@ def load_tiny_video_pipeline(device="cpu", dtype: torch.dtype | None = None, wei
     if missing:
         raise WeightsNotFoundError(
             f"the embedded tiny video model has no weights in {folder} (missing {', '.join(missing)}). "
-            f"Train them on a GPU (about 10 minutes) with:\n    {TRAIN_COMMAND}\n"
+            f"Train them on a GPU (about 15 minutes) with:\n    {TRAIN_COMMAND}\n"
             "or pass weights_dir= / set DIT_ACCEL_TINY_VIDEO_WEIGHTS to a folder written by that command."
         )
     config = TinyVideoConfig.from_dict(manifest["config"])

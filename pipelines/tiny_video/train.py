@@ -1,13 +1,19 @@
 """Train the embedded tiny text-to-video model on the procedural data, on one GPU, from a seed.
 
-    python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --minutes 7.5 --seed 0
+    OUT=pipelines/tiny_video/weights
+    python -m dit_accel.pipelines.tiny_video.train --out $OUT --seed 0 --phase vae
+    python -m dit_accel.pipelines.tiny_video.train --out $OUT --seed 0 --phase transformer
 
-Two phases in one run, sharing a wall-clock budget (``--minutes``, everything included):
+Two phases, each with its own wall-clock budget (``--minutes``, default 7.5, everything included), so that
+each fits a 10-minute job; ``--phase all`` runs both in one process, the VAE taking ``--vae-fraction`` of the
+budget. Either way the VAE is rounded to bf16 (as saved) before the transformer phase encodes with it, so the
+two-run and one-run paths compute the same thing.
 
-1. VAE (``--vae-fraction`` of the budget, default 0.4): ``AutoencoderKLWan`` on 9-frame clips of every
-   training geometry's resolution; loss: squared error with the object's pixels weighted 5x, + 1e-6 x KL
-   (per element); PSNR and prompt adherence of reconstructions are logged at the end. The causal VAE encodes
-   the first frame alone and then chunks of four, so 9-frame clips train every code path 49-frame clips use.
+1. VAE: ``AutoencoderKLWan`` on 9-frame windows of full-length clips of every training geometry, cropped to
+   96 x 128 around the object (32 crops per step); loss: squared error with the object's pixels weighted 5x,
+   + 1e-6 x KL (per element); PSNR and prompt adherence of reconstructions of full 49-frame clips are logged
+   at the end, and ``vae_check.png`` shows four of them under their originals. The causal VAE encodes the
+   first frame alone and then chunks of four, so 9-frame clips train every code path 49-frame clips use.
 2. Transformer + text encoder: latents (posterior mean, normalised per channel with statistics measured at the
    start of the phase and stored in the VAE config as ``latents_mean`` / ``latents_std``, which is how
    WanPipeline un-normalises) of clips in the geometry buckets of the config; rectified flow:
@@ -25,7 +31,8 @@ from ``--seed``; GPU kernels are not bitwise deterministic).
 
 Outputs in ``--out``: bf16 safetensors per component (the transformer in two shards of at most 15 MiB),
 ``tiny_video.json`` (configs, vocabulary, file list, training record) and ``train_log.json`` (loss curves,
-timings).
+timings); ``--phase vae`` writes only ``vae.safetensors``, ``vae_check.png`` and its log, which
+``--phase transformer`` reads and extends.
 ``--smoke`` runs a few steps of everything on the CPU at toy sizes (CI).
 """
 
@@ -61,10 +68,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=7.5, help="wall-clock budget of the whole run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
-    p.add_argument("--vae-fraction", type=float, default=0.4, help="share of the budget for the VAE phase")
+    p.add_argument(
+        "--phase",
+        choices=("all", "vae", "transformer"),
+        default="all",
+        help="all: both phases in one run; vae: train and save the VAE only; transformer: train the rest on "
+        "the VAE a --phase vae run saved in --out (two runs, each with its own --minutes)",
+    )
+    p.add_argument(
+        "--vae-fraction", type=float, default=0.4, help="share of the budget for the VAE with --phase all"
+    )
     p.add_argument("--vae-steps", type=int, help="fix the VAE step count (reproduce a logged run)")
     p.add_argument("--dit-steps", type=int, help="fix the transformer step count (reproduce a logged run)")
-    p.add_argument("--vae-batch", type=int, default=8, help="clips per VAE step at the main resolution")
+    p.add_argument("--vae-batch", type=int, default=32, help="crops per VAE step")
     p.add_argument("--batch", type=int, default=32, help="clips per transformer step at the main geometry")
     p.add_argument("--vae-lr", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=4e-4)
@@ -202,13 +218,11 @@ def train_vae(vae, config: TinyVideoConfig, args, seconds: float, log: dict) -> 
     sched = _Schedule(args.vae_lr, warmup=min(50, args.vae_steps or 50))
     budget = _Budget(args.vae_steps, seconds, warm=10, timed=20)
     frames = config.vae_frames
-    _, h0, w0, _ = config.geometries[0]
     weights = [geo[3] for geo in config.geometries]
     curve, acc, step, t0 = [], [], 0, time.perf_counter()
     while not budget.done(step):
         f, h, w, _ = config.geometries[_pick(weights, g)]
-        n = max(1, int(round(args.vae_batch * min(4.0, (h0 * w0) / (h * w)))))
-        x = vae_clips(n, f, h, w, frames, g, device)
+        x = vae_clips(args.vae_batch, f, h, w, frames, g, device, crop=config.vae_crop)
         for group in opt.param_groups:
             group["lr"] = sched(step)
         with _autocast(device):
@@ -261,7 +275,7 @@ def train_vae(vae, config: TinyVideoConfig, args, seconds: float, log: dict) -> 
         "steps": step,
         "seconds": seconds,
         "curve": curve,
-        "check": reconstruction_check(vae, config, args),
+        "check": reconstruction_check(vae, config, args, png=Path(args.out) / "vae_check.png"),
     }
     print(f"[vae] reconstruction check: {log['vae']['check']}")
 
@@ -285,15 +299,37 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(frames, 2)
 
 
-def vae_clips(n: int, clip_frames: int, height: int, width: int, frames: int, g, device) -> torch.Tensor:
-    """``frames`` consecutive frames (from a random start) of ``n`` clips rendered at ``clip_frames``.
+def vae_clips(
+    n: int,
+    clip_frames: int,
+    height: int,
+    width: int,
+    frames: int,
+    g,
+    device,
+    crop: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """``frames`` consecutive frames (from a random start) of ``n`` clips rendered at ``clip_frames``, cut to
+    ``crop`` = (height, width) around the object.
 
     Motion is defined over normalised clip time, so a clip rendered at 9 frames moves 6x faster per frame than
-    the 49-frame clip the VAE will encode; windows of full-length clips show the real per-frame motion.
+    the 49-frame clip the VAE will encode; windows of full-length clips show the real per-frame motion. A crop
+    is centred on the object in the window's middle frame, shifted by up to a quarter of the crop each way and
+    kept inside the frame, so the object is (nearly) always in it at its real pixel size.
     """
-    video = sample_batch(n, clip_frames, height, width, g, device=device, split="train").video
+    batch = sample_batch(n, clip_frames, height, width, g, device=device, split="train")
     start = int(torch.randint(0, clip_frames - frames + 1, (1,), generator=g))
-    return video[:, :, start : start + frames].contiguous()
+    video = batch.video[:, :, start : start + frames]
+    ch, cw = crop if crop is not None else (height, width)
+    if (ch, cw) == (height, width):
+        return video.contiguous()
+    if ch > height or cw > width:
+        raise ValueError(f"crop {ch}x{cw} is larger than the {height}x{width} clips")
+    jitter = torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5  # x, y in [-0.5, 0.5)
+    centre = batch.centers[:, start + frames // 2].double()
+    x0 = (centre[:, 0] - cw / 2 + jitter[:, 0] * cw / 2).round().clamp(0, width - cw).long().tolist()
+    y0 = (centre[:, 1] - ch / 2 + jitter[:, 1] * ch / 2).round().clamp(0, height - ch).long().tolist()
+    return torch.stack([video[i, :, :, y : y + ch, x : x + cw] for i, (x, y) in enumerate(zip(x0, y0))])
 
 
 def object_weights(x: torch.Tensor) -> torch.Tensor:
@@ -309,9 +345,10 @@ def object_weights(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_check(vae, config: TinyVideoConfig, args, clips: int = 8) -> dict:
+def reconstruction_check(vae, config: TinyVideoConfig, args, clips: int = 8, png: Path | None = None) -> dict:
     """Per-frame PSNR (mean, capped at 100 dB) and prompt adherence of VAE reconstructions of fresh clips at
-    the main geometry."""
+    the main geometry; ``png``: also save five frames of four clips, each clip's truth above its
+    reconstruction."""
     from ..quality import psnr
     from .adherence import score_clips
     from .data import to_frames
@@ -323,6 +360,15 @@ def reconstruction_check(vae, config: TinyVideoConfig, args, clips: int = 8) -> 
         rec = vae.decode(vae.encode(batch.video).latent_dist.mean).sample.float().clamp(-1, 1)
     truth, recon = to_frames(batch.video).cpu(), to_frames(rec).cpu()
     adherence = score_clips(list(recon), batch.captions)
+    if png is not None:
+        from PIL import Image
+
+        picks = torch.linspace(0, f - 1, 5).round().long()
+        pairs = [(truth[i], recon[i]) for i in range(min(4, clips))]
+        rows = [torch.cat(list(clip[picks]), 1) for pair in pairs for clip in pair]
+        strip = (torch.cat(rows, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        Path(png).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(strip).save(png)
     return {
         "psnr": float(torch.stack([psnr(t, r).clamp(max=100).mean() for t, r in zip(truth, recon)]).mean()),
         "adherence": {k: round(v, 3) for k, v in adherence["accuracy"].items()},
@@ -500,6 +546,50 @@ def train_transformer(components, config: TinyVideoConfig, args, deadline: float
     return ema
 
 
+LOG = "train_log.json"
+
+
+def _round_to_bf16(module: torch.nn.Module) -> None:
+    """Round weights to bf16 in place (kept float32): the transformer learns the latents of the saved VAE."""
+    with torch.no_grad():
+        for t in module.parameters():
+            t.copy_(t.to(torch.bfloat16).float())
+
+
+def _vae_config_key(vae_config: dict) -> dict:
+    # latents_mean/std are measured by the transformer phase; every other key fixes the architecture
+    return {k: v for k, v in vae_config.items() if k not in ("latents_mean", "latents_std")}
+
+
+def save_vae_phase(vae, config: TinyVideoConfig, out: Path, log: dict) -> dict:
+    """``--phase vae``: the VAE's bf16 safetensors and the log (no manifest: not a loadable model yet)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in vae.state_dict().items()}
+    save_file(state, str(out / "vae.safetensors"), metadata={"format": "pt"})
+    log["vae_config"] = config.vae
+    (out / LOG).write_text(json.dumps(log, indent=1))
+    return {"vae.safetensors": (out / "vae.safetensors").stat().st_size}
+
+
+def load_vae_phase(vae, config: TinyVideoConfig, out: Path) -> dict:
+    """``--phase transformer``: load the VAE a ``--phase vae`` run saved in ``out``; returns its log."""
+    from safetensors.torch import load_file
+
+    path, log_path = out / "vae.safetensors", out / LOG
+    if not path.is_file() or not log_path.is_file():
+        raise SystemExit(f"--phase transformer needs {path} and {log_path} from a --phase vae run")
+    previous = json.loads(log_path.read_text())
+    if previous.get("phase") != "vae":
+        raise SystemExit(f"{log_path} is not the log of a --phase vae run")
+    if _vae_config_key(previous["vae_config"]) != _vae_config_key(config.vae):
+        raise SystemExit(f"{path} was trained with another VAE config; rerun --phase vae")
+    state = load_file(str(path))
+    vae.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return previous
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -512,7 +602,9 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     components = build_components(config, seed=args.seed)
+    out = Path(args.out)
     log = {
+        "phase": args.phase,
         "command": " ".join(["python -m dit_accel.pipelines.tiny_video.train", *(argv or sys.argv[1:])]),
         "args": vars(args),
         "env": {
@@ -521,22 +613,40 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         },
     }
-    train_vae(components["vae"], config, args, args.minutes * 60 * args.vae_fraction, log)
+    flags = f"--out {args.out} --seed {args.seed}" + (" --smoke" if args.smoke else "")
+    base = "python -m dit_accel.pipelines.tiny_video.train"
+    if args.phase == "transformer":
+        previous = load_vae_phase(components["vae"], config, out)
+        log["vae"] = previous["vae"]
+        log["vae_run"] = {k: previous[k] for k in ("command", "args", "env", "total_seconds")}
+    else:
+        share = args.vae_fraction if args.phase == "all" else 1.0
+        train_vae(components["vae"], config, args, args.minutes * 60 * share, log)
+        _round_to_bf16(components["vae"])
+        if args.phase == "vae":
+            log["total_seconds"] = time.perf_counter() - t_start
+            log["reproduce"] = f"{base} {flags} --phase vae --vae-steps {log['vae']['steps']}"
+            sizes = save_vae_phase(components["vae"], config, out, log)
+            print(f"wrote {args.out}: {sizes} in {log['total_seconds']:.0f}s; next: --phase transformer")
+            return 0
     ema = train_transformer(components, config, args, deadline, log)
     components = {**components, **ema}
-    reproduce = (
-        f"python -m dit_accel.pipelines.tiny_video.train --out {args.out} --seed {args.seed} "
-        f"--vae-steps {log['vae']['steps']} --dit-steps {log['transformer']['steps']}"
-        + (" --smoke" if args.smoke else "")
-    )
+    vae_steps, dit_steps = log["vae"]["steps"], log["transformer"]["steps"]
+    if args.phase == "all":
+        reproduce = f"{base} {flags} --vae-steps {vae_steps} --dit-steps {dit_steps}"
+    else:
+        reproduce = (
+            f"{base} {flags} --phase vae --vae-steps {vae_steps} && "
+            f"{base} {flags} --phase transformer --dit-steps {dit_steps}"
+        )
     log["total_seconds"] = time.perf_counter() - t_start
     log["reproduce"] = reproduce
     record = {
         "training": {
             "seed": args.seed,
-            "vae_steps": log["vae"]["steps"],
-            "dit_steps": log["transformer"]["steps"],
-            "total_seconds": log["total_seconds"],
+            "vae_steps": vae_steps,
+            "dit_steps": dit_steps,
+            "total_seconds": log["total_seconds"] + log.get("vae_run", {}).get("total_seconds", 0.0),
             "device": log["env"]["device"],
             "reproduce": reproduce,
             "smoke": args.smoke,
@@ -544,7 +654,7 @@ def main(argv=None) -> int:
     }
     sizes = save_weights(args.out, components, config, extra=record)
     log["files"] = sizes
-    Path(args.out, "train_log.json").write_text(json.dumps(log, indent=1))
+    (out / LOG).write_text(json.dumps(log, indent=1))
     print(f"wrote {args.out}: {sizes} ({sum(sizes.values()) / 1e6:.1f} MB) in {log['total_seconds']:.0f}s")
     print(f"reproduce: {reproduce}")
     return 0
