@@ -300,24 +300,33 @@ def test_training_smoke_writes_weights_and_log(smoke_weights):
     log = json.loads((smoke_weights / "train_log.json").read_text())
     assert log["vae"]["steps"] == 2 and log["transformer"]["steps"] == 2
     assert all(math.isfinite(c["loss"]) for c in log["transformer"]["curve"])
-    assert len(log["transformer"]["curve"]) == 2 and "--vae-steps 2 --dit-steps 2" in log["reproduce"]
+    assert len(log["transformer"]["curve"]) == 2
+    assert "--vae-steps 2 --vae-clips-steps 2 --dit-steps 2" in log["reproduce"]
     manifest = json.loads((smoke_weights / "tiny_video.json").read_text())
     assert manifest["config"]["vae"]["latents_std"] != [1.0] * 4  # measured, not the placeholder
 
 
-def test_training_in_two_phases_reproduces_one_run(smoke_weights, tmp_path):
-    """Same seed: --phase vae then --phase transformer writes exactly what one --phase all run writes."""
+def test_training_in_phases_reproduces_one_run(smoke_weights, tmp_path):
+    """Same seed: --phase vae, vae-clips, transformer write exactly what one --phase all run writes."""
     from safetensors.torch import load_file
 
     flags = ["--smoke", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match="--phase vae"):
+    with pytest.raises(SystemExit, match="--phase vae-clips"):
         train.main([*flags, "--phase", "transformer", "--dit-steps", "2"])
     assert train.main([*flags, "--phase", "vae", "--vae-steps", "2"]) == 0
     assert not (tmp_path / model.MANIFEST).exists()  # a VAE alone is not a loadable model
+    with pytest.raises(SystemExit, match="run --phase vae-clips"):
+        train.main([*flags, "--phase", "transformer", "--dit-steps", "2"])
+    assert train.main([*flags, "--phase", "vae-clips", "--vae-clips-steps", "2"]) == 0
+    assert (tmp_path / "vae_clips_check.png").is_file()
     assert train.main([*flags, "--phase", "transformer", "--dit-steps", "2"]) == 0
     log = json.loads((tmp_path / "train_log.json").read_text())
-    assert log["vae"]["steps"] == 2 and log["vae_run"]["args"]["phase"] == "vae"
-    assert "--phase vae --vae-steps 2 && " in log["reproduce"]
+    assert [r["phase"] for r in log["runs"]] == ["vae", "vae-clips"]
+    assert log["vae"]["steps"] == 2 and log["vae_clips"]["steps"] == 2 and log["transformer"]["steps"] == 2
+    assert (
+        log["reproduce"].count(" && ") == 2
+        and "--phase vae-clips --vae-clips-steps 2 && " in log["reproduce"]
+    )
     for name in ("vae", "transformer", "text_encoder"):
         a = load_file(str(smoke_weights / f"{name}.safetensors"))
         b = load_file(str(tmp_path / f"{name}.safetensors"))

@@ -57,6 +57,8 @@ __all__ = ["encode_prompts", "main", "parse_args"]
 CFG_DROP = 0.1
 OMIT_PROB = 0.2
 KL_WEIGHT = 1e-6
+PHASES = ("vae", "vae-clips", "transformer")
+REQUIRES = {"vae-clips": "vae", "transformer": "vae-clips"}  # phase -> the run that must precede it
 OBJECT_WEIGHT = 5.0
 
 
@@ -70,19 +72,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument(
         "--phase",
-        choices=("all", "vae", "transformer"),
+        choices=("all", *PHASES),
         default="all",
-        help="all: both phases in one run; vae: train and save the VAE only; transformer: train the rest on "
-        "the VAE a --phase vae run saved in --out (two runs, each with its own --minutes)",
+        help="all: every phase in one run; vae: train and save a fresh VAE on short windows; vae-clips: "
+        "continue that VAE on full-length clips; transformer: train the rest on the VAE in --out (one run "
+        "per phase, each with its own --minutes)",
     )
     p.add_argument(
-        "--vae-fraction", type=float, default=0.4, help="share of the budget for the VAE with --phase all"
+        "--vae-fraction", type=float, default=0.3, help="share of the budget for --phase vae with --phase all"
+    )
+    p.add_argument(
+        "--vae-clips-fraction",
+        type=float,
+        default=0.15,
+        help="share of the budget for --phase vae-clips with --phase all",
     )
     p.add_argument("--vae-steps", type=int, help="fix the VAE step count (reproduce a logged run)")
+    p.add_argument(
+        "--vae-clips-steps", type=int, help="fix the vae-clips step count (reproduce a logged run)"
+    )
     p.add_argument("--dit-steps", type=int, help="fix the transformer step count (reproduce a logged run)")
     p.add_argument("--vae-batch", type=int, default=32, help="crops per VAE step")
     p.add_argument("--batch", type=int, default=32, help="clips per transformer step at the main geometry")
-    p.add_argument("--vae-lr", type=float, default=1e-4)
+    p.add_argument("--vae-lr", type=float, default=3e-4)
+    p.add_argument("--vae-clips-lr", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--reuse", type=int, default=4, help="mean number of times a pooled latent clip is drawn")
@@ -94,6 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.device = args.device or "cpu"
         args.vae_steps = args.vae_steps or 3
+        args.vae_clips_steps = args.vae_clips_steps or 2
         args.dit_steps = args.dit_steps or 4
         args.vae_batch, args.batch, args.pool, args.log_every = 2, 2, 4, 1
     args.device = args.device or "cuda"
@@ -206,23 +220,39 @@ def start_posterior_narrow(vae) -> None:
         vae.quant_conv.bias[z:].fill_(INIT_LOGVAR)
 
 
-def train_vae(vae, config: TinyVideoConfig, args, seconds: float, log: dict) -> None:
+VAE_STAGES = {
+    # stage: (log key, generator seed offsets (data, noise), PNG written by its check)
+    "windows": ("vae", (1, 4), "vae_check.png"),
+    "clips": ("vae_clips", (7, 8), "vae_clips_check.png"),
+}
+
+
+def train_vae(vae, config: TinyVideoConfig, args, seconds: float, log: dict, stage: str = "windows") -> None:
+    """One VAE stage. ``windows``: fresh VAE, ``config.vae_frames``-frame windows, ``--vae-batch`` crops per
+    step, ``--vae-lr``. ``clips``: continue on full-length clips of every bucket (as many crops per step as
+    give the same number of frames), ``--vae-clips-lr``: the causal VAE's receptive field spans far more than
+    9 frames, and a VAE trained on windows alone reconstructs 9-frame clips at 35 dB but drifts in colour
+    from the fourth latent frame of a 49-frame clip on (docs/tiny_model.md)."""
+    key, (data_seed, noise_seed), png = VAE_STAGES[stage]
     device = args.device
-    start_posterior_narrow(vae)
+    if stage == "windows":
+        start_posterior_narrow(vae)
+        lr, fixed = args.vae_lr, args.vae_steps
+    else:
+        lr, fixed = args.vae_clips_lr, args.vae_clips_steps
     vae.train().to(device)
-    g = torch.Generator().manual_seed(args.seed * 1000 + 1)
-    noise_g = torch.Generator(device).manual_seed(args.seed * 1000 + 4)
-    opt = torch.optim.AdamW(
-        vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0, **_fused(device)
-    )
-    sched = _Schedule(args.vae_lr, warmup=min(50, args.vae_steps or 50))
-    budget = _Budget(args.vae_steps, seconds, warm=10, timed=20)
-    frames = config.vae_frames
+    g = torch.Generator().manual_seed(args.seed * 1000 + data_seed)
+    noise_g = torch.Generator(device).manual_seed(args.seed * 1000 + noise_seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0, **_fused(device))
+    sched = _Schedule(lr, warmup=min(50, fixed or 50))
+    budget = _Budget(fixed, seconds, warm=10, timed=20)
     weights = [geo[3] for geo in config.geometries]
     curve, acc, step, t0 = [], [], 0, time.perf_counter()
     while not budget.done(step):
         f, h, w, _ = config.geometries[_pick(weights, g)]
-        x = vae_clips(args.vae_batch, f, h, w, frames, g, device, crop=config.vae_crop)
+        frames = config.vae_frames if stage == "windows" else f
+        n = max(1, round(args.vae_batch * config.vae_frames / frames))
+        x = vae_clips(n, f, h, w, frames, g, device, crop=config.vae_crop)
         for group in opt.param_groups:
             group["lr"] = sched(step)
         with _autocast(device):
@@ -265,19 +295,19 @@ def train_vae(vae, config: TinyVideoConfig, args, seconds: float, log: dict) -> 
                 }
             )
             print(
-                f"[vae] step {step}/{budget.total or '?'} loss {r:.4f} l1 {plain:.4f} object l1 {on_obj:.4f} "
-                f"kl {k:.3f} ({time.perf_counter() - t0:.0f}s)"
+                f"[{key}] step {step}/{budget.total or '?'} loss {r:.4f} l1 {plain:.4f} "
+                f"object l1 {on_obj:.4f} kl {k:.3f} ({time.perf_counter() - t0:.0f}s)"
             )
             acc = []
     seconds = time.perf_counter() - t0
     vae.eval()
-    log["vae"] = {
+    log[key] = {
         "steps": step,
         "seconds": seconds,
         "curve": curve,
-        "check": reconstruction_check(vae, config, args, png=Path(args.out) / "vae_check.png"),
+        "check": reconstruction_check(vae, config, args, png=Path(args.out) / png),
     }
-    print(f"[vae] reconstruction check: {log['vae']['check']}")
+    print(f"[{key}] reconstruction check: {log[key]['check']}")
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
@@ -455,6 +485,7 @@ def train_transformer(components, config: TinyVideoConfig, args, deadline: float
         components["tokenizer"],
     )
     t0 = time.perf_counter()
+    vae.eval().to(device)  # with --phase transformer it comes from disk, on the CPU
     mean, std = latent_statistics(vae, config, args)
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     config.vae["latents_mean"], config.vae["latents_std"] = mean.tolist(), std.tolist()
@@ -573,21 +604,36 @@ def save_vae_phase(vae, config: TinyVideoConfig, out: Path, log: dict) -> dict:
     return {"vae.safetensors": (out / "vae.safetensors").stat().st_size}
 
 
-def load_vae_phase(vae, config: TinyVideoConfig, out: Path) -> dict:
-    """``--phase transformer``: load the VAE a ``--phase vae`` run saved in ``out``; returns its log."""
+def load_vae_phase(vae, config: TinyVideoConfig, out: Path, phase: str) -> dict:
+    """Load the VAE a ``--phase <phase>`` run saved in ``out``; returns that run's log."""
     from safetensors.torch import load_file
 
     path, log_path = out / "vae.safetensors", out / LOG
     if not path.is_file() or not log_path.is_file():
-        raise SystemExit(f"--phase transformer needs {path} and {log_path} from a --phase vae run")
+        raise SystemExit(f"{path} and {log_path} from a --phase {phase} run are needed first")
     previous = json.loads(log_path.read_text())
-    if previous.get("phase") != "vae":
-        raise SystemExit(f"{log_path} is not the log of a --phase vae run")
+    if previous.get("phase") != phase:
+        raise SystemExit(
+            f"{log_path} is the log of a --phase {previous.get('phase')} run; run --phase {phase}"
+        )
     if _vae_config_key(previous["vae_config"]) != _vae_config_key(config.vae):
         raise SystemExit(f"{path} was trained with another VAE config; rerun --phase vae")
     state = load_file(str(path))
     vae.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return previous
+
+
+_RUN_KEYS = ("phase", "command", "args", "env", "total_seconds", "reproduce")
+
+
+def _steps_flags(args, log) -> str:
+    flags = {"vae": ("vae", "--vae-steps"), "vae_clips": ("vae-clips", "--vae-clips-steps")}
+    flags["transformer"] = ("transformer", "--dit-steps")
+    return " ".join(
+        f"{flag} {log[key]['steps']}"
+        for key, (phase, flag) in flags.items()
+        if key in log and args.phase in ("all", phase)
+    )
 
 
 def main(argv=None) -> int:
@@ -612,43 +658,45 @@ def main(argv=None) -> int:
             "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         },
+        "runs": [],  # the earlier phase runs this one builds on
     }
-    flags = f"--out {args.out} --seed {args.seed}" + (" --smoke" if args.smoke else "")
-    base = "python -m dit_accel.pipelines.tiny_video.train"
-    if args.phase == "transformer":
-        previous = load_vae_phase(components["vae"], config, out)
-        log["vae"] = previous["vae"]
-        log["vae_run"] = {k: previous[k] for k in ("command", "args", "env", "total_seconds")}
-    else:
-        share = args.vae_fraction if args.phase == "all" else 1.0
-        train_vae(components["vae"], config, args, args.minutes * 60 * share, log)
+    if args.phase in REQUIRES:
+        previous = load_vae_phase(components["vae"], config, out, REQUIRES[args.phase])
+        log["runs"] = [*previous["runs"], {k: previous[k] for k in _RUN_KEYS}]
+        log.update({k: previous[k] for k in ("vae", "vae_clips") if k in previous})
+    budget = args.minutes * 60
+    # each VAE stage ends rounded to bf16, as saved, so one --phase all run equals the three phase runs
+    if args.phase in ("all", "vae"):
+        share = args.vae_fraction if args.phase == "all" else 1
+        train_vae(components["vae"], config, args, budget * share, log)
         _round_to_bf16(components["vae"])
-        if args.phase == "vae":
-            log["total_seconds"] = time.perf_counter() - t_start
-            log["reproduce"] = f"{base} {flags} --phase vae --vae-steps {log['vae']['steps']}"
-            sizes = save_vae_phase(components["vae"], config, out, log)
-            print(f"wrote {args.out}: {sizes} in {log['total_seconds']:.0f}s; next: --phase transformer")
-            return 0
+    if args.phase in ("all", "vae-clips"):
+        share = args.vae_clips_fraction if args.phase == "all" else 1
+        train_vae(components["vae"], config, args, budget * share, log, stage="clips")
+        _round_to_bf16(components["vae"])
+    flags = f"--out {args.out} --seed {args.seed}" + (" --smoke" if args.smoke else "")
+    this_run = f"python -m dit_accel.pipelines.tiny_video.train {flags}"
+    if args.phase != "all":
+        this_run += f" --phase {args.phase}"
+    if args.phase in ("vae", "vae-clips"):
+        log["total_seconds"] = time.perf_counter() - t_start
+        log["reproduce"] = f"{this_run} {_steps_flags(args, log)}"
+        sizes = save_vae_phase(components["vae"], config, out, log)
+        print(f"wrote {args.out}: {sizes} in {log['total_seconds']:.0f}s")
+        return 0
     ema = train_transformer(components, config, args, deadline, log)
     components = {**components, **ema}
-    vae_steps, dit_steps = log["vae"]["steps"], log["transformer"]["steps"]
-    if args.phase == "all":
-        reproduce = f"{base} {flags} --vae-steps {vae_steps} --dit-steps {dit_steps}"
-    else:
-        reproduce = (
-            f"{base} {flags} --phase vae --vae-steps {vae_steps} && "
-            f"{base} {flags} --phase transformer --dit-steps {dit_steps}"
-        )
     log["total_seconds"] = time.perf_counter() - t_start
-    log["reproduce"] = reproduce
+    log["reproduce"] = " && ".join(
+        [*(r["reproduce"] for r in log["runs"]), f"{this_run} {_steps_flags(args, log)}"]
+    )
     record = {
         "training": {
             "seed": args.seed,
-            "vae_steps": vae_steps,
-            "dit_steps": dit_steps,
-            "total_seconds": log["total_seconds"] + log.get("vae_run", {}).get("total_seconds", 0.0),
+            "steps": {k: log[k]["steps"] for k in ("vae", "vae_clips", "transformer")},
+            "total_seconds": log["total_seconds"] + sum(r["total_seconds"] for r in log["runs"]),
             "device": log["env"]["device"],
-            "reproduce": reproduce,
+            "reproduce": log["reproduce"],
             "smoke": args.smoke,
         }
     }
@@ -656,7 +704,7 @@ def main(argv=None) -> int:
     log["files"] = sizes
     (out / LOG).write_text(json.dumps(log, indent=1))
     print(f"wrote {args.out}: {sizes} ({sum(sizes.values()) / 1e6:.1f} MB) in {log['total_seconds']:.0f}s")
-    print(f"reproduce: {reproduce}")
+    print(f"reproduce: {log['reproduce']}")
     return 0
 
 
