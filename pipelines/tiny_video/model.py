@@ -48,7 +48,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "tiny_video.json"
 COMPONENTS = ("vae", "transformer", "text_encoder")
 _TRAIN = "python -m dit_accel.pipelines.tiny_video.train --out pipelines/tiny_video/weights --seed 0"
-TRAIN_COMMAND = f"{_TRAIN} --phase vae && {_TRAIN} --phase transformer"
+TRAIN_COMMAND = " && ".join(
+    f"{_TRAIN} --phase {phase}" for phase in ("vae --minutes 8", "vae-clips --minutes 3.5", "transformer")
+)
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
 
@@ -370,7 +372,7 @@ def load_tiny_video_pipeline(device="cpu", dtype: torch.dtype | None = None, wei
     if missing:
         raise WeightsNotFoundError(
             f"the embedded tiny video model has no weights in {folder} (missing {', '.join(missing)}). "
-            f"Train them on a GPU (about 15 minutes) with:\n    {TRAIN_COMMAND}\n"
+            f"Train them on a GPU (three runs, about 20 minutes) with:\n    {TRAIN_COMMAND}\n"
             "or pass weights_dir= / set DIT_ACCEL_TINY_VIDEO_WEIGHTS to a folder written by that command."
         )
     config = TinyVideoConfig.from_dict(manifest["config"])
