@@ -1,19 +1,22 @@
 """Train the embedded tiny text-to-video model on the procedural data, on one GPU, from a seed.
 
     OUT=pipelines/tiny_video/weights
-    python -m dit_accel.pipelines.tiny_video.train --out $OUT --seed 0 --phase vae
+    python -m dit_accel.pipelines.tiny_video.train --out $OUT --seed 0 --phase vae --minutes 8
+    python -m dit_accel.pipelines.tiny_video.train --out $OUT --seed 0 --phase vae-clips --minutes 3.5
     python -m dit_accel.pipelines.tiny_video.train --out $OUT --seed 0 --phase transformer
 
-Two phases, each with its own wall-clock budget (``--minutes``, default 7.5, everything included), so that
-each fits a 10-minute job; ``--phase all`` runs both in one process, the VAE taking ``--vae-fraction`` of the
-budget. Either way the VAE is rounded to bf16 (as saved) before the transformer phase encodes with it, so the
-two-run and one-run paths compute the same thing.
+Three phases, each a run with its own wall-clock budget (``--minutes``, default 7.5, everything included) so
+that each fits a 10-minute job, each starting from what the one before wrote to ``--out``; ``--phase all``
+runs them in one process (``--vae-fraction`` and ``--vae-clips-fraction`` of the budget for the VAE phases).
+After each VAE phase the VAE is rounded to bf16, as saved, so the three-run and one-run paths compute the same
+thing.
 
-1. VAE: ``AutoencoderKLWan`` on 9-frame windows of full-length clips of every training geometry, cropped to
-   96 x 128 around the object (32 crops per step); loss: squared error with the object's pixels weighted 5x,
-   + 1e-6 x KL (per element); PSNR and prompt adherence of reconstructions of full 49-frame clips are logged
-   at the end, and ``vae_check.png`` shows four of them under their originals. The causal VAE encodes the
-   first frame alone and then chunks of four, so 9-frame clips train every code path 49-frame clips use.
+1. VAE (``vae``): a fresh ``AutoencoderKLWan`` on 9-frame windows of full-length clips of every training
+   geometry, cropped to 96 x 128 around the object (32 crops per step, lr 3e-4); loss: squared error with the
+   object's pixels weighted 5x, + 1e-6 x KL (per element). ``vae-clips`` continues it on full-length clips
+   (lr 1e-4): trained on windows alone it drifts in colour past the third latent frame of a 49-frame clip.
+   Each ends with PSNR and prompt adherence of reconstructions of 49-frame clips in the log, and a PNG of four
+   of them under their originals.
 2. Transformer + text encoder: latents (posterior mean, normalised per channel with statistics measured at the
    start of the phase and stored in the VAE config as ``latents_mean`` / ``latents_std``, which is how
    WanPipeline un-normalises) of clips in the geometry buckets of the config; rectified flow:
@@ -25,14 +28,14 @@ two-run and one-run paths compute the same thing.
    AdamW, warm-up then cosine decay to 10%, grad-norm clip 1, bf16 autocast, EMA (0.998) weights are saved.
 
 Step counts: after a few warm-up steps each phase times itself and fixes its number of steps to fill its share
-of the budget; the learning-rate schedule depends only on that number. The log records both counts; passing
-``--vae-steps`` and ``--dit-steps`` reproduces a run step for step (data, noise and initialisation all come
-from ``--seed``; GPU kernels are not bitwise deterministic).
+of the budget; the learning-rate schedule depends only on that number. The log's ``reproduce`` line chains the
+runs with ``--vae-steps``, ``--vae-clips-steps`` and ``--dit-steps`` fixed, which reproduces them step for
+step (data, noise and initialisation all come from ``--seed``; GPU kernels are not bitwise deterministic).
 
 Outputs in ``--out``: bf16 safetensors per component (the transformer in two shards of at most 15 MiB),
 ``tiny_video.json`` (configs, vocabulary, file list, training record) and ``train_log.json`` (loss curves,
-timings); ``--phase vae`` writes only ``vae.safetensors``, ``vae_check.png`` and its log, which
-``--phase transformer`` reads and extends.
+timings); the VAE phases write only ``vae.safetensors``, their check PNG and the log, which the next phase
+reads and extends.
 ``--smoke`` runs a few steps of everything on the CPU at toy sizes (CI).
 """
 
@@ -626,12 +629,19 @@ def load_vae_phase(vae, config: TinyVideoConfig, out: Path, phase: str) -> dict:
 _RUN_KEYS = ("phase", "command", "args", "env", "total_seconds", "reproduce")
 
 
+# log key -> (the phase that trains it, the flag that fixes its step count)
+_STEP_FLAGS = {
+    "vae": ("vae", "--vae-steps"),
+    "vae_clips": ("vae-clips", "--vae-clips-steps"),
+    "transformer": ("transformer", "--dit-steps"),
+}
+
+
 def _steps_flags(args, log) -> str:
-    flags = {"vae": ("vae", "--vae-steps"), "vae_clips": ("vae-clips", "--vae-clips-steps")}
-    flags["transformer"] = ("transformer", "--dit-steps")
+    """The step-count flags that reproduce what this run trained."""
     return " ".join(
         f"{flag} {log[key]['steps']}"
-        for key, (phase, flag) in flags.items()
+        for key, (phase, flag) in _STEP_FLAGS.items()
         if key in log and args.phase in ("all", phase)
     )
 
