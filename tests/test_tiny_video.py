@@ -333,6 +333,40 @@ def test_training_in_phases_reproduces_one_run(smoke_weights, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_transformer_training_resumes_on_one_schedule(tmp_path, capsys):
+    """--resume continues the saved transformer from the step it stopped at, on the same lr schedule."""
+    flags = ["--smoke", "--out", str(tmp_path)]
+    assert train.main([*flags, "--phase", "vae", "--vae-steps", "2"]) == 0
+    with pytest.raises(SystemExit):
+        train.main([*flags, "--phase", "vae-clips", "--resume"])
+    assert "--resume continues a --phase transformer run" in capsys.readouterr().err
+    assert train.main([*flags, "--phase", "vae-clips", "--vae-clips-steps", "2"]) == 0
+    with pytest.raises(SystemExit, match="run --phase transformer"):
+        train.main([*flags, "--phase", "transformer", "--resume", "--dit-steps", "2"])
+    total = ["--dit-total-steps", "5"]
+    assert train.main([*flags, "--phase", "transformer", "--dit-steps", "3", *total]) == 0
+    first = json.loads((tmp_path / "train_log.json").read_text())
+    saved = load_tiny_video_pipeline(weights_dir=tmp_path).transformer.state_dict()
+    assert train.main([*flags, "--phase", "transformer", "--resume", *total]) == 0
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    t = log["transformer"]
+    assert (t["first_step"], t["last_step"], t["steps"], t["schedule_steps"]) == (3, 5, 2, 5)
+    assert [c["step"] for c in t["curve"]] == [4, 5]
+    schedule = train._Schedule(4e-4, warmup=4)  # the smoke run's lr and warm-up
+    schedule.total = 5
+    assert t["curve"][-1]["lr"] == pytest.approx(schedule(4) * 2 / 4)  # the schedule's tail, warming up again
+    assert log["transformer_runs"][0]["curve"] == first["transformer"]["curve"]
+    assert log["reproduce"].endswith("--phase transformer --resume --dit-steps 2 --dit-total-steps 5")
+    assert "--phase transformer --dit-steps 3 --dit-total-steps 5 && " in log["reproduce"]
+    manifest = json.loads((tmp_path / model.MANIFEST).read_text())
+    assert manifest["training"]["steps"]["transformer"] == 5
+    assert manifest["config"]["vae"]["latents_mean"] == first["transformer"]["latents_mean"]
+    resumed = load_tiny_video_pipeline(weights_dir=tmp_path).transformer.state_dict()
+    assert any(not torch.equal(saved[k], resumed[k]) for k in saved)  # it trained on
+    with pytest.raises(SystemExit, match="already did 5 steps"):
+        train.main([*flags, "--phase", "transformer", "--resume", *total])
+
+
 def test_loader_builds_a_wan_pipeline_that_renders(smoke_weights):
     from diffusers import WanPipeline
 

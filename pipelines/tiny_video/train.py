@@ -95,6 +95,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--vae-clips-steps", type=int, help="fix the vae-clips step count (reproduce a logged run)"
     )
     p.add_argument("--dit-steps", type=int, help="fix the transformer step count (reproduce a logged run)")
+    p.add_argument(
+        "--dit-total-steps",
+        type=int,
+        help="length of the transformer's learning-rate schedule across --resume runs (default: this run's)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --phase transformer: continue the transformer and text encoder saved in --out",
+    )
     p.add_argument("--vae-batch", type=int, default=32, help="crops per VAE step")
     p.add_argument("--batch", type=int, default=32, help="clips per transformer step at the main geometry")
     p.add_argument("--vae-lr", type=float, default=3e-4)
@@ -107,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--smoke", action="store_true", help="a few CPU steps at toy sizes (tests the script)")
     args = p.parse_args(argv)
+    if args.resume and args.phase != "transformer":
+        p.error("--resume continues a --phase transformer run")
     if args.smoke:
         args.device = args.device or "cpu"
         args.vae_steps = args.vae_steps or 3
@@ -479,7 +491,16 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p.detach(), 1 - decay)
 
 
-def train_transformer(components, config: TinyVideoConfig, args, deadline: float, log: dict) -> dict:
+def train_transformer(
+    components, config: TinyVideoConfig, args, deadline: float, log: dict, start: int = 0
+) -> dict:
+    """Train the transformer and text encoder; returns their EMA copies.
+
+    ``start`` > 0 continues a run that stopped after ``start`` steps (``--resume``): the weights in
+    ``components`` are that run's saved (EMA) weights, the latent statistics are the ones stored in the VAE
+    config, the optimizer is fresh with a warm-up of its own, and the learning rate follows the same schedule
+    from step ``start`` on (``--dit-total-steps`` long).
+    """
     device = args.device
     vae, transformer, text_encoder, tokenizer = (
         components["vae"],
@@ -489,11 +510,14 @@ def train_transformer(components, config: TinyVideoConfig, args, deadline: float
     )
     t0 = time.perf_counter()
     vae.eval().to(device)  # with --phase transformer it comes from disk, on the CPU
-    mean, std = latent_statistics(vae, config, args)
-    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    config.vae["latents_mean"], config.vae["latents_std"] = mean.tolist(), std.tolist()
+    if start:
+        mean, std = torch.tensor(config.vae["latents_mean"]), torch.tensor(config.vae["latents_std"])
+    else:
+        mean, std = latent_statistics(vae, config, args)
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        config.vae["latents_mean"], config.vae["latents_std"] = mean.tolist(), std.tolist()
 
-    g = torch.Generator().manual_seed(args.seed * 1000 + 3)
+    g = torch.Generator().manual_seed(args.seed * 1000 + 3 + 10**6 * start)
     buckets = _bucket_batches(config, args.batch)
     pools = [
         _Pool(vae, b, args.pool if i == 0 else max(4, args.pool // 2), args, mean, std, g)
@@ -512,13 +536,17 @@ def train_transformer(components, config: TinyVideoConfig, args, deadline: float
         model = torch.compile(transformer)
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01, **_fused(device))
-    noise_g = torch.Generator(device).manual_seed(args.seed * 1000 + 5)
+    noise_g = torch.Generator(device).manual_seed(args.seed * 1000 + 5 + 10**6 * start)
+    total_steps = args.dit_total_steps
+    if total_steps is not None and total_steps <= start:
+        raise SystemExit(f"--dit-total-steps {total_steps}: the run to resume already did {start} steps")
     sched = _Schedule(args.lr, warmup=min(100, args.dit_steps or 100))
+    sched.total = total_steps
     budget = _Budget(args.dit_steps, deadline - time.perf_counter(), warm=10, timed=30)
     shift = float(config.scheduler.get("flow_shift", 3.0))
     weights = [b[3] for b in buckets]
-    curve, acc, step, t1 = [], [], 0, time.perf_counter()
-    while not budget.done(step):
+    curve, acc, done, step, t1 = [], [], 0, start, time.perf_counter()
+    while not budget.done(done) and (total_steps is None or step < total_steps):
         b = _pick(weights, g)
         x0, captions = pools[b].draw()
         drop = torch.rand(len(captions), generator=g) < CFG_DROP
@@ -528,8 +556,10 @@ def train_transformer(components, config: TinyVideoConfig, args, deadline: float
         noise = torch.randn(x0.shape, generator=noise_g, device=device)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
+        # a resumed run's fresh optimizer warms up again, over the same number of steps
+        lr = sched(step) * (min(1.0, (done + 1) / sched.warmup) if start else 1.0)
         for group in opt.param_groups:
-            group["lr"] = sched(step)
+            group["lr"] = lr
         with _autocast(device):
             emb = encode_prompts(tokenizer, text_encoder, captions, config.max_sequence_length, device)
             pred = model(
@@ -543,11 +573,12 @@ def train_transformer(components, config: TinyVideoConfig, args, deadline: float
         decay = min(args.ema, (1 + step) / (10 + step))
         _ema_update(ema["transformer"], transformer, decay)
         _ema_update(ema["text_encoder"], text_encoder, decay)
-        acc.append((loss.item(), gnorm.item(), b))
-        step += 1
-        budget.update(step, device)
-        sched.total = budget.total
-        if step % args.log_every == 0 or budget.done(step):
+        acc.append((loss.item(), gnorm.item(), b, lr))
+        step, done = step + 1, done + 1
+        budget.update(done, device)
+        if total_steps is None and budget.total is not None:
+            sched.total = start + budget.total
+        if step % args.log_every == 0 or budget.done(done) or step == total_steps:
             mean_loss = sum(a[0] for a in acc) / len(acc)
             per_bucket = {
                 str(k): sum(a[0] for a in acc if a[2] == k) / max(1, sum(a[2] == k for a in acc))
@@ -559,17 +590,20 @@ def train_transformer(components, config: TinyVideoConfig, args, deadline: float
                     "loss": mean_loss,
                     "loss_by_bucket": per_bucket,
                     "grad_norm": sum(a[1] for a in acc) / len(acc),
-                    "lr": sched(step - 1),
+                    "lr": acc[-1][3],
                     "seconds": time.perf_counter() - t1,
                 }
             )
             print(
-                f"[dit] step {step}/{budget.total or '?'} loss {mean_loss:.4f} "
+                f"[dit] step {step}/{sched.total or '?'} loss {mean_loss:.4f} "
                 f"({time.perf_counter() - t1:.0f}s)"
             )
             acc = []
     log["transformer"] = {
-        "steps": step,
+        "steps": done,
+        "first_step": start,
+        "last_step": step,
+        "schedule_steps": sched.total,
         "seconds": time.perf_counter() - t1,
         "pool_seconds": pool_seconds,
         "buckets": [list(b) for b in buckets],
@@ -595,14 +629,13 @@ def _vae_config_key(vae_config: dict) -> dict:
     return {k: v for k, v in vae_config.items() if k not in ("latents_mean", "latents_std")}
 
 
-def save_vae_phase(vae, config: TinyVideoConfig, out: Path, log: dict) -> dict:
+def save_vae_phase(vae, out: Path, log: dict) -> dict:
     """``--phase vae``: the VAE's bf16 safetensors and the log (no manifest: not a loadable model yet)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in vae.state_dict().items()}
     save_file(state, str(out / "vae.safetensors"), metadata={"format": "pt"})
-    log["vae_config"] = config.vae
     (out / LOG).write_text(json.dumps(log, indent=1))
     return {"vae.safetensors": (out / "vae.safetensors").stat().st_size}
 
@@ -626,7 +659,21 @@ def load_vae_phase(vae, config: TinyVideoConfig, out: Path, phase: str) -> dict:
     return previous
 
 
-_RUN_KEYS = ("phase", "command", "args", "env", "total_seconds", "reproduce")
+def load_transformer_run(components: dict, config: TinyVideoConfig, out: Path) -> int:
+    """``--resume``: load the transformer and text encoder a ``--phase transformer`` run saved in ``out`` (its
+    EMA weights, as shipped) and its latent statistics; returns the step it stopped at."""
+    from .model import load_tiny_video_pipeline
+
+    pipe = load_tiny_video_pipeline(device="cpu", dtype=torch.float32, weights_dir=out)
+    for name in ("transformer", "text_encoder"):
+        components[name].load_state_dict(getattr(pipe, name).state_dict())
+    stats = {k: pipe.vae.config[k] for k in ("latents_mean", "latents_std")}
+    components["vae"].register_to_config(**stats)
+    config.vae.update(stats)
+    return int(json.loads((out / LOG).read_text())["transformer"]["last_step"])
+
+
+_RUN_KEYS = ("phase", "command", "args", "env", "total_seconds", "reproduce_run")
 
 
 # log key -> (the phase that trains it, the flag that fixes its step count)
@@ -670,10 +717,16 @@ def main(argv=None) -> int:
         },
         "runs": [],  # the earlier phase runs this one builds on
     }
+    start = 0
     if args.phase in REQUIRES:
-        previous = load_vae_phase(components["vae"], config, out, REQUIRES[args.phase])
+        previous = load_vae_phase(
+            components["vae"], config, out, "transformer" if args.resume else REQUIRES[args.phase]
+        )
         log["runs"] = [*previous["runs"], {k: previous[k] for k in _RUN_KEYS}]
         log.update({k: previous[k] for k in ("vae", "vae_clips") if k in previous})
+        if args.resume:
+            start = load_transformer_run(components, config, out)
+            log["transformer_runs"] = [*previous.get("transformer_runs", []), previous["transformer"]]
     budget = args.minutes * 60
     # each VAE stage ends rounded to bf16, as saved, so one --phase all run equals the three phase runs
     if args.phase in ("all", "vae"):
@@ -684,26 +737,32 @@ def main(argv=None) -> int:
         share = args.vae_clips_fraction if args.phase == "all" else 1
         train_vae(components["vae"], config, args, budget * share, log, stage="clips")
         _round_to_bf16(components["vae"])
+    if args.phase in ("all", "transformer"):
+        ema = train_transformer(components, config, args, deadline, log, start=start)
+        components = {**components, **ema}
     flags = f"--out {args.out} --seed {args.seed}" + (" --smoke" if args.smoke else "")
     this_run = f"python -m dit_accel.pipelines.tiny_video.train {flags}"
     if args.phase != "all":
         this_run += f" --phase {args.phase}"
+    this_run += " --resume" * args.resume + f" {_steps_flags(args, log)}"
+    if args.dit_total_steps is not None and "transformer" in log:
+        this_run += f" --dit-total-steps {args.dit_total_steps}"
+    log["reproduce_run"] = this_run
+    log["reproduce"] = " && ".join([*(r["reproduce_run"] for r in log["runs"]), this_run])
+    log["vae_config"] = config.vae
+    log["total_seconds"] = time.perf_counter() - t_start
     if args.phase in ("vae", "vae-clips"):
-        log["total_seconds"] = time.perf_counter() - t_start
-        log["reproduce"] = f"{this_run} {_steps_flags(args, log)}"
-        sizes = save_vae_phase(components["vae"], config, out, log)
+        sizes = save_vae_phase(components["vae"], out, log)
         print(f"wrote {args.out}: {sizes} in {log['total_seconds']:.0f}s")
         return 0
-    ema = train_transformer(components, config, args, deadline, log)
-    components = {**components, **ema}
-    log["total_seconds"] = time.perf_counter() - t_start
-    log["reproduce"] = " && ".join(
-        [*(r["reproduce"] for r in log["runs"]), f"{this_run} {_steps_flags(args, log)}"]
-    )
     record = {
         "training": {
             "seed": args.seed,
-            "steps": {k: log[k]["steps"] for k in ("vae", "vae_clips", "transformer")},
+            "steps": {
+                "vae": log["vae"]["steps"],
+                "vae_clips": log["vae_clips"]["steps"],
+                "transformer": log["transformer"]["last_step"],
+            },
             "total_seconds": log["total_seconds"] + sum(r["total_seconds"] for r in log["runs"]),
             "device": log["env"]["device"],
             "reproduce": log["reproduce"],
