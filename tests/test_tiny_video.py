@@ -428,7 +428,7 @@ def test_committed_vae_reconstructs_and_is_ready_for_the_transformer_phase():
     if not (model.WEIGHTS_DIR / "vae.safetensors").is_file():
         pytest.skip("no trained VAE in the package")
     vae = model.build_components(model.DEFAULT_CONFIG)["vae"].eval()
-    previous = train.load_vae_phase(vae, model.DEFAULT_CONFIG, model.WEIGHTS_DIR, "vae-clips")
+    previous = train.load_previous_run(vae, model.DEFAULT_CONFIG, model.WEIGHTS_DIR, "vae-clips")
     assert previous["vae_clips"]["check"]["adherence"]["colour"] >= 0.9
     clip = data.sample_batch(1, 17, 96, 128, _gen(21)).video
     with torch.no_grad():

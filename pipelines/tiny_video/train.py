@@ -640,7 +640,7 @@ def save_vae_phase(vae, out: Path, log: dict) -> dict:
     return {"vae.safetensors": (out / "vae.safetensors").stat().st_size}
 
 
-def load_vae_phase(vae, config: TinyVideoConfig, out: Path, phase: str) -> dict:
+def load_previous_run(vae, config: TinyVideoConfig, out: Path, phase: str) -> dict:
     """Load the VAE a ``--phase <phase>`` run saved in ``out``; returns that run's log."""
     from safetensors.torch import load_file
 
@@ -659,9 +659,10 @@ def load_vae_phase(vae, config: TinyVideoConfig, out: Path, phase: str) -> dict:
     return previous
 
 
-def load_transformer_run(components: dict, config: TinyVideoConfig, out: Path) -> int:
+def load_transformer_run(components: dict, config: TinyVideoConfig, out: Path, previous: dict) -> int:
     """``--resume``: load the transformer and text encoder a ``--phase transformer`` run saved in ``out`` (its
-    EMA weights, as shipped) and its latent statistics; returns the step it stopped at."""
+    EMA weights, as shipped) and its latent statistics; ``previous`` is its log. Returns the step it stopped
+    at."""
     from .model import load_tiny_video_pipeline
 
     pipe = load_tiny_video_pipeline(device="cpu", dtype=torch.float32, weights_dir=out)
@@ -670,7 +671,7 @@ def load_transformer_run(components: dict, config: TinyVideoConfig, out: Path) -
     stats = {k: pipe.vae.config[k] for k in ("latents_mean", "latents_std")}
     components["vae"].register_to_config(**stats)
     config.vae.update(stats)
-    return int(json.loads((out / LOG).read_text())["transformer"]["last_step"])
+    return int(previous["transformer"]["last_step"])
 
 
 _RUN_KEYS = ("phase", "command", "args", "env", "total_seconds", "reproduce_run")
@@ -719,13 +720,13 @@ def main(argv=None) -> int:
     }
     start = 0
     if args.phase in REQUIRES:
-        previous = load_vae_phase(
+        previous = load_previous_run(
             components["vae"], config, out, "transformer" if args.resume else REQUIRES[args.phase]
         )
         log["runs"] = [*previous["runs"], {k: previous[k] for k in _RUN_KEYS}]
         log.update({k: previous[k] for k in ("vae", "vae_clips") if k in previous})
         if args.resume:
-            start = load_transformer_run(components, config, out)
+            start = load_transformer_run(components, config, out, previous)
             log["transformer_runs"] = [*previous.get("transformer_runs", []), previous["transformer"]]
     budget = args.minutes * 60
     # each VAE stage ends rounded to bf16, as saved, so one --phase all run equals the three phase runs
