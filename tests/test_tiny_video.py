@@ -235,6 +235,27 @@ def test_vae_loss_weights_mark_the_object_only():
     assert (chroma[w == 1] < 0.1).all() and 0.002 < (w > 1).float().mean() < 0.2  # backgrounds are grey
 
 
+def test_transformer_loss_weights_cover_the_object_on_the_latent_grid():
+    torch.manual_seed(0)
+    batch = data.sample_batch(3, 9, 32, 32, _gen(5))
+    w = train.latent_object_weights(batch.video, (3, 16, 3, 8, 8), 3.0)
+    assert w.shape == (3, 1, 3, 8, 8) and set(w.unique().tolist()) == {1.0, 3.0}
+    for i in range(3):
+        # latent frame 0 holds frame 0 alone; latent frame k frames 4k-3 .. 4k (Wan's causal VAE)
+        for t, frames in ((0, [0]), (1, [1, 2, 3, 4]), (2, [5, 6, 7, 8])):
+            for f in frames:
+                x, y = batch.centers[i, f].tolist()
+                assert w[i, 0, t, int(y) // 4, int(x) // 4] == 3.0
+    assert 0.01 < (w > 1).float().mean() < 0.5
+    # the same latent grid the VAE makes
+    vae = model.build_components(model.SMOKE_CONFIG, seed=0)["vae"]
+    with torch.no_grad():
+        z = vae.encode(batch.video).latent_dist.mean
+    assert train.latent_object_weights(batch.video, z.shape, 3.0).shape[2:] == z.shape[2:]
+    with pytest.raises(ValueError, match="does not encode"):
+        train.latent_object_weights(batch.video, (3, 16, 4, 8, 8), 3.0)
+
+
 def test_vae_windows_keep_the_full_clip_motion():
     x = train.vae_clips(2, 17, 32, 32, 5, _gen(4), "cpu")
     g = _gen(4)
