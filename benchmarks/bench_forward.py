@@ -68,10 +68,6 @@ class NoAttention(SparseMethod):
         return v
 
 
-
-
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU (checks the code paths)")
@@ -164,8 +160,6 @@ def main(argv=None) -> dict:
     if not correct:
         print("correctness check failed: no speedup reported", file=sys.stderr)
     return result
-
-
 
 
 if __name__ == "__main__":

@@ -64,10 +64,6 @@ def tflops(pairs: int, batch: int, d: int, ms: float) -> float:
     return 4.0 * batch * pairs * d / (ms * 1e-3) / 1e12
 
 
-
-
-
-
 def run_config(name, batch, heads, seq, d, densities, patterns, rep_ms, log):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import BlockMask, flex_attention

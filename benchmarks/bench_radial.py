@@ -67,13 +67,9 @@ REFERENCE_DENSE_STEPS = 12
 ORACLE_BLOCKS = 8
 
 
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
 
 
 def _time_forward(
@@ -92,8 +88,6 @@ def _time_forward(
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), times, warmup, out
-
-
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
