@@ -178,11 +178,16 @@ def sample_labels(batch: int, generator: torch.Generator, split: str = "train") 
     return {k: out[k] for k in ("colour", "shape", "size", "motion", "background")}
 
 
-def held_out_prompts(n: int = 64, seed: int = 1234) -> list[tuple[str, dict[str, int]]]:
-    """``n`` distinct held-out full captions with their labels, in a fixed order."""
-    pool = torch.nonzero(HELD_OUT).flatten()
+def held_out_prompts(
+    n: int = 64, seed: int = 1234, split: str = "held_out"
+) -> list[tuple[str, dict[str, int]]]:
+    """``n`` distinct held-out full captions with their labels, in a fixed order; ``split="train"``: captions
+    of combinations the model is trained on instead (to tell failing to learn from failing to generalise)."""
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
+    pool = torch.nonzero(HELD_OUT if split == "held_out" else ~HELD_OUT).flatten()
     if n > len(pool):
-        raise ValueError(f"only {len(pool)} held-out combinations exist, asked for {n}")
+        raise ValueError(f"only {len(pool)} {split} combinations exist, asked for {n}")
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
     out = []
     for idx in pool[order].tolist():

@@ -42,6 +42,12 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--weights")
     p.add_argument("--png", type=int, default=6, help="prompts shown in samples.png")
+    p.add_argument(
+        "--split",
+        choices=("held_out", "train"),
+        default="held_out",
+        help="train: captions of trained combinations (does the model fail to learn or to generalise?)",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -55,7 +61,7 @@ def main(argv=None) -> int:
     }
     pipe = load_tiny_video_pipeline(device=args.device, weights_dir=args.weights)
     pipe.set_progress_bar_config(disable=True)
-    prompts = held_out_prompts(args.prompts)
+    prompts = held_out_prompts(args.prompts, split=args.split)
     clips, t0 = [], time.perf_counter()
     for i, (text, _) in enumerate(prompts):
         clips.append(render_frames(pipe, text, args.seed + i, **call))
@@ -78,6 +84,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "seconds_per_clip": seconds / len(prompts),
         "prompts": len(prompts),
+        "split": args.split,
         "accuracy": result["accuracy"],
         "measured": result["measured"],
         "mean_score": result["mean_score"],
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
     strip = np.concatenate([np.concatenate([clip[f] for f in picks], 1) for clip in clips[: args.png]], 0)
     Image.fromarray((np.clip(strip, 0, 1) * 255).round().astype(np.uint8)).save(out / "samples.png")
 
-    print(f"{len(prompts)} held-out prompts, {call}, {report['seconds_per_clip']:.2f}s per clip")
+    print(f"{len(prompts)} {args.split} prompts, {call}, {report['seconds_per_clip']:.2f}s per clip")
     print("accuracy:", {k: round(v, 3) for k, v in result["accuracy"].items()})
     print(
         f"mean score {result['mean_score']:.3f}; "
