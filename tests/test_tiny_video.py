@@ -64,6 +64,10 @@ def test_training_split_never_renders_held_out_combinations():
     assert len({p for p, _ in prompts}) == 64
     for text, labels in prompts:
         assert data.HELD_OUT[data.combo_index(**labels)] and data.parse_caption(text) == labels
+    trained = data.held_out_prompts(64, split="train")
+    assert len({p for p, _ in trained}) == 64
+    for text, labels in trained:
+        assert not data.HELD_OUT[data.combo_index(**labels)] and data.parse_caption(text) == labels
 
 
 @pytest.mark.gpu
@@ -441,16 +445,20 @@ def test_loader_without_weights_names_the_training_command(tmp_path):
     assert model.TRAIN_COMMAND in str(exc.value)
 
 
-def test_committed_vae_reconstructs_and_is_ready_for_the_transformer_phase():
-    """The package's trained VAE: loads into the current config, its log lets --phase transformer start from
-    it, and it reconstructs a fresh CPU-sized clip (the training check measured 30.6 dB at 49 x 192 x 256)."""
+def test_committed_model_is_complete_and_reproducible():
+    """The package's trained model: every file the manifest lists is there, its training record is the chain
+    TRAIN_COMMAND names, its log lets ``--resume`` go on from it, and its VAE reconstructs a fresh CPU-sized
+    clip (the training check measured 30.6 dB at 49 x 192 x 256)."""
     from dit_accel.pipelines.quality import psnr
 
-    if not (model.WEIGHTS_DIR / "vae.safetensors").is_file():
-        pytest.skip("no trained VAE in the package")
+    manifest = json.loads((model.WEIGHTS_DIR / model.MANIFEST).read_text())
+    for files in manifest["files"].values():
+        assert all((model.WEIGHTS_DIR / f).is_file() for f in files)
+    assert manifest["training"]["reproduce"] == model.TRAIN_COMMAND and not manifest["training"]["smoke"]
     vae = model.build_components(model.DEFAULT_CONFIG)["vae"].eval()
-    previous = train.load_previous_run(vae, model.DEFAULT_CONFIG, model.WEIGHTS_DIR, "vae-clips")
+    previous = train.load_previous_run(vae, model.DEFAULT_CONFIG, model.WEIGHTS_DIR, "transformer")
     assert previous["vae_clips"]["check"]["adherence"]["colour"] >= 0.9
+    assert previous["transformer"]["last_step"] == manifest["training"]["steps"]["transformer"]
     clip = data.sample_batch(1, 17, 96, 128, _gen(21)).video
     with torch.no_grad():
         rec = vae.decode(vae.encode(clip).latent_dist.mean).sample
@@ -458,8 +466,6 @@ def test_committed_vae_reconstructs_and_is_ready_for_the_transformer_phase():
 
 
 def test_embedded_weights_render_on_cpu():
-    if not (model.WEIGHTS_DIR / model.MANIFEST).is_file():
-        pytest.skip(f"the embedded model is not trained yet; train it on a GPU with: {model.TRAIN_COMMAND}")
     pipe = load_tiny_video_pipeline(device="cpu")
     pipe.set_progress_bar_config(disable=True)
     d = model.render_defaults("cpu")

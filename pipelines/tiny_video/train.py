@@ -25,8 +25,9 @@ thing.
    the object touches, 1-5% of the latent, so that the object is not drowned out by the background it sits
    on (see :func:`latent_object_weights`). Captions are encoded exactly as
    ``WanPipeline._get_t5_prompt_embeds`` does (padded to the pipeline's max_sequence_length, embeddings past
-   the prompt zeroed); 10% are replaced by "" for classifier-free guidance. Latents come from a ring-buffer pool per bucket: each clip is encoded once
-   and drawn ``--reuse`` times on average, so the VAE encoder costs a quarter of what it would per step.
+   the prompt zeroed); 10% are replaced by "" for classifier-free guidance. Latents come from a ring-buffer
+   pool per bucket: each clip is encoded once and drawn ``--reuse`` times on average, so the VAE encoder costs
+   a quarter of what it would per step.
    AdamW, warm-up then cosine decay to 10%, grad-norm clip 1, bf16 autocast, EMA (0.998) weights are saved.
 
 Step counts: after a few warm-up steps each phase times itself and fixes its number of steps to fill its share
