@@ -66,6 +66,7 @@ KL_WEIGHT = 1e-6
 PHASES = ("vae", "vae-clips", "transformer")
 REQUIRES = {"vae-clips": "vae", "transformer": "vae-clips"}  # phase -> the run that must precede it
 OBJECT_WEIGHT = 5.0  # VAE reconstruction loss on the object's pixels
+DIT_OBJECT_WEIGHT = 3.0  # transformer loss on the latent pixels the object touches (--object-weight)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--object-weight",
         type=float,
-        default=3.0,
+        default=DIT_OBJECT_WEIGHT,
         help="transformer loss weight on the latent pixels the object touches (1: a plain mean)",
     )
     p.add_argument("--reuse", type=int, default=4, help="mean number of times a pooled latent clip is drawn")
@@ -394,8 +395,12 @@ def object_weights(x: torch.Tensor) -> torch.Tensor:
     ones: under L1 every pixel pulls with the same force, and both a GPU run and a CPU overfit of two frames
     settled on the background and never drew the object. The weight makes the object come sooner.
     """
-    chroma = x.amax(1, keepdim=True) - x.amin(1, keepdim=True)
-    return 1 + (OBJECT_WEIGHT - 1) * (chroma > 0.1).to(x.dtype)
+    return 1 + (OBJECT_WEIGHT - 1) * object_mask(x).to(x.dtype)
+
+
+def object_mask(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, F, H, W] bool: the chromatic pixels of clips ``x`` [B, 3, F, H, W], which are the object's."""
+    return (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) > 0.1
 
 
 def latent_object_weights(video: torch.Tensor, latent_shape, weight: float) -> torch.Tensor:
@@ -413,8 +418,7 @@ def latent_object_weights(video: torch.Tensor, latent_shape, weight: float) -> t
     st, ss = (frames - 1) // max(1, t - 1), height // h
     if 1 + (t - 1) * st != frames or h * ss != height or w * ss != width:
         raise ValueError(f"video {tuple(video.shape)} does not encode to a {t}x{h}x{w} latent")
-    chroma = video.amax(1, keepdim=True) - video.amin(1, keepdim=True)
-    mask = (chroma > 0.1).float()  # every background is achromatic (see object_weights)
+    mask = object_mask(video).float()
     b = mask.shape[0]
     rest = mask[:, :, 1:].reshape(b, 1, t - 1, st, height, width).amax(3)
     mask = torch.cat([mask[:, :, :1], rest], 2).reshape(b, 1, t, h, ss, w, ss).amax((4, 6))
@@ -784,7 +788,7 @@ def main(argv=None) -> int:
     this_run += " --resume" * args.resume + f" {_steps_flags(args, log)}"
     if args.dit_total_steps is not None and "transformer" in log:
         this_run += f" --dit-total-steps {args.dit_total_steps}"
-    if "transformer" in log and args.object_weight != parse_args(["--out", "x"]).object_weight:
+    if "transformer" in log and args.object_weight != DIT_OBJECT_WEIGHT:
         this_run += f" --object-weight {args.object_weight}"
     log["reproduce_run"] = this_run
     log["reproduce"] = " && ".join([*(r["reproduce_run"] for r in log["runs"]), this_run])
