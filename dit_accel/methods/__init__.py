@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from ..config import SparseAttentionConfig
 from .adaspa import AdaspaMethod
 from .base import AttentionCall, CacheEntry, PlanCache, SparseMethod
@@ -17,10 +19,30 @@ __all__ = [
     "SparseMethod",
     "WindowMethod",
     "create_method",
+    "method_knobs",
+    "method_names",
 ]
 
 _BUILTIN = {"dense": DenseMethod, "window": WindowMethod, "radial": RadialMethod, "adaspa": AdaspaMethod}
 _PLANNED = ("rettention",)
+
+
+def method_names() -> tuple[str, ...]:
+    """The method names :func:`create_method` accepts (besides a :class:`SparseMethod` instance)."""
+    return tuple(_BUILTIN)
+
+
+def method_knobs(name: str) -> tuple[str, ...]:
+    """The options method ``name`` takes (its keyword arguments), besides the config's own fields.
+
+    Raises:
+        ValueError: an unknown method name (the message lists the known ones).
+    """
+    if name not in _BUILTIN:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(_BUILTIN)}")
+    params = inspect.signature(_BUILTIN[name].__init__).parameters
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p for p in params if p != "self" and params[p].kind in keyword)
 
 
 def create_method(config: SparseAttentionConfig) -> SparseMethod:
@@ -41,8 +63,10 @@ def create_method(config: SparseAttentionConfig) -> SparseMethod:
         raise ValueError(
             f"unknown method {method!r}; available: {sorted(_BUILTIN)} or a SparseMethod instance"
         )
-    cls = _BUILTIN[method]
-    try:
-        return cls(**config.options)
-    except TypeError as exc:
-        raise ValueError(f"bad options {dict(config.options)} for method {method!r}: {exc}") from None
+    unknown = sorted(set(config.options) - set(method_knobs(method)))
+    if unknown:
+        raise ValueError(
+            f"bad options {unknown} for method {method!r}; its options are {list(method_knobs(method))} "
+            f"(and the SparseAttentionConfig fields)"
+        )
+    return _BUILTIN[method](**config.options)
