@@ -41,6 +41,7 @@ from .triton_common import (
     tma_ok,
 )
 
+
 @triton.jit
 def _round_e4m3(x):
     # x (fp32, |x| <= 448) rounded to the nearest float8 e4m3 value (3 mantissa bits, subnormals below
