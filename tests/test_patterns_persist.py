@@ -88,7 +88,7 @@ def test_mismatches_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError):
         dit_accel.apply(pipe, method="window", patterns=str(tmp_path / "missing.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not a dit_accel pattern file"):
         dit_accel.apply(pipe, method="window", patterns=str(tmp_path / "junk.safetensors"))
 
 

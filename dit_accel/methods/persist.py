@@ -140,7 +140,11 @@ def load_patterns(path) -> LoadedPatterns:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no pattern file at {path}")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for a file it cannot parse
+        raise ValueError(f"{path} is not a dit_accel pattern file: {exc}") from None
+    with handle as f:
         header = (f.metadata() or {}).get(_META_KEY)
         if header is None:
             raise ValueError(f"{path} is not a dit_accel pattern file (no {_META_KEY!r} metadata)")
