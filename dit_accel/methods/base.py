@@ -156,16 +156,25 @@ class AttentionCall:
         return self.info.context
 
     def run_dense(self, return_lse: bool = False):
-        """Dense attention on this call's q, k, v.
+        """Dense attention on this call's q, k, v, by ``config.dense_backend``.
 
-        Returns the stock diffusers op's output (in ``layout``) when ``return_lse`` is False; otherwise
-        ``(out, lse)`` from ``dit_accel.kernels.dense_attention`` with lse fp32 [B, H, S_q].
+        Returns the output (in ``layout``) when ``return_lse`` is False: the stock diffusers op's for
+        ``dense_backend="stock"``, else ``dit_accel.kernels.dense_attention``'s with that backend. With
+        ``return_lse`` it returns ``(out, lse)`` (lse fp32 [B, H, S_q]) from ``dense_attention`` with
+        ``dense_backend`` ("stock": ``config.backend``).
         """
         self.events.append(("dense", 1.0))
-        if not return_lse:
+        dense_backend = self.config.dense_backend
+        if not return_lse and dense_backend == "stock":
             return self._dense_fn()
         return dense_attention(
-            self._q, self._k, self._v, kv_len=self.kv_len, layout=self.layout, backend=self.config.backend
+            self._q,
+            self._k,
+            self._v,
+            kv_len=self.kv_len,
+            layout=self.layout,
+            backend=self.config.backend if dense_backend == "stock" else dense_backend,
+            return_lse=return_lse,
         )
 
     def run_sparse(self, plan: BlockPlan, return_lse: bool = False):
