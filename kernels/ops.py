@@ -343,6 +343,16 @@ def _dense_unavailable_reason(backend: str, qh, kh, vh, kv_len, scale: float, ne
     return None
 
 
+def _first_runnable(order: tuple[str, ...], reason_of) -> str | None:
+    """The first backend of ``order`` that ``reason_of`` finds no reason against; skips are logged once."""
+    for candidate in order:
+        reason = reason_of(candidate)
+        if reason is None:
+            return candidate
+        _log_once(f"dense_attention: auto skips {candidate!r} (measured faster here): {reason}")
+    return None
+
+
 def _pick_dense(backend: str, qh, kh, vh, kv_len, scale: float, needs_lse: bool) -> str:
     if backend not in _DENSE_BACKENDS:
         raise ValueError(f"backend must be one of {_DENSE_BACKENDS}, got {backend!r}")
@@ -358,11 +368,11 @@ def _pick_dense(backend: str, qh, kh, vh, kv_len, scale: float, needs_lse: bool)
         order = _dense_auto_order(
             _capability_major(index), qh.shape[3], qh.shape[2], needs_lse, kv_len is not None
         )
-        for candidate in order:
-            reason = _dense_unavailable_reason(candidate, qh, kh, vh, kv_len, scale, needs_lse)
-            if reason is None:
-                return candidate
-            _log_once(f"dense_attention: auto skips {candidate!r} (measured faster here): {reason}")
+        chosen = _first_runnable(
+            order, lambda b: _dense_unavailable_reason(b, qh, kh, vh, kv_len, scale, needs_lse)
+        )
+        if chosen is not None:
+            return chosen
     return _pick("auto", qh, "dense_attention")
 
 
