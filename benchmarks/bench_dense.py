@@ -151,7 +151,7 @@ def run_config(name, batch, heads, seq, d, smoke, rep_ms, log) -> dict:
         ]
         res["measured_order"][tag] = [b for _, b in sorted(timed)]
         res["table_key"][tag] = list(ops._dense_table_key(major, d, seq, lse, False))
-    log(f"  auto picks {res['auto']}; measured order {res['measured_order']}")
+    log(f"  auto {res['auto']}; measured {res['measured_order']}; xformers op {res['xformers_op']}")
     return res
 
 
@@ -180,6 +180,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code paths)")
     ap.add_argument("--configs", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument(
+        "--budget-s", type=float, default=330.0, help="start no new shape after this many seconds"
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON output path")
     args = ap.parse_args(argv)
     smoke = args.smoke
@@ -201,6 +204,7 @@ def main(argv=None) -> dict:
         "timing": "perf_counter median of 3" if smoke else "triton.testing.do_bench median, ms",
         "tolerances": {"out_rel_err": OUT_TOL, "lse_abs_err": LSE_TOL},
         "configs": [],
+        "skipped": [],
     }
     report["versions"]["xformers"] = report["xformers"]["version"]
     t0 = time.time()
@@ -214,6 +218,10 @@ def main(argv=None) -> dict:
 
     log(f"{report['device']}; xformers: {report['xformers']}")
     for name in names:
+        if time.time() - t0 > args.budget_s:
+            report["skipped"].append(name)
+            log(f"{name}: skipped, past the {args.budget_s:.0f} s budget")
+            continue
         b, h, s, d = table[name]
         log(f"{name}: B={b} H={h} S={s} D={d}")
         report["configs"].append(run_config(name, b, h, s, d, smoke, args.rep_ms, log))

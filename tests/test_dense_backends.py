@@ -353,3 +353,42 @@ def test_dense_benchmark_smoke(tmp_path, monkeypatch):
             assert "ms" not in paths[name]
         assert c["measured_order"] == {"no_lse": ["triton"], "lse": ["triton"]}
         assert c["auto"] == {"no_lse": "triton", "lse": "triton"}
+
+
+@needs_xformers
+@pytest.mark.parametrize("lse", [False, True])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_xformers_wrapper_layouts_and_lse_through_fmha(monkeypatch, layout, lse):
+    """The calls into fmha's public API, with a CPU stand-in for the operator (fmha's kernels need CUDA):
+    (B, S, H, D) views in, the output back in the caller's layout, the LSE cut from 32-row padding."""
+    from xformers.ops.fmha.common import Context
+
+    class PaddedLseOp:
+        NAME = "padded-lse-test-op"
+
+        @classmethod
+        def not_supported_reasons(cls, inp):
+            return []
+
+        @classmethod
+        def apply(cls, inp, needs_gradient):
+            q, k, v = (x.transpose(1, 2).float() for x in (inp.query, inp.key, inp.value))  # fmha's layout
+            s = q @ k.transpose(-1, -2) * inp.scale
+            out = (s.softmax(-1) @ v).to(inp.query.dtype).transpose(1, 2).contiguous()
+            pad = -q.shape[2] % 32
+            lse = torch.nn.functional.pad(s.logsumexp(-1), (0, pad), value=float("inf"))
+            return out, (Context(out=out, lse=lse) if needs_gradient else None)
+
+    monkeypatch.setattr(xa, "_dispatch", lambda *a: (PaddedLseOp, {}))
+    q, k, v = _qkv(2, 37, 3, 16, torch.float32, layout, seed=7)
+    qh, kh, vh = (_bhsd(x, layout) for x in (q, k, v))
+    out, out_lse = xa.xformers_attention(qh, kh, vh, 0.25, lse)
+    ref, ref_lse = attention_reference(qh, kh, vh, None, 0.25)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if lse:
+        assert out_lse.shape == (2, 3, 37) and out_lse.is_contiguous()
+        torch.testing.assert_close(out_lse, ref_lse, atol=1e-5, rtol=1e-5)
+    else:
+        assert out_lse is None
+    empty, empty_lse = xa.xformers_attention(qh, kh[:, :, :0], vh[:, :, :0], 0.25, True)
+    assert not empty.any() and bool((empty_lse == float("-inf")).all())
