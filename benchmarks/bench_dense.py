@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -192,7 +193,8 @@ def main(argv=None) -> dict:
         ap.error("needs a CUDA device (use --smoke on CPU)")
     table = SMOKE_CONFIGS if smoke else CONFIGS
     names = args.configs.split(",") if args.configs else list(table)
-    out_path = args.out or Path(__file__).parent / "results" / f"dense_{gpu_tag()}.json"
+    results = Path(tempfile.gettempdir()) if smoke else Path(__file__).parent / "results"
+    out_path = args.out or results / f"dense_{'smoke' if smoke else gpu_tag()}.json"
 
     report = {
         "benchmark": "bench_dense",

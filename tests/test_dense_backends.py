@@ -209,8 +209,9 @@ def test_gpu_xformers_matches_the_reference(s, d, layout):
     assert (lse - ref_lse).abs().max() < 1e-2
     only = dense_attention(q, k, v, layout=layout, backend="xformers", return_lse=False)
     torch.testing.assert_close(only, out, atol=1e-2, rtol=1e-2)
+    kv_len = torch.tensor([s, s // 2], device=DEVICE)
     with pytest.raises(RuntimeError, match="kv_len"):
-        dense_attention(q, k, v, layout=layout, backend="xformers", kv_len=torch.tensor([s, s // 2]))
+        dense_attention(q, k, v, layout=layout, backend="xformers", kv_len=kv_len)
 
 
 @pytest.mark.gpu
