@@ -200,8 +200,6 @@ def _writable(path: Path, folder: bool) -> None:
     if path.exists():
         if folder and not path.is_dir():
             raise UsageError("--out", f"{path} exists and is not a folder")
-        if not folder and path.is_dir():
-            raise UsageError("--out", f"{path} is a folder; give a file name")
         if not os.access(path, os.W_OK):
             raise UsageError("--out", f"{path} is not writable")
         return
@@ -231,7 +229,7 @@ def check_output(out: str, kind: str | None = None, compare: bool = False) -> No
         None: (*VIDEO_SUFFIXES, ".gif", *IMAGE_SUFFIXES),
     }[kind]
     if not folder and suffix not in allowed:
-        what = f"a {kind} pipeline" if kind else "dit-accel"
+        what = {"video": "a video pipeline", "image": "an image pipeline", None: "dit-accel"}[kind]
         raise UsageError(
             "--out", f"{what} cannot write {suffix!r} files: use {', '.join(allowed)} or a folder"
         )
@@ -460,7 +458,8 @@ def _presets(args) -> int:
     from dit_accel.pipelines import presets
 
     if args.markdown:
-        print(presets.markdown_table(args.family))
+        sources = presets.sources_text(args.family)
+        print(presets.markdown_table(args.family) + (f"\n\n{sources}" if sources else ""))
         return 0
     families = [args.family] if args.family else list(presets.FAMILIES)
     for family in families:

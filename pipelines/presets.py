@@ -521,10 +521,10 @@ def markdown_table(family: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def sources_text() -> str:
+def sources_text(family: str | None = None) -> str:
     """One line per measurement: the number, what it is and where it was read."""
     lines = []
-    for p in table():
+    for p in family_presets(family) if family else table():
         for s in p.speed:
             src = str(s.source) + (f" (stock: {s.baseline.key})" if s.baseline else "")
             lines.append(f"- {p.family} {p.name}: {s.speedup:.2f}x at {s.geometry}; {s.what}; `{src}`")

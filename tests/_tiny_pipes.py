@@ -455,10 +455,21 @@ WORDS = "a large small red blue green circle square moving left right on black g
 def flux_with_text():
     """A tiny FluxPipeline with its CLIP and T5 text encoders and in-memory tokenizers: it takes ``prompt``
     strings, so it can be saved with ``save_pretrained`` and rendered by ``dit-accel render --model``."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
 
     pipe, _ = flux()
-    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{f"{w}</w>": i + 2 for i, w in enumerate(WORDS)}}
+    clip_vocab = {
+        "<|startoftext|>": 0,
+        "<|endoftext|>": 1,
+        **{f"{w}</w>": i + 2 for i, w in enumerate(WORDS)},
+    }
     end = "<|endoftext|>"
     pipe.tokenizer = CLIPTokenizer(
         vocab=clip_vocab,

@@ -96,7 +96,9 @@ def test_measured_numbers_are_read_back_from_their_sources():
         method = knobs.pop("method")
         # the measured run used the same method configuration, resolved as the embedded model (Wan) runs it
         assert method == p.method
-        assert presets.resolved_knobs(method, knobs, "wan") == presets.resolved_knobs(p.method, p.knobs, "wan")
+        assert presets.resolved_knobs(method, knobs, "wan") == presets.resolved_knobs(
+            p.method, p.knobs, "wan"
+        )
         if p.family != "wan":
             assert p.method != "radial"  # radial's knobs differ per family: Wan's quality does not carry over
         checked += 1
@@ -151,9 +153,9 @@ def test_family_presets_compare_and_remove(name):
         row = presets.get_preset(accel.family, preset)
         assert accel.handle.method.name == row.method and accel.preset == preset
         assert accel.knobs == {**row.knobs, **BLOCKS}
-        out = render_output(accel, **call)
-        assert out.shape == stock.shape and np.isfinite(out).all()
-        assert accel.stats().records
+        out = accel(**call, output_type="latent", generator=torch.Generator().manual_seed(0))
+        latents = out.frames if accel.kind == "video" else out.images
+        assert torch.isfinite(latents).all() and accel.stats().records
 
     result = accel.compare(seed=0, **call)  # the fast preset
     assert np.array_equal(result.dense, stock)  # the reference is stock attention
@@ -235,7 +237,9 @@ def test_unsupported_pipelines_name_what_is_supported(tmp_path):
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     )
-    with pytest.raises(ValueError, match="no transformer component.*WanTransformer3DModel.*FluxTransformer2DModel"):
+    with pytest.raises(
+        ValueError, match="no transformer component.*WanTransformer3DModel.*FluxTransformer2DModel"
+    ):
         dit_accel.pipelines.wrap(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()))
 
     class OtherPipeline(DiffusionPipeline):
