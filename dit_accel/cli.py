@@ -397,6 +397,9 @@ def _render(args) -> int:
     except WeightsNotFoundError as exc:
         print(f"dit-accel: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # not found locally or on the hub, no network, ...: diffusers says which
+        print(f"dit-accel: cannot load {args.model}: {exc}", file=sys.stderr)
+        return 1
     try:
         family = wrapped.family_of(pipe)
     except ValueError as exc:
@@ -468,6 +471,8 @@ def _presets(args) -> int:
             print(f"  {p.name:<10}{p.method:<8}{p.knob_text():<28}[{p.status}]")
             print(f"  {'':<10}speed:   {presets.speed_text(p)}")
             print(f"  {'':<10}quality: {presets.quality_text(p)}")
+            if p.note:
+                print(f"  {'':<10}note:    {p.note}")
         print()
     print("Speed: speedup over stock attention at the geometry named (docs/pipelines.md says how measured);")
     print(

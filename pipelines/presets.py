@@ -198,8 +198,8 @@ def _embedded_speed(row: str, speedup: float) -> Speed:
 
 
 _VIDEO_NOTE = (
-    "knobs by analogy with Wan (radial: the family defaults of docs/radial.md); no measurement at this "
-    "family's geometry yet"
+    "radial with the family's defaults (docs/radial.md), adaspa at the sparsities measured on Wan; nothing "
+    "measured at this family's geometry yet"
 )
 _IMAGE_NOTE = (
     "radial is video-only; adaspa at the Wan sparsities, untuned: image sequences are short (Flux 1024^2: "

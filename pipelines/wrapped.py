@@ -236,6 +236,8 @@ def wrap(pipe, preset: str | None = None, **knobs) -> AcceleratedPipeline:
         ValueError: an unsupported pipeline (the message names the supported families), an unknown preset,
             a knob the method does not take (the message names its knobs) or a bad value.
     """
+    if isinstance(pipe, AcceleratedPipeline):  # re-wrapping replaces the earlier installation
+        pipe = pipe.pipe
     family = family_of(pipe)
     explicit = dict(knobs)
     settings = resolve(family, preset, explicit)
@@ -343,7 +345,9 @@ class AcceleratedPipeline:
         return dict(self.settings.knobs)
 
     def __call__(self, *args, **kwargs):
-        """Call the pipeline with its own arguments, accelerated."""
+        """Call the pipeline with its own arguments, accelerated. When the pipeline's installation was
+        removed or replaced from outside (``dit_accel.remove``, another wrapper), this wrapper's settings are
+        applied again first: the wrapper called is the one that runs."""
         self._ensure_installed()
         return self.pipe(*args, **kwargs)
 
@@ -362,9 +366,16 @@ class AcceleratedPipeline:
         else:
             new_preset, new_knobs = self._preset, {**self._knobs, **knobs}
         settings = resolve(self.family, new_preset, new_knobs)
+        previous = (self._preset, self._knobs, self.settings, self._removed)
         self._preset, self._knobs, self.settings = new_preset, new_knobs, settings
         self._removed = False
-        self._install()
+        try:
+            self._install()
+        except Exception:
+            self._preset, self._knobs, self.settings, self._removed = previous
+            if not self._removed:
+                self._install()
+            raise
         return self
 
     def stats(self):

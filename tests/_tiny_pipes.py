@@ -93,9 +93,10 @@ def wan22():
     return pipe, _wan_call()
 
 
-def _wan_i2v_transformer(seed):
+def _wan_i2v_transformer(seed, image_dim=None):
     torch.manual_seed(seed)
     return WanTransformer3DModel(
+        image_dim=image_dim,
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
@@ -111,10 +112,43 @@ def _wan_i2v_transformer(seed):
     ).eval()
 
 
-def wan22_i2v():
-    """Wan 2.2 image-to-video (A14B layout): two experts, no image encoder, the image as latent condition."""
+def _image(seed):
     from PIL import Image
 
+    pixels = (_randn(64, 96, 3, seed=seed).clamp(-1, 1) * 127.5 + 127.5).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def wan21_i2v():
+    """Wan 2.1 image-to-video: one transformer, a CLIP image encoder for the image embedding."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=4,
+            projection_dim=4,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            intermediate_size=16,
+            patch_size=1,
+        )
+    ).eval()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        image_encoder=encoder,
+        image_processor=CLIPImageProcessor(crop_size=32, size=32),
+        transformer=_wan_i2v_transformer(0, image_dim=4),
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    return pipe, {**_wan_call(), "image": _image(3)}
+
+
+def wan22_i2v():
+    """Wan 2.2 image-to-video (A14B layout): two experts, no image encoder, the image as latent condition."""
     pipe = WanImageToVideoPipeline(
         tokenizer=None,
         text_encoder=None,
@@ -126,8 +160,7 @@ def wan22_i2v():
         vae=_wan_vae(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
-    pixels = (_randn(64, 96, 3, seed=3).clamp(-1, 1) * 127.5 + 127.5).to(torch.uint8).numpy()
-    return pipe, {**_wan_call(), "image": Image.fromarray(pixels)}
+    return pipe, {**_wan_call(), "image": _image(3)}
 
 
 def hunyuan_video():
@@ -434,6 +467,7 @@ def qwenimage():
 PIPELINES = {
     "wan": wan,
     "wan22": wan22,
+    "wan21_i2v": wan21_i2v,
     "wan22_i2v": wan22_i2v,
     "hunyuan_video": hunyuan_video,
     "cogvideox": cogvideox,

@@ -293,3 +293,26 @@ def test_model_checks_before_loading(tmp_path, flux_folder, capsys, no_loading):
         with pytest.raises(SystemExit):
             _render("--model", str(flux_folder), *args)
         assert message in capsys.readouterr().err
+
+
+def test_hub_ids_go_to_diffusers_and_are_checked_once_loaded(tmp_path, capsys, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    loaded = []
+
+    def from_pretrained(name, **kwargs):
+        loaded.append((name, kwargs))
+        if name == "org/missing":
+            raise OSError("org/missing is not a local folder and not on the hub")
+        return flux_with_text()
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", from_pretrained)
+    assert _render("--model", "org/missing", "--out", str(tmp_path / "x.png"), "--device", "cpu") == 1
+    assert "cannot load org/missing: org/missing is not a local folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        _render("--model", "org/flux", "--out", str(tmp_path / "x.gif"), "--device", "cpu")
+    assert exc.value.code == 2 and "an image pipeline cannot write '.gif'" in capsys.readouterr().err
+    args = ["--model", "org/flux", "--out", str(tmp_path / "x.png"), "--height", "32", "--width", "32"]
+    assert _render(*args, "--steps", "2", "--device", "cpu", "--dtype", "float32") == 0
+    assert (tmp_path / "x.png").is_file()
+    assert loaded[-1] == ("org/flux", {"dtype": torch.float32})

@@ -204,6 +204,10 @@ def test_knobs_override_the_preset_and_change_between_calls():
     assert (accel.preset, accel.method, accel.handle.method.density) == (None, "window", 0.3)
     render_output(accel, **call)
     assert {r["kind"] for r in accel.stats().records} == {"sparse"}
+    other = dit_accel.pipelines.wrap(accel, preset="dense")  # wraps the pipeline, replacing the installation
+    assert other.pipe is pipe and dit_accel.api.get_handle(pipe) is other.handle
+    render_output(accel, **call)  # the wrapper called is the one that runs: window is installed again
+    assert dit_accel.api.get_handle(pipe) is accel.handle and accel.handle.method.name == "window"
 
 
 def test_knob_errors_name_the_methods_knobs_and_change_nothing():
