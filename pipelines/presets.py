@@ -19,6 +19,7 @@ Adding a row, e.g. a rettention preset once it is measured, is one more :class:`
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from typing import Any
 
 from dit_accel import SparseAttentionConfig
 from dit_accel.methods import SparseMethod, create_method, method_knobs, method_names
+from dit_accel.processors import SUPPORTED
 
 __all__ = [
     "FAMILIES",
@@ -47,18 +49,16 @@ __all__ = [
     "table",
 ]
 
-# Every supported family (dit_accel.processors' Family.name) and what its pipelines return: "video" pipelines
-# return ``.frames``, "image" pipelines ``.images``.
+
+def _family(name: str):
+    """The :class:`dit_accel.processors.Family` named ``name`` (its module in dit_accel.processors)."""
+    return importlib.import_module(f"dit_accel.processors.{name}").FAMILY
+
+
+# Every supported family, in dit_accel.processors' order, and what its pipelines return: "video" pipelines
+# return ``.frames``, "image" pipelines ``.images`` (Family.video).
 FAMILIES: dict[str, str] = {
-    "wan": "video",
-    "hunyuan_video": "video",
-    "cogvideox": "video",
-    "ltx": "video",
-    "mochi": "video",
-    "flux": "image",
-    "sd3": "image",
-    "pixart": "image",
-    "qwenimage": "image",
+    name: "video" if _family(name).video else "image" for name in dict.fromkeys(SUPPORTED.values())
 }
 
 # The presets every family has, in the order they are listed; a family may add more after them.
@@ -370,7 +370,7 @@ def check_knobs(method, knobs: Mapping[str, Any], family: str | None = None) -> 
         config = SparseAttentionConfig.from_knobs(method=method, **knobs)
         instance = create_method(config)
         if family is not None:
-            config = instance.configure(config, (family,))
+            config = instance.configure(config, (_family(family),))
     except TypeError as exc:
         raise ValueError(f"{label}: {exc}") from None
     return config
@@ -469,11 +469,12 @@ def _checked(family, settings: Settings) -> Settings:
 
 
 def resolved_knobs(method: str, knobs: Mapping[str, Any], family: str) -> dict[str, Any]:
-    """Every knob of ``method`` as it runs for ``family`` with ``knobs``: the method's defaults and per-family
-    values filled in (radial's decay, adaspa's sparsity), plus ``dense_steps`` and ``dense_layers``."""
+    """Every knob of ``method`` as it runs for ``family`` with ``knobs``, plus ``dense_steps`` and
+    ``dense_layers``: defaults and per-family values filled in where the configured method exposes them as
+    attributes of the knob's name (radial's decay, adaspa's sparsity), else the value given (None if not)."""
     config = SparseAttentionConfig.from_knobs(method=method, **knobs)
     instance = create_method(config)
-    config = instance.configure(config, (family,))
+    config = instance.configure(config, (_family(family),))
     out = {k: getattr(instance, k, knobs.get(k)) for k in method_knobs(method)}
     out.update(dense_steps=config.dense_steps, dense_layers=config.dense_layers)
     return out

@@ -229,7 +229,7 @@ BAD = [
     (["--preset", "turbo"], "--preset", "invalid choice: 'turbo'"),
     (["--method", "window", "--opt", "density=2"], "--opt", "density must lie in (0, 1], got 2"),
     (["--method", "window", "--opt", "density"], "--opt", "expected KEY=VALUE, got 'density'"),
-    (["--method", "window", "--opt", "decay=0.2"], "--opt", "takes no knob 'decay'; its knobs: ['density']"),
+    (["--method", "window", "--opt", "decay=0.2"], "--opt", "takes no knob 'decay'; its knobs: ['density'"),
     (["--preset", "fast", "--opt", "decay=0.2"], "--opt", "takes no knob 'decay'; its knobs: ['sparsity'"),
     (["--preset", "fast", "--method", "window"], "--preset", "preset 'fast' is method 'adaspa'"),
     (["--opt", "density=0.1"], "--opt", "needs --method or --preset"),

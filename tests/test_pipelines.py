@@ -199,7 +199,8 @@ def test_knobs_override_the_preset_and_change_between_calls():
     assert accel.handle.config.block_q == 16 and dit_accel.api.get_handle(pipe) is accel.handle
     assert first._removed  # replaced, never stacked
     accel.configure(preset="fast")  # starts over from the preset
-    assert accel.knobs == {"sparsity": 0.9} and accel.handle.config.block_q == 128
+    assert accel.knobs == {"sparsity": 0.9}
+    assert accel.handle.config.block_q == dit_accel.SparseAttentionConfig().block_q  # the override is gone
     accel.configure(method="window", density=0.3, **BLOCKS)
     assert (accel.preset, accel.method, accel.handle.method.density) == (None, "window", 0.3)
     render_output(accel, **call)
