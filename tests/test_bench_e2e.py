@@ -157,3 +157,24 @@ def test_report_rewrites_the_marked_region(smoke, tmp_path):
     assert body.startswith("# title\n\nprose\n") and body.endswith("after\n")
     assert "old" not in body and text in body
     assert "| adaspa_0.8 | no |" in text and "stock+taylorseer" in text
+
+
+def test_dense_steps_sweep_speed_column(smoke):
+    _, result, path = smoke
+    sweep_path = BENCH.parent / "sweep_dense_steps.py"
+    spec = importlib.util.spec_from_file_location("sweep_dense_steps", sweep_path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rows, _ = sweep.sweep_rows([0.0, 0.34], [m for m in sweep.METHODS if m["label"] == "adaspa"])
+    assert rows == {
+        "adaspa dense_steps=0": {"method": "adaspa", "dense_steps": 0.0},
+        "adaspa dense_steps=0.34": {"method": "adaspa", "dense_steps": 0.34},
+    }
+    table = [{"method": label, "knobs": knobs} for label, knobs in rows.items()]
+    speed = sweep.speed_column(table, str(path))["rows"]
+    # 0.34 of 3 steps is the measured row's own schedule (1 dense step): the same speedup
+    measured = next(r for r in result["rows"] if r["row"] == "adaspa_0.8" and not r["compiled"])
+    assert speed["adaspa dense_steps=0.34"]["dense_steps_of_run"] == 1
+    assert speed["adaspa dense_steps=0.34"]["speedup"] == pytest.approx(measured["speedup"], rel=1e-9)
+    # no warm-up: a fused search at step 0 and a sparse step the 3-step row never timed
+    assert "no time for ['sparse']" in speed["adaspa dense_steps=0"]["note"]
