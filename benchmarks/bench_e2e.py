@@ -599,7 +599,7 @@ class Runner:
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                 planned.append((row, compiled, None, f"probe failed: {type(e).__name__}: {e}"))
                 continue
-            visits = self._visits(schedule["cond"], row["name"] != "dense" and compiled in shared_dense)
+            visits = self._visits(schedule["cond"], _shares_dense(row) and compiled in shared_dense)
             ms = sum(
                 (self.warmup + self.repeats) * est.get(_estimate_key(k), est["dense"]) for k, _, _ in visits
             )
@@ -664,12 +664,12 @@ class Runner:
         sync(self.device)
         self.result["model_build_s"] = time.perf_counter() - t0
         self.inputs = make_inputs(g, self.contexts, self.device, self.dtype)
-        self.num_layers = None
 
         eager = [p for p in planned if not p[1]]
         compiled = [p for p in planned if p[1]]
         for item in eager:
             self._run_row(*item)
+        self._backfill_attention()
         self._step_cache_rows(False)
         if not self.args.no_check:
             for name in g["check_rows"]:
@@ -685,9 +685,24 @@ class Runner:
         for item in compiled:
             self._run_row(*item)
         if compiled:
+            self._backfill_attention()
             self._step_cache_rows(True)
         self.flush()
         return self.result
+
+    def _backfill_attention(self) -> None:
+        """Attention ms of kinds a row could not time itself (stock: from the dense row, which runs later)."""
+        for (name, compiled), res in self.results.items():
+            for kind, k in res["step_kinds"].items():
+                if k["attention_ms_per_call"] is None:
+                    attn, source = self._attention(name, kind, {}, compiled)
+                    if attn is not None and k["ms_per_call"]:
+                        k.update(
+                            attention_ms_per_call=attn,
+                            attention_source=source,
+                            non_attention_share=1.0 - attn / k["ms_per_call"],
+                        )
+        self.flush()
 
     def _compile(self) -> None:
         cfg = torch._dynamo.config
@@ -717,6 +732,7 @@ class Runner:
 
             torch._dynamo.reset()
             counters.clear()
+        t0 = time.perf_counter()
         try:
             self._time_row(row, compiled, schedule, res)
         except Exception as e:  # noqa: BLE001 - a failing row is recorded and the run goes on
@@ -736,6 +752,7 @@ class Runner:
                 uninstall(self.model)
             except Exception as e:  # noqa: BLE001
                 res.setdefault("notes", []).append(f"uninstall failed: {type(e).__name__}: {e}")
+        res["wall_s"] = time.perf_counter() - t0
         if res.get("status") == "ok":
             self.results[(row["name"], compiled)] = res
             self._speedups(res)
@@ -755,9 +772,8 @@ class Runner:
                 "dense_layers": list(handle.config.dense_layers or ()),
                 "block": handle.config.block_q,
             }
-            self.num_layers = len(handle.layers)
         dense_ref = self.results.get(("dense", compiled))
-        share = dense_ref is not None and row["name"] != "dense" and not self.args.no_share_dense
+        share = dense_ref is not None and _shares_dense(row) and not self.args.no_share_dense
         visits = self._visits(schedule["cond"], share)
         timed = []
         verified = True
@@ -1076,6 +1092,12 @@ class Runner:
             uninstall(self.model)
         self.result["checks"].append(entry)
         self.flush()
+
+
+def _shares_dense(row: dict) -> bool:
+    """Whether a row's dense steps are the ``dense`` row's: dit_accel rows (their dense steps run the stock
+    op through dit_accel's processors), not stock and not the dense row itself."""
+    return row["name"] not in ("stock", "dense") and (bool(row.get("preset")) or "method" in row)
 
 
 def _row(name: str) -> dict:

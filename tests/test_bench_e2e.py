@@ -100,6 +100,13 @@ def test_schedules_come_from_the_methods(smoke):
     assert all(s["seen_kind"] == s["kind"] for s in adaspa["timed_segments"])
     assert adaspa["step_kinds"]["fused_search"]["attention_ms_per_call"] is not None
     assert rows[("stock", False)]["schedule"]["cond"] == ["dense"] * 3
+    # stock has no dit_accel stats: its attention time is the dense row's (dense calls run the stock op)
+    stock_dense = rows[("stock", False)]["step_kinds"]["dense"]
+    assert stock_dense["attention_source"] == "dense row (eager)"
+    assert (
+        stock_dense["attention_ms_per_call"]
+        == rows[("dense", False)]["step_kinds"]["dense"]["attention_ms_per_call"]
+    )
     assert rows[("dense", False)]["dense_equals_stock"] is True
     # the dense steps of a method take the dense row's time
     window_sources = {s["source"] for s in adaspa["segments"] if s["kind"] == "dense"}
