@@ -2,8 +2,10 @@
 
 Backends: ``"triton"`` (our kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``; never falls back),
 ``"torch"`` (the fp32 references in ``reference.py``), ``"auto"`` (Triton where it can run, else the
-reference, with the reason logged once). ``dense_attention`` also has ``"cudnn"``: PyTorch's cuDNN
-attention through ``torch.ops.aten``, which returns the log-sum-exp too.
+reference, with the reason logged once). ``dense_attention`` also has ``"cudnn"`` (PyTorch's cuDNN
+attention through ``torch.ops.aten``) and ``"xformers"`` (``xformers.ops.fmha``, imported lazily by
+``xformers_attention.py`` only), both with the log-sum-exp; its ``"auto"`` picks from a table of
+measured results.
 
 The Triton kernels are registered as ``torch.library`` custom ops (``dit_accel::sparse_attention`` and
 ``dit_accel::block_mass``) so ``torch.compile(fullgraph=True)`` traces through callers.
@@ -19,6 +21,7 @@ import os
 import torch
 
 from . import reference
+from .correction import RESIDUAL_DTYPES, SoftmaxCorrection
 from .plan import BlockPlan, num_blocks
 
 logger = logging.getLogger("dit_accel")
@@ -166,15 +169,72 @@ def _sparse_attention_op(
     block_k: int,
     scale: float,
     kv_len: torch.Tensor | None,
+    rho: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    residual_scale: torch.Tensor | None = None,
+    rho_offset: float = 0.0,
+    clamp_rho: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_attention import sparse_attention_fwd
 
-    return sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len)
+    return sparse_attention_fwd(
+        q,
+        k,
+        v,
+        kv_indices,
+        kv_counts,
+        block_q,
+        block_k,
+        scale,
+        kv_len,
+        rho=rho,
+        residual=residual,
+        residual_scale=residual_scale,
+        rho_add=rho_offset,
+        clamp=clamp_rho,
+    )
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len):
+def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, *args):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("dit_accel::refresh_attention", mutates_args=())
+def _refresh_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    kv_len: torch.Tensor | None,
+    residual_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_refresh import refresh_attention_fwd
+
+    residual = q.new_empty(q.shape, dtype=residual_dtype)
+    fp8 = residual_dtype == torch.float8_e4m3fn
+    scale_t = q.new_empty(q.shape[:3] if fp8 else (0,), dtype=torch.float32)
+    out, lse, rho = refresh_attention_fwd(
+        q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, residual, scale_t if fp8 else None
+    )
+    return out, lse, rho, residual, scale_t
+
+
+@_refresh_attention_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, residual_dtype):
+    rows = q.new_empty(q.shape[:3], dtype=torch.float32)
+    fp8 = residual_dtype == torch.float8_e4m3fn
+    return (
+        torch.empty_like(q),
+        rows,
+        torch.empty_like(rows),
+        q.new_empty(q.shape, dtype=residual_dtype),
+        q.new_empty(q.shape[:3] if fp8 else (0,), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("dit_accel::block_mass", mutates_args=())
@@ -216,8 +276,11 @@ def block_sparse_attention(
     kv_len: torch.Tensor | None = None,
     layout: str = "bshd",
     backend: str = "auto",
+    correction: SoftmaxCorrection | None = None,
+    rho_offset: float = 0.0,
+    clamp_rho: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse softmax attention with the per-row log-sum-exp.
+    """Block-sparse softmax attention with the per-row log-sum-exp, optionally corrected (re-ttention).
 
     Args:
         q: [B, S_q, H, D] ("bshd", diffusers' dispatch layout) or [B, H, S_q, D] ("bhsd", SDPA's); any
@@ -229,26 +292,182 @@ def block_sparse_attention(
         kv_len: optional int [B]: keys at or past kv_len[b] are ignored.
         layout: "bshd" or "bhsd".
         backend: "auto", "triton" or "torch".
+        correction: statistics from :func:`refresh_attention` with the same plan; the output becomes
+            ``min(rho + rho_offset, 1) * O_sparse + R`` (``clamp_rho=False``: no cap), in one pass.
+        rho_offset: added to rho (re-ttention's ramp).
+        clamp_rho: cap rho + rho_offset at 1.
 
     Returns:
-        out in q's layout and dtype; lse fp32 [B, H, S_q] (natural log). A row with no key gets out 0
-        and lse -inf.
+        out in q's layout and dtype; lse fp32 [B, H, S_q] (natural log; the sparse one, also when corrected).
+        A row with no key gets out 0 (R when corrected) and lse -inf.
     """
     qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
     _check_plan(plan, qh, kh)
+    if correction is not None:
+        _check_correction(correction, qh)
     if _pick(backend, qh, "block_sparse_attention", (plan.block_q, plan.block_k)) == "torch":
-        out, lse = reference.attention_reference(qh, kh, vh, plan, scale, kv_len)
-    else:
+        if correction is None:
+            out, lse = reference.attention_reference(qh, kh, vh, plan, scale, kv_len)
+        else:
+            out, lse = reference.corrected_reference(
+                qh,
+                kh,
+                vh,
+                plan,
+                scale,
+                correction.rho,
+                correction.residual,
+                correction.residual_scale,
+                kv_len,
+                rho_offset,
+                clamp_rho,
+            )
+    elif correction is None:
         out, lse = _sparse_attention_op(
             qh, kh, vh, plan.kv_indices, plan.kv_counts, plan.block_q, plan.block_k, scale, kv_len
+        )
+    else:
+        out, lse = _sparse_attention_op(
+            qh,
+            kh,
+            vh,
+            plan.kv_indices,
+            plan.kv_counts,
+            plan.block_q,
+            plan.block_k,
+            scale,
+            kv_len,
+            correction.rho,
+            correction.residual,
+            correction.residual_scale,
+            float(rho_offset),
+            bool(clamp_rho),
         )
     return _from_bhsd(out, layout), lse
 
 
-# Which path ``dense_attention(backend="auto")`` takes on CUDA, from the side-by-side measurement in
-# benchmarks/results/kernels_nvidia_h200.json: cuDNN was 10-30% faster than our dense loop at head_dim 72
-# and 128, ours 3% faster at head_dim 64 (cogvideox5b).
-_DENSE_AUTO_CUDNN_MIN_HEAD_DIM = 65
+def _check_correction(correction: SoftmaxCorrection, qh: torch.Tensor) -> None:
+    if not isinstance(correction, SoftmaxCorrection):
+        raise ValueError(f"correction must be a SoftmaxCorrection, got {type(correction).__name__}")
+    if tuple(correction.residual.shape) != tuple(qh.shape):
+        raise ValueError(
+            f"correction residual {tuple(correction.residual.shape)} does not match the attention "
+            f"[B, H, S_q, D]={tuple(qh.shape)}"
+        )
+    if correction.device != qh.device or correction.rho.device != qh.device:
+        raise ValueError(f"correction is on {correction.device}, q is on {qh.device}")
+    if correction.residual.stride(-1) != 1 or not correction.rho.is_contiguous():
+        raise ValueError("correction tensors must be contiguous (as refresh_attention returns them)")
+
+
+def refresh_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    *,
+    scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
+    layout: str = "bshd",
+    backend: str = "auto",
+    residual_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, SoftmaxCorrection]:
+    """Dense attention and, in the same pass over the keys, the statistics of ``plan``'s mask (re-ttention).
+
+    Args:
+        q, k, v, plan, scale, kv_len, layout, backend: as in :func:`block_sparse_attention`.
+        residual_dtype: storage dtype of the residual R: float32, bfloat16, float16 or float8_e4m3fn
+            (per-row scaled); default q's dtype.
+
+    Returns:
+        out: the dense attention output (q's layout and dtype); lse: fp32 [B, H, S_q] of the full rows;
+        correction: :class:`SoftmaxCorrection` with rho = exp(LSE_in - LSE) and R = out - rho * O_in
+        (exactly the out-of-mask contribution), to pass to :func:`block_sparse_attention` with the same
+        plan at later steps.
+    """
+    qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
+    _check_plan(plan, qh, kh)
+    residual_dtype = residual_dtype or qh.dtype
+    if residual_dtype not in RESIDUAL_DTYPES:
+        raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype}")
+    if _pick(backend, qh, "refresh_attention", (plan.block_q, plan.block_k)) == "torch":
+        out, lse, rho, resid, r_scale = reference.refresh_reference(
+            qh, kh, vh, plan, scale, kv_len, residual_dtype
+        )
+        resid = resid.contiguous()
+    else:
+        out, lse, rho, resid, r_scale = _refresh_attention_op(
+            qh,
+            kh,
+            vh,
+            plan.kv_indices,
+            plan.kv_counts,
+            plan.block_q,
+            plan.block_k,
+            scale,
+            kv_len,
+            residual_dtype,
+        )
+        r_scale = r_scale if r_scale.numel() else None
+    return _from_bhsd(out, layout), lse, SoftmaxCorrection(rho, resid, r_scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# dense backends
+# --------------------------------------------------------------------------------------------------
+_DENSE_BACKENDS = ("auto", "cudnn", "xformers", "triton", "torch")
+
+# "auto" on CUDA: the dense backends in measured order, fastest first, per (compute capability major,
+# head_dim band, sequence band, needs_lse, has_kv_len). Each row names the benchmark result it comes from.
+# A key with no row was not measured: auto then runs our Triton kernel (the torch reference where Triton
+# cannot run). A listed backend that cannot run a call (not installed, head_dim, kv_len) is skipped with
+# a logged reason. A backend is listed only where a benchmark on that device timed it at that band:
+# re-measure with benchmarks/bench_dense.py and edit the rows by hand.
+_DENSE_TABLE: dict[tuple[int, str, str, bool, bool], tuple[str, ...]] = {
+    # benchmarks/results/kernels_nvidia_h200.json, cogvideox5b_49f (S 17,776, D 64): our dense loop
+    # 9.15 ms (its LSE is free) vs cuDNN 9.41 ms with LSE, 9.49 ms without.
+    (9, "d<=64", "s>8k", True, False): ("triton", "cudnn"),
+    (9, "d<=64", "s>8k", False, False): ("triton", "cudnn"),
+    # same file, flux_1024 (S 4,608, D 128): cuDNN 0.437 ms with LSE, 0.435 ms without; ours 0.565 ms.
+    (9, "d65-128", "s<=8k", True, False): ("cudnn", "triton"),
+    (9, "d65-128", "s<=8k", False, False): ("cudnn", "triton"),
+    # same file, pixart_2k (S 16,384, D 72): cuDNN 3.50 ms with or without LSE, ours 4.33 ms;
+    # wan1.3b_480p_81f, wan14b_720p_81f, hunyuan_720p_129f (S 32,760-119,056, D 128): cuDNN 10-13% faster.
+    (9, "d65-128", "s>8k", True, False): ("cudnn", "triton"),
+    (9, "d65-128", "s>8k", False, False): ("cudnn", "triton"),
+}
+
+
+def _head_dim_band(d: int) -> str:
+    return "d<=64" if d <= 64 else "d65-128" if d <= 128 else "d129-256"
+
+
+def _seq_band(s: int) -> str:
+    return "s<=8k" if s <= 8192 else "s>8k"
+
+
+def _dense_table_key(
+    capability_major: int, head_dim: int, seq: int, needs_lse: bool, has_kv_len: bool
+) -> tuple[int, str, str, bool, bool]:
+    """The key of ``_DENSE_TABLE`` for a dense call (``seq``: query tokens)."""
+    return (capability_major, _head_dim_band(head_dim), _seq_band(seq), bool(needs_lse), bool(has_kv_len))
+
+
+def _dense_auto_order(
+    capability_major: int, head_dim: int, seq: int, needs_lse: bool, has_kv_len: bool
+) -> tuple[str, ...]:
+    """The measured order "auto" tries on a CUDA device of this capability (empty: not measured)."""
+    return _DENSE_TABLE.get(_dense_table_key(capability_major, head_dim, seq, needs_lse, has_kv_len), ())
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.cache
+def _log_once(msg: str) -> None:
+    logger.info(msg)
 
 
 def _cudnn_unavailable_reason(qh: torch.Tensor, kv_len) -> str | None:
@@ -265,14 +484,61 @@ def _cudnn_unavailable_reason(qh: torch.Tensor, kv_len) -> str | None:
     return None
 
 
-def _cudnn_attention(qh, kh, vh, scale):
+def _cudnn_attention(qh, kh, vh, scale, return_lse: bool):
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        qh, kh, vh, None, True, 0.0, False, False, scale=scale
+        qh, kh, vh, None, return_lse, 0.0, False, False, scale=scale
     )
-    out, lse = res[0], res[1]
+    if not return_lse:
+        return res[0], None
+    lse = res[1]
     if lse.dim() == 4:
         lse = lse.squeeze(-1)
-    return out, lse.float()
+    return res[0], lse.float()
+
+
+def _dense_unavailable_reason(backend: str, qh, kh, vh, kv_len, scale: float, needs_lse: bool):
+    if backend == "cudnn":
+        return _cudnn_unavailable_reason(qh, kv_len)
+    if backend == "xformers":
+        from . import xformers_attention
+
+        return xformers_attention.unavailable_reason(qh, kh, vh, kv_len, scale, needs_lse)
+    if backend == "triton":
+        return _triton_unavailable_reason(qh)
+    return None
+
+
+def _first_runnable(order: tuple[str, ...], reason_of) -> str | None:
+    """The first backend of ``order`` that ``reason_of`` finds no reason against; skips are logged once."""
+    for candidate in order:
+        reason = reason_of(candidate)
+        if reason is None:
+            return candidate
+        _log_once(f"dense_attention: auto skips {candidate!r} (measured faster here): {reason}")
+    return None
+
+
+def _pick_dense(backend: str, qh, kh, vh, kv_len, scale: float, needs_lse: bool) -> str:
+    if backend not in _DENSE_BACKENDS:
+        raise ValueError(f"backend must be one of {_DENSE_BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        if backend in ("cudnn", "xformers"):
+            reason = _dense_unavailable_reason(backend, qh, kh, vh, kv_len, scale, needs_lse)
+            if reason is not None:
+                raise RuntimeError(f"dense_attention: backend={backend!r} cannot run: {reason}")
+            return backend
+        return _pick(backend, qh, "dense_attention")
+    if qh.is_cuda:
+        index = qh.device.index if qh.device.index is not None else torch.cuda.current_device()
+        order = _dense_auto_order(
+            _capability_major(index), qh.shape[3], qh.shape[2], needs_lse, kv_len is not None
+        )
+        chosen = _first_runnable(
+            order, lambda b: _dense_unavailable_reason(b, qh, kh, vh, kv_len, scale, needs_lse)
+        )
+        if chosen is not None:
+            return chosen
+    return _pick("auto", qh, "dense_attention")
 
 
 def dense_attention(
@@ -284,34 +550,41 @@ def dense_attention(
     kv_len: torch.Tensor | None = None,
     layout: str = "bshd",
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense softmax attention with the per-row log-sum-exp (for dense steps and pattern searches).
+    return_lse: bool = True,
+):
+    """Dense softmax attention, with the per-row log-sum-exp (dense steps and pattern searches).
 
-    Same arguments and returns as :func:`block_sparse_attention` without a plan. ``backend`` is "auto",
-    "triton", "cudnn" or "torch"; "auto" on CUDA uses cuDNN where it supports the call and was measured
-    faster (fp16/bf16, head_dim a multiple of 8 in 65..128, no kv_len) and our dense Triton kernel
-    otherwise.
+    Same arguments as :func:`block_sparse_attention` without a plan, and:
+
+    Args:
+        backend: "auto", "cudnn" (PyTorch's cuDNN attention through ``torch.ops.aten``), "xformers"
+            (``xformers.ops.fmha``; the ``xformers`` extra), "triton" (our dense loop; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``) or "torch" (the fp32 reference). "auto" on CUDA tries the backends a
+            benchmark measured fastest on this device at this head_dim and sequence band, with or without
+            the LSE and kv_len (a table in this module), skipping any that cannot run the call with a logged
+            reason, then our Triton kernel; elsewhere it runs Triton where it can, else the reference.
+            A named backend that cannot run the call raises RuntimeError; it never falls back.
+        return_lse: False returns the output only, which lets cuDNN and xformers skip writing the LSE.
+
+    Returns:
+        ``(out, lse)`` as :func:`block_sparse_attention` (every key counts), or ``out`` when
+        ``return_lse`` is False.
     """
     qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
-    if backend == "cudnn":
-        reason = _cudnn_unavailable_reason(qh, kv_len)
-        if reason is not None:
-            raise RuntimeError(f"dense_attention: backend='cudnn' cannot run: {reason}")
-        out, lse = _cudnn_attention(qh, kh, vh, scale)
-        return _from_bhsd(out, layout), lse
-    if (
-        backend == "auto"
-        and qh.shape[3] >= _DENSE_AUTO_CUDNN_MIN_HEAD_DIM
-        and _cudnn_unavailable_reason(qh, kv_len) is None
-    ):
-        out, lse = _cudnn_attention(qh, kh, vh, scale)
-        return _from_bhsd(out, layout), lse
-    if _pick(backend, qh, "dense_attention") == "torch":
+    chosen = _pick_dense(backend, qh, kh, vh, kv_len, scale, return_lse)
+    if chosen == "cudnn":
+        out, lse = _cudnn_attention(qh, kh, vh, scale, return_lse)
+    elif chosen == "xformers":
+        from .xformers_attention import xformers_attention
+
+        out, lse = xformers_attention(qh, kh, vh, scale, return_lse)
+    elif chosen == "torch":
         out, lse = reference.attention_reference(qh, kh, vh, None, scale, kv_len)
     else:
         block = 16 if _interpret() else 128
         out, lse = _sparse_attention_op(qh, kh, vh, None, None, block, block, scale, kv_len)
-    return _from_bhsd(out, layout), lse
+    out = _from_bhsd(out, layout)
+    return (out, lse) if return_lse else out
 
 
 def block_mass(

@@ -127,4 +127,5 @@ FAMILY = Family(
     },
     select=_select,
     geometry=_geometry,
+    video=False,
 )
