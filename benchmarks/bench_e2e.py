@@ -133,7 +133,7 @@ GEOMETRIES: dict[str, dict] = {
             "custom": 3800,
         },
         "compile_estimate_s": 90,
-        "default_rows": ("stock", "dense", "radial", "adaspa_0.8", "balanced"),
+        "default_rows": ("stock", "dense", "radial", "adaspa_0.8", "rettention_window_0.05", "balanced"),
         "default_compiled": (),
         "step_cache": True,
         "check_rows": (),
@@ -226,14 +226,15 @@ CACHES: dict[str, dict] = {
     },
 }
 SMOKE_CACHE_KNOBS = {"cache_interval": 2, "disable_cache_before_step": 1}
-CACHE_BASES = ("stock", "balanced", "adaspa_0.8", "adaspa_0.9", "radial")
+CACHE_BASES = ("stock", "balanced", "adaspa_0.8", "adaspa_0.9", "radial", "rettention_window_0.05")
 
-# The probe: a tiny model per family on the CPU, at a 21-frame grid where every method's pattern is sparse.
+# The probe: a tiny model per family on the CPU, at a 21 x 8 x 8 token grid (4 blocks of 16 per frame) where
+# every method's pattern is sparse, the per-frame window of rettention's base included.
 PROBES = {
-    "wan": {"config": WAN_TINY, "latent": (1, 16, 21, 8, 8), "text": (1, 8, 32)},
+    "wan": {"config": WAN_TINY, "latent": (1, 16, 21, 16, 16), "text": (1, 8, 32)},
     "hunyuan_video": {
         "config": HUNYUAN_TINY,
-        "latent": (1, 4, 21, 4, 4),
+        "latent": (1, 4, 21, 8, 8),
         "text": (1, 7, 16),
         "text_valid": 4,
         "pooled": (1, 8),
@@ -460,6 +461,8 @@ def _probe(family, spec, knobs, steps, contexts, cache) -> dict:
 def _estimate_key(kind: str) -> str:
     if kind in ("dense", "fused_search", "cached_search"):
         return kind
+    if "refresh" in kind:
+        return "fused_search"  # a full pass and a little more
     if kind == "no_attention":
         return "custom"
     if kind == "skipped":

@@ -1,4 +1,4 @@
-"""Dense warm-up against quality: radial and adaspa at several dense-step fractions on the embedded model.
+"""Dense warm-up against quality on the embedded model: radial, adaspa and rettention at several fractions.
 
 The dense warm-up is the biggest lever left on end-to-end speed (DESIGN.md §6: ~35% of a Wan-14B run), so its
 default should be the smallest fraction that keeps quality. Per method and fraction f, the embedded trained
@@ -13,7 +13,8 @@ from the JSON over the schedule of the same configuration with that fraction (re
 bench_e2e's probe, on the CPU). Quality and speed come from different models and geometries; the table puts
 them side by side, it does not claim one predicts the other.
 
-GPU run (about 3.5 min on an H200: 24 prompts x (1 dense + 10) renders of ~0.7 s, plus loading):
+GPU run (about 5 min on an H200: 24 prompts x (1 dense + 15) renders of ~0.7 s, plus loading; ``--methods
+radial,adaspa`` for 3.5 min):
 
     python benchmarks/sweep_dense_steps.py --device cuda --prompts 24
 

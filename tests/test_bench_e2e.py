@@ -113,6 +113,15 @@ def test_schedules_come_from_the_methods(smoke):
     assert window_sources == {"dense row"}
 
 
+def test_rettention_row_when_available(smoke):
+    if "rettention" not in method_names():
+        pytest.skip("rettention is not in this checkout")
+    _, result, _ = smoke
+    row = next(r for r in result["rows"] if r["row"] == "rettention_window_0.05" and not r["compiled"])
+    assert row["status"] == "ok" and row["schedule_verified"], row.get("error")
+    assert {"refresh", "corrected"} <= set(row["schedule"]["cond"])
+
+
 def test_rows_this_checkout_lacks_are_skipped_with_a_reason(smoke):
     _, result, _ = smoke
     rows = {r["row"]: r for r in result["rows"] if not r["compiled"]}
