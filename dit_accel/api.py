@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -302,22 +303,31 @@ def _remove_tracker(transformer: torch.nn.Module, inst: _Installed) -> None:
     """Take the step-tracker hook out of the transformer's forward chain, keeping what others added since."""
     inst.hook.deactivate()
     registry = hook_registry(transformer)
-    if registry is None or registry.get_hook(TRACKER_HOOK_NAME) is not inst.hook:
+    if registry is None:
         return
-    current = transformer.__dict__.get("forward", _MISSING)
-    registry.remove_hook(TRACKER_HOOK_NAME, recurse=False)
-    below = transformer.__dict__.get("forward", _MISSING)
-    if current is not inst.forward_installed and current is not _MISSING:
-        # Someone wrapped the forward after apply (accelerate's add_hook_to_module keeps the wrapped one in
-        # _old_forward and calls it from there); diffusers' remove_hook just put back the forward from
-        # before apply. Keep theirs, and point it past ours. Other wrappers call the hook's forward, now a
-        # pass-through.
-        transformer.forward = current
-        if getattr(transformer, "_old_forward", None) is inst.forward_installed and below is not _MISSING:
-            transformer._old_forward = below
-    elif not registry.hooks and inst.forward_before is _MISSING and below is not _MISSING:
+    if registry.get_hook(TRACKER_HOOK_NAME) is inst.hook:
+        current = transformer.__dict__.get("forward", _MISSING)
+        registry.remove_hook(TRACKER_HOOK_NAME, recurse=False)
+        below = transformer.__dict__.get("forward", _MISSING)
+        if current is not inst.forward_installed and current is not _MISSING:
+            # Someone wrapped the forward after apply. diffusers' remove_hook just put back the forward from
+            # before apply: keep theirs, and point it past ours where we know how (accelerate's
+            # add_hook_to_module calls the wrapped forward through _old_forward). Other wrappers call the
+            # hook's forward, now a pass-through.
+            transformer.forward = current
+            if getattr(transformer, "_old_forward", None) is inst.forward_installed and below is not _MISSING:
+                transformer._old_forward = below
+    if registry.hooks:
+        return
+    forward = transformer.__dict__.get("forward", _MISSING)
+    if (
+        inst.forward_before is _MISSING
+        and inspect.ismethod(forward)
+        and forward.__self__ is transformer
+        and forward.__func__ is type(transformer).forward
+    ):
         del transformer.__dict__["forward"]
-    if not registry.hooks and not inst.had_registry:
+    if not inst.had_registry:
         drop_registry(transformer)
 
 

@@ -168,6 +168,25 @@ def test_two_checkpointed_forwards_then_one_backward():
     _assert_grads({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, want)
 
 
+def test_unrecorded_recomputations_raise():
+    x = TRANSFORMERS["wan"]()[1](1)
+    model = wan_transformer()
+    model.enable_gradient_checkpointing()
+    dit_accel.apply(model, method="dense")
+    loss = model(**x, return_dict=False)[0].pow(2).mean()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"did not record.*retain_graph=True"):
+        loss.backward()
+    # Checkpointing a block by hand, without diffusers' flag: the forward is not recorded.
+    model = wan_transformer()
+    dit_accel.apply(model, method="dense")
+    block = model.blocks[0]
+    forward = block.forward
+    block.forward = lambda *a, **k: torch.utils.checkpoint.checkpoint(forward, *a, use_reentrant=False, **k)
+    with pytest.raises(RuntimeError, match="checkpointing applied by other means"):
+        model(**x, return_dict=False)[0].pow(2).mean().backward()
+
+
 def test_triton_sparse_call_under_grad_raises():
     q, k, v = (torch.randn(1, 40, 2, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
     plan = BlockPlan.dense(40, 40, 16, 16)
@@ -535,6 +554,17 @@ def test_remove_keeps_a_plain_forward_wrapper():
     dit_accel.remove(model)
     assert model.forward is wrapper
     assert torch.equal(_forward(model, x), ref) and calls
+
+
+def test_remove_after_the_tracker_hook_was_taken_out_by_hand():
+    model, inputs = TRANSFORMERS["wan"]()
+    x = inputs(1)
+    ref = _forward(model, x)
+    dit_accel.apply(model, **SPARSE)
+    _diffusers.hook_registry(model).remove_hook(TRACKER_HOOK_NAME, recurse=False)
+    dit_accel.remove(model)
+    assert "_diffusers_hook" not in model.__dict__ and "forward" not in model.__dict__
+    assert torch.equal(_forward(model, x), ref)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -116,15 +116,23 @@ class Runtime:
         info = self.tracker.current
         capture = None
         if info is None:
-            capture = processor._take_capture(q) if in_backward() else None
+            recomputing = in_backward()
+            capture = processor._take_capture(q) if recomputing else None
+            if capture is None and recomputing:
+                raise RuntimeError(
+                    f"{type(processor).__name__} ({processor.layer}): a checkpointed block is "
+                    "recomputed in backward for a forward dit_accel did not record. dit_accel records "
+                    "forwards run with grad enabled on a transformer with enable_gradient_checkpointing() "
+                    "on, and replays each once: checkpointing applied by other means, or a second backward "
+                    "through the same graph (retain_graph=True), is not supported. Use diffusers' "
+                    "enable_gradient_checkpointing(), or dit_accel.remove(...) before training."
+                )
             if capture is None:
                 raise RuntimeError(
                     f"{type(processor).__name__} ({processor.layer}) was called outside a tracked "
-                    "transformer forward: the dit_accel step tracker hook is missing from the transformer, "
-                    "or a checkpointed block is recomputed for a forward that was not recorded (dit_accel "
-                    "records forwards run with grad enabled after "
-                    "transformer.enable_gradient_checkpointing(), and replays each once). Install the "
-                    "processors with dit_accel.apply(...) or dit_accel.attn_processors(transformer)."
+                    "transformer forward: the dit_accel step tracker hook is missing from the transformer. "
+                    "Install the processors with dit_accel.apply(...) or "
+                    "dit_accel.attn_processors(transformer)."
                 )
             info = capture.info
         device_type = q.device.type
