@@ -2,10 +2,11 @@
 
 Backends: ``"triton"`` (our kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``; never falls back),
 ``"torch"`` (the fp32 references in ``reference.py``), ``"auto"`` (Triton where it can run, else the
-reference, with the reason logged once). The Triton kernels have no backward: when the inputs require grad,
-``"triton"`` refuses the call (naming the ways out) and ``"auto"`` takes the reference, whose gradients are
-exact. ``dense_attention`` also has ``"cudnn"``: PyTorch's cuDNN
+reference, with the reason logged once). ``dense_attention`` also has ``"cudnn"``: PyTorch's cuDNN
 attention through ``torch.ops.aten``, which returns the log-sum-exp too.
+
+The Triton kernels have no backward: for inputs that require grad (grad mode on), ``"triton"`` refuses the
+call, naming the ways out, and ``"auto"`` takes the reference, whose gradients are exact.
 
 The Triton kernels are registered as ``torch.library`` custom ops (``dit_accel::sparse_attention`` and
 ``dit_accel::block_mass``) so ``torch.compile(fullgraph=True)`` traces through callers.

@@ -2,8 +2,13 @@
 
 A plan is the sparse-attention analogue of FlexAttention's ``kv_num_blocks`` / ``kv_indices``: per
 (batch, head, query block) a sorted list of key-block indices and a count. Counts may differ per head and
-per row; entries past the count are ignored (they are padded with the last valid index, or 0, so that a
-kernel reading one slot too far never leaves the tensor).
+per row; entries past the count are ignored (:meth:`BlockPlan.from_block_mask` pads them with the last valid
+index, or 0).
+
+A plan built with the constructor is checked in full, contents included; the internal constructors
+(:meth:`BlockPlan.from_block_mask`, :meth:`BlockPlan.dense`, :meth:`BlockPlan.expand`, :meth:`BlockPlan.to`)
+build valid plans and check only shapes, dtypes and sizes, so a plan built per step costs no host
+synchronisation beyond its own construction.
 """
 
 from __future__ import annotations
