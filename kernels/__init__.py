@@ -1,10 +1,19 @@
 """dit_accel.kernels: block-sparse attention kernels (Triton) and their pure-torch references.
 
-Public: :class:`BlockPlan`, :func:`block_sparse_attention`, :func:`dense_attention`, :func:`block_mass`.
+Public: :class:`BlockPlan`, :class:`SoftmaxCorrection`, :func:`block_sparse_attention`,
+:func:`dense_attention`, :func:`block_mass`, :func:`refresh_attention`.
 This package imports only torch and triton.
 """
 
-from .ops import block_mass, block_sparse_attention, dense_attention
+from .correction import SoftmaxCorrection
+from .ops import block_mass, block_sparse_attention, dense_attention, refresh_attention
 from .plan import BlockPlan
 
-__all__ = ["BlockPlan", "block_mass", "block_sparse_attention", "dense_attention"]
+__all__ = [
+    "BlockPlan",
+    "SoftmaxCorrection",
+    "block_mass",
+    "block_sparse_attention",
+    "dense_attention",
+    "refresh_attention",
+]

@@ -23,6 +23,7 @@ import os
 import torch
 
 from . import reference
+from .correction import RESIDUAL_DTYPES, SoftmaxCorrection
 from .plan import BlockPlan, _check_block_size, num_blocks
 
 logger = logging.getLogger("dit_accel")
@@ -220,15 +221,72 @@ def _sparse_attention_op(
     block_k: int,
     scale: float,
     kv_len: torch.Tensor | None,
+    rho: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    residual_scale: torch.Tensor | None = None,
+    rho_offset: float = 0.0,
+    clamp_rho: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_attention import sparse_attention_fwd
 
-    return sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len)
+    return sparse_attention_fwd(
+        q,
+        k,
+        v,
+        kv_indices,
+        kv_counts,
+        block_q,
+        block_k,
+        scale,
+        kv_len,
+        rho=rho,
+        residual=residual,
+        residual_scale=residual_scale,
+        rho_add=rho_offset,
+        clamp=clamp_rho,
+    )
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len):
+def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, *args):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("dit_accel::refresh_attention", mutates_args=())
+def _refresh_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    kv_len: torch.Tensor | None,
+    residual_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_refresh import refresh_attention_fwd
+
+    residual = q.new_empty(q.shape, dtype=residual_dtype)
+    fp8 = residual_dtype == torch.float8_e4m3fn
+    scale_t = q.new_empty(q.shape[:3] if fp8 else (0,), dtype=torch.float32)
+    out, lse, rho = refresh_attention_fwd(
+        q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, residual, scale_t if fp8 else None
+    )
+    return out, lse, rho, residual, scale_t
+
+
+@_refresh_attention_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, residual_dtype):
+    rows = q.new_empty(q.shape[:3], dtype=torch.float32)
+    fp8 = residual_dtype == torch.float8_e4m3fn
+    return (
+        torch.empty_like(q),
+        rows,
+        torch.empty_like(rows),
+        q.new_empty(q.shape, dtype=residual_dtype),
+        q.new_empty(q.shape[:3] if fp8 else (0,), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("dit_accel::block_mass", mutates_args=())
@@ -270,8 +328,11 @@ def block_sparse_attention(
     kv_len: torch.Tensor | None = None,
     layout: str = "bshd",
     backend: str = "auto",
+    correction: SoftmaxCorrection | None = None,
+    rho_offset: float = 0.0,
+    clamp_rho: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse softmax attention with the per-row log-sum-exp.
+    """Block-sparse softmax attention with the per-row log-sum-exp, optionally corrected (re-ttention).
 
     Args:
         q: [B, S_q, H, D] ("bshd", diffusers' dispatch layout) or [B, H, S_q, D] ("bhsd", SDPA's); any
@@ -284,21 +345,126 @@ def block_sparse_attention(
             values >= 0): keys at or past kv_len[b] are ignored; values past S_k mean every key.
         layout: "bshd" or "bhsd".
         backend: "auto", "triton" or "torch".
+        correction: statistics from :func:`refresh_attention` with the same plan; the output becomes
+            ``min(rho + rho_offset, 1) * O_sparse + R`` (``clamp_rho=False``: no cap), in one pass.
+        rho_offset: added to rho (re-ttention's ramp).
+        clamp_rho: cap rho + rho_offset at 1.
 
     Returns:
-        out in q's layout and dtype; lse fp32 [B, H, S_q] (natural log). A row with no key gets out 0
-        and lse -inf.
+        out in q's layout and dtype; lse fp32 [B, H, S_q] (natural log; the sparse one, also when corrected).
+        A row with no key gets out 0 (R when corrected) and lse -inf.
     """
     qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
     _check_plan(plan, qh, kh)
-    grad = _needs_grad(qh, kh, vh)
+    if correction is not None:
+        _check_correction(correction, qh)
+    grad = _needs_grad(qh, kh, vh, *((correction.rho, correction.residual) if correction is not None else ()))
     if _pick(backend, qh, "block_sparse_attention", (plan.block_q, plan.block_k), grad) == "torch":
-        out, lse = reference.attention_reference(qh, kh, vh, plan, scale, kv_len)
-    else:
+        if correction is None:
+            out, lse = reference.attention_reference(qh, kh, vh, plan, scale, kv_len)
+        else:
+            out, lse = reference.corrected_reference(
+                qh,
+                kh,
+                vh,
+                plan,
+                scale,
+                correction.rho,
+                correction.residual,
+                correction.residual_scale,
+                kv_len,
+                rho_offset,
+                clamp_rho,
+            )
+    elif correction is None:
         out, lse = _sparse_attention_op(
             qh, kh, vh, plan.kv_indices, plan.kv_counts, plan.block_q, plan.block_k, scale, kv_len
         )
+    else:
+        out, lse = _sparse_attention_op(
+            qh,
+            kh,
+            vh,
+            plan.kv_indices,
+            plan.kv_counts,
+            plan.block_q,
+            plan.block_k,
+            scale,
+            kv_len,
+            correction.rho,
+            correction.residual,
+            correction.residual_scale,
+            float(rho_offset),
+            bool(clamp_rho),
+        )
     return _from_bhsd(out, layout), lse
+
+
+def _check_correction(correction: SoftmaxCorrection, qh: torch.Tensor) -> None:
+    if not isinstance(correction, SoftmaxCorrection):
+        raise ValueError(f"correction must be a SoftmaxCorrection, got {type(correction).__name__}")
+    if tuple(correction.residual.shape) != tuple(qh.shape):
+        raise ValueError(
+            f"correction residual {tuple(correction.residual.shape)} does not match the attention "
+            f"[B, H, S_q, D]={tuple(qh.shape)}"
+        )
+    if correction.device != qh.device or correction.rho.device != qh.device:
+        raise ValueError(f"correction is on {correction.device}, q is on {qh.device}")
+    if correction.residual.stride(-1) != 1 or not correction.rho.is_contiguous():
+        raise ValueError("correction tensors must be contiguous (as refresh_attention returns them)")
+
+
+def refresh_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    *,
+    scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
+    layout: str = "bshd",
+    backend: str = "auto",
+    residual_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, SoftmaxCorrection]:
+    """Dense attention and, in the same pass over the keys, the statistics of ``plan``'s mask (re-ttention).
+
+    Args:
+        q, k, v, plan, scale, kv_len, layout, backend: as in :func:`block_sparse_attention`.
+        residual_dtype: storage dtype of the residual R: float32, bfloat16, float16 or float8_e4m3fn
+            (per-row scaled); default q's dtype.
+
+    Returns:
+        out: the dense attention output (q's layout and dtype); lse: fp32 [B, H, S_q] of the full rows;
+        correction: :class:`SoftmaxCorrection` with rho = exp(LSE_in - LSE) and R = out - rho * O_in
+        (exactly the out-of-mask contribution), to pass to :func:`block_sparse_attention` with the same
+        plan at later steps.
+    """
+    qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
+    _check_plan(plan, qh, kh)
+    residual_dtype = residual_dtype or qh.dtype
+    if residual_dtype not in RESIDUAL_DTYPES:
+        raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype}")
+    grad = _needs_grad(qh, kh, vh)
+    if _pick(backend, qh, "refresh_attention", (plan.block_q, plan.block_k), grad) == "torch":
+        out, lse, rho, resid, r_scale = reference.refresh_reference(
+            qh, kh, vh, plan, scale, kv_len, residual_dtype
+        )
+        resid = resid.contiguous()
+    else:
+        out, lse, rho, resid, r_scale = _refresh_attention_op(
+            qh,
+            kh,
+            vh,
+            plan.kv_indices,
+            plan.kv_counts,
+            plan.block_q,
+            plan.block_k,
+            scale,
+            kv_len,
+            residual_dtype,
+        )
+        r_scale = r_scale if r_scale.numel() else None
+    return _from_bhsd(out, layout), lse, SoftmaxCorrection(rho, resid, r_scale)
 
 
 # Which path ``dense_attention(backend="auto")`` takes on CUDA, from the side-by-side measurement in

@@ -14,6 +14,7 @@ import torch
 from .plan import BlockPlan, num_blocks
 
 _CHUNK_ELEMENTS = 1 << 25
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def _row_chunk(batch: int, heads: int, k_len: int, align: int) -> int:
@@ -122,3 +123,86 @@ def block_mass_reference(
             batch, heads, rows // block_q, block_q, n_kb
         ).sum(3)
     return w
+
+
+def _lse_finite(lse: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isinf(lse), 0.0, lse)
+
+
+def quantize_residual(r: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``r`` (fp32) in storage dtype ``dtype``; float8 (e4m3) gets a per-row scale max|r| / 448 over the
+    last dim (1 for an all-zero row). Returns (stored, scale or None)."""
+    if dtype != torch.float8_e4m3fn:
+        return r.to(dtype), None
+    amax = r.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (r / scale.unsqueeze(-1)).to(dtype), scale.float()
+
+
+def dequantize_residual(r: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """fp32 residual from its stored form."""
+    out = r.float()
+    return out * scale.unsqueeze(-1) if scale is not None else out
+
+
+def refresh_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    scale: float,
+    kv_len: torch.Tensor | None = None,
+    residual_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Dense attention plus the softmax statistics of ``plan``'s mask, in fp32.
+
+    Args:
+        q, k, v: [B, H, S_q | S_k, D] (any strides).
+        plan: the block plan whose mask splits each row's keys into in-mask and out-of-mask.
+        residual_dtype: storage dtype of R (default q's dtype); float8_e4m3fn gets a per-row scale.
+
+    Returns:
+        out [B, H, S_q, D] in q's dtype (the dense output); lse fp32 [B, H, S_q] (dense);
+        rho fp32 [B, H, S_q] = exp(lse_in - lse) (1 for a row with no key, 0 when its mask holds none);
+        R [B, H, S_q, D] = out - rho * out_in in ``residual_dtype``; the fp32 per-row scale of R or None.
+    """
+    qf, kf, vf = q.float(), k.float(), v.float()
+    out, lse = attention_reference(qf, kf, vf, None, scale, kv_len)
+    out_in, lse_in = attention_reference(qf, kf, vf, plan, scale, kv_len)
+    rho = torch.where(torch.isinf(lse), 1.0, torch.exp(lse_in - _lse_finite(lse)))
+    rho = torch.where(torch.isinf(lse_in) & ~torch.isinf(lse), 0.0, rho)
+    resid = out - rho.unsqueeze(-1) * out_in
+    stored, r_scale = quantize_residual(resid, residual_dtype or q.dtype)
+    return out.to(q.dtype), lse, rho, stored, r_scale
+
+
+def corrected_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    scale: float,
+    rho: torch.Tensor,
+    residual: torch.Tensor,
+    residual_scale: torch.Tensor | None = None,
+    kv_len: torch.Tensor | None = None,
+    rho_offset: float = 0.0,
+    clamp_rho: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention corrected with cached statistics: ``min(rho + rho_offset, 1) * O_sparse + R``.
+
+    Args:
+        q, k, v, plan, scale, kv_len: as :func:`attention_reference`.
+        rho: fp32 [B, H, S_q]; residual: [B, H, S_q, D] (any float dtype); residual_scale: fp32 [B, H, S_q]
+            for a float8 residual, else None.
+        rho_offset: added to rho (re-ttention's ramp); clamp_rho: cap the sum at 1.
+
+    Returns:
+        out [B, H, S_q, D] in q's dtype; the sparse lse fp32 [B, H, S_q] (uncorrected).
+    """
+    out, lse = attention_reference(q.float(), k.float(), v.float(), plan, scale, kv_len)
+    r = rho.float() + rho_offset
+    if clamp_rho:
+        r = r.clamp(max=1.0)
+    out = r.unsqueeze(-1) * out + dequantize_residual(residual, residual_scale)
+    return out.to(q.dtype), lse

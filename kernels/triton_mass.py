@@ -14,16 +14,21 @@ past ``kv_len``) are the last ones and alone pay for a mask.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _cfg, _dot_f32, _head_dim_pad, _load_tile, _prune, _tma_ok
-
-_LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_common import (
+    INTERPRET,
+    LOG2E,
+    cfg,
+    dot_f32,
+    head_dim_pad,
+    load_tile,
+    prune_configs,
+    seq_bucket,
+    tma_ok,
+)
 
 
 @triton.jit
@@ -48,7 +53,7 @@ def _mass_tile(
     if USE_TMA:
         k = k_base.load([start_n, 0])  # [BLOCK_N, D_PAD]; zero-filled past the sequence and HEAD_DIM
     else:
-        k = _load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
+        k = load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
     if DOT_F32:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
@@ -75,12 +80,12 @@ def _query_tile(
     # q rows row0 .. row0 + BLOCK_M and their base-2 LSE; rows past the sequence or with lse = -inf get
     # +inf, so their exp is exactly 0.
     offs_m = row0 + tl.arange(0, BLOCK_M)
-    q = _load_tile(q_base, offs_m, stride_qs, offs_d, seq_q, HEAD_DIM, True, EVEN_D)  # [BLOCK_M, D_PAD]
+    q = load_tile(q_base, offs_m, stride_qs, offs_d, seq_q, HEAD_DIM, True, EVEN_D)  # [BLOCK_M, D_PAD]
     if DOT_F32:
         q = q.to(tl.float32)
     lse = tl.load(lse_base + offs_m * stride_ls, mask=offs_m < seq_q, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    return q, lse * 1.4426950408889634
+    return q, lse * LOG2E
 
 
 @triton.jit
@@ -126,16 +131,16 @@ def _mass_block(
 
 
 def _configs():
-    if _INTERPRET:
-        return [_cfg(16, 16, 4, 1)]
+    if INTERPRET:
+        return [cfg(16, 16, 4, 1)]
     # Re-tune: `python benchmarks/bench_kernels.py` reports block_mass against one cuDNN attention.
-    return [_cfg(*c) for c in [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4)]]
+    return [cfg(*c) for c in [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4)]]
 
 
 @triton.autotune(
     configs=_configs(),
     key=["HEAD_DIM_PAD", "SEQ_BUCKET", "PLAN_BQ", "PLAN_BK", "HAS_KV_LEN", "USE_TMA"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
 def _block_mass_kernel(
@@ -245,14 +250,14 @@ def block_mass_fwd(
         seq_k,
         n_qb,
         n_kb,
-        scale * _LOG2E,
-        triton.next_power_of_2(max(seq_q, seq_k)) // 1024,
+        scale * LOG2E,
+        seq_bucket(seq_q, seq_k),
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        HEAD_DIM_PAD=head_dim_pad(head_dim),
         PLAN_BQ=block_q,
         PLAN_BK=block_k,
         HAS_KV_LEN=kv_len is not None,
-        DOT_F32=_dot_f32(q),
-        USE_TMA=_tma_ok(k),
+        DOT_F32=dot_f32(q),
+        USE_TMA=tma_ok(k),
     )
     return w

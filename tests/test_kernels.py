@@ -271,8 +271,8 @@ def test_tensor_descriptor_path(monkeypatch):
     """The tensor-descriptor path (taken on Hopper) computes the same function; the interpreter runs it."""
     from dit_accel.kernels import triton_attention, triton_mass
 
-    monkeypatch.setattr(triton_attention, "_tma_ok", lambda *t: True)
-    monkeypatch.setattr(triton_mass, "_tma_ok", lambda *t: True)
+    monkeypatch.setattr(triton_attention, "tma_ok", lambda *t: True)
+    monkeypatch.setattr(triton_mass, "tma_ok", lambda *t: True)
     b, s, h, d = 2, 83, 2, 72
     q, k, v = _qkv(b, s, h, d, torch.float16, "bshd", seed=23)
     kv_len = torch.tensor([83, 50], dtype=torch.int32, device=DEVICE)

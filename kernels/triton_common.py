@@ -1,0 +1,287 @@
+"""Triton primitives shared by the attention, refresh and block-mass kernels, and their launch helpers.
+
+Provenance: the online-softmax tile step follows FlashAttention-2 (Dao, 2023) as written in Triton's fused
+attention tutorial; scores are kept in base 2 (pre-multiplied by log2 e). What the kernels of this package
+add on top: inputs read by strides as (B, H, S, D) views, any sequence length (tails masked), head_dim padded
+to a power of two by masked loads, an optional per-batch valid key length, key blocks walked from a sorted
+per-row index list (a ``BlockPlan``), and on Hopper K/V tiles loaded through device-side tensor descriptors.
+
+Nothing here is public; kernel modules import these names, never each other's private helpers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# @triton.jit helpers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def load_tile(
+    base,
+    offs_r,
+    stride_r,
+    offs_d,
+    n_rows,
+    HEAD_DIM: tl.constexpr,
+    ROW_MASK: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    # [R, HEAD_DIM_PAD] tile of rows offs_r; rows >= n_rows and columns >= HEAD_DIM read as 0.
+    ptrs = base + offs_r[:, None].to(tl.int64) * stride_r + offs_d[None, :]
+    if ROW_MASK:
+        if EVEN_D:
+            return tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def attend_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    start_n,
+    offs_n,
+    offs_d,
+    seq_k,
+    kv_limit,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    # One [BLOCK_M, BLOCK_N] step of the online softmax (base 2). With USE_TMA, k_base / v_base are tensor
+    # descriptors: the copy engine zero-fills rows past the sequence and columns past HEAD_DIM.
+    cols = start_n + offs_n  # [BLOCK_N]
+    if USE_TMA:
+        k = k_base.load([start_n, 0])  # [BLOCK_N, D_PAD]
+    else:
+        k = load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
+    if DOT_F32:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        qk = tl.where(cols[None, :] < kv_limit, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # A row with no valid key so far keeps m = -inf; subtract 0 instead so nothing becomes NaN.
+        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_sub = m_ij
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if USE_TMA:
+        v = v_base.load([start_n, 0])  # [BLOCK_N, D_PAD]
+    else:
+        v = load_tile(v_base, cols, stride_vs, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
+    if DOT_F32:
+        # P is rounded to the input dtype first, exactly as the compiled kernel does.
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_ij, l_i
+
+
+@triton.jit
+def dense_loop(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    offs_n,
+    offs_d,
+    seq_k,
+    kv_limit,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Every key tile below kv_limit: full tiles unmasked, then the partial one masked.
+    n_full = kv_limit // BLOCK_N
+    for t in range(0, n_full):
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, t * BLOCK_N, offs_n,
+                                    offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32,
+                                    USE_TMA)  # fmt: skip
+    if n_full * BLOCK_N < kv_limit:
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, n_full * BLOCK_N,
+                                    offs_n, offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32,
+                                    USE_TMA)  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
+def first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK: tl.constexpr, MAX_K_LOG2: tl.constexpr):
+    # Sorted key-block list: the first entry whose block reaches past kv_limit (count if none).
+    lo = 0
+    hi = count
+    for _ in tl.static_range(MAX_K_LOG2 + 1):
+        mid = (lo + hi) // 2
+        in_range = mid < hi
+        kb = tl.load(idx_base + mid * stride_ik, mask=in_range, other=0)
+        full = (kb + 1) * PLAN_BK <= kv_limit
+        go_right = in_range & full
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(in_range & (~full), mid, hi)
+    return lo
+
+
+@triton.jit
+def plan_loop(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    idx_base,
+    stride_ik,
+    count,
+    offs_n,
+    offs_d,
+    seq_k,
+    kv_limit,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    PLAN_BK: tl.constexpr,
+    MAX_K_LOG2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # The key blocks of one plan row (``count`` sorted indices at idx_base). A row that keeps every key
+    # block runs the dense loop: affine addresses pipeline better than indirect ones (~16% on an H200).
+    # Otherwise the blocks that can hold a masked key (sequence tail, kv_len) form a suffix of the sorted
+    # list; a binary search finds it and only that suffix pays for the mask.
+    SUB: tl.constexpr = PLAN_BK // BLOCK_N
+    if count == tl.cdiv(seq_k, PLAN_BK):
+        acc, m_i, l_i = dense_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, seq_k,
+                                   kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, BLOCK_N)  # fmt: skip
+    else:
+        n_full = first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK, MAX_K_LOG2)
+        for t in range(0, n_full * SUB):
+            kb = tl.load(idx_base + (t // SUB) * stride_ik)
+            start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_n,
+                                        offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32,
+                                        USE_TMA)  # fmt: skip
+        for t in range(n_full * SUB, count * SUB):
+            kb = tl.load(idx_base + (t // SUB) * stride_ik)
+            start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_n,
+                                        offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32,
+                                        USE_TMA)  # fmt: skip
+    return acc, m_i, l_i
+
+
+# --------------------------------------------------------------------------------------------------
+# autotune configs and launch helpers
+# --------------------------------------------------------------------------------------------------
+def cfg(m: int, n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
+def attention_configs() -> list[triton.Config]:
+    """Tile candidates of the attention and refresh kernels.
+
+    Re-tune: ``python benchmarks/bench_kernels.py --sweep wan1.3b_480p_81f,pixart_2k,cogvideox5b_49f`` times
+    every variant. On an H200 (triton 3.6) tensor descriptors (set wherever the inputs allow them) gave +10%
+    at head_dim 128 and 2.2x at 72; warp specialisation changed nothing or failed to compile, so it is not
+    offered.
+    """
+    if INTERPRET:
+        return [cfg(16, 16, 4, 1)]
+    return [cfg(*c) for c in [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)]]
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Keep the tiles that divide the plan's blocks; large head dims get small tiles and few stages."""
+    bq, bk, d = kwargs["PLAN_BQ"], kwargs["PLAN_BK"], kwargs["HEAD_DIM_PAD"]
+    out = []
+    for c in configs:
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bq % m or bk % n:
+            continue
+        if d > 128 and (m > 64 or n > 64 or c.num_stages > 2):
+            continue
+        out.append(c)
+    if not out:
+        out = [cfg(min(bq, 64), min(bk, 64), 4, 2)]
+    return out
+
+
+def dot_f32(q: torch.Tensor) -> bool:
+    """Triton's interpreter (3.6) computes bf16 ``tl.dot`` wrongly; upcast the operands there only."""
+    return INTERPRET and q.dtype == torch.bfloat16
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether per-(batch, head) tensor descriptors can address these (B, H, S, D) views on this GPU."""
+    if INTERPRET or not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:3]):
+            return False
+    _ensure_allocator()
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator():
+    # Device-side tensor descriptors need scratch memory; Triton asks for it through this hook.
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+def head_dim_pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def seq_bucket(seq_q: int, seq_k: int) -> int:
+    """Coarse autotune key: sequence lengths within a power of two share their tuning."""
+    return triton.next_power_of_2(max(seq_q, seq_k)) // 1024
+
+
+def plan_args(kv_indices, kv_counts, batch: int, heads: int, device):
+    """(indices, counts, max_k) broadcast to (batch, heads) by zero strides; a dummy plan when None."""
+    if kv_indices is None:
+        kv_indices = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device)
+        kv_counts = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+    idx = kv_indices.expand(batch, heads, -1, -1)
+    cnt = kv_counts.expand(batch, heads, -1)
+    return idx, cnt, idx.shape[-1]

@@ -1,0 +1,150 @@
+"""Re-ttention's kernels: the refresh pass (dense output plus in-mask statistics in one pass over the keys)
+and the corrected sparse pass, against the fp32 torch oracle on awkward shapes."""
+
+import pytest
+import torch
+from test_kernels import DEVICE, _assert_close, _assert_lse, _bhsd, _eager_lowp, _qkv, _random_plan
+
+from dit_accel.kernels import BlockPlan, SoftmaxCorrection, block_sparse_attention, refresh_attention
+from dit_accel.kernels.reference import (
+    attention_reference,
+    corrected_reference,
+    dequantize_residual,
+    refresh_reference,
+)
+
+FP8 = torch.float8_e4m3fn
+
+
+def _residual(corr: SoftmaxCorrection) -> torch.Tensor:
+    return dequantize_residual(corr.residual, corr.residual_scale)
+
+
+CASES = [
+    pytest.param(1, 63, 2, 64, torch.float16, "bshd", 16, None, False, id="63x64-fp16-bshd"),
+    pytest.param(2, 113, 3, 72, torch.bfloat16, "bhsd", 32, torch.float32, False, id="113x72-bf16-bhsd-r32"),
+    pytest.param(2, 83, 2, 24, torch.float16, "bshd", 16, FP8, True, id="83x24-fp16-fused-fp8"),
+    pytest.param(1, 40, 2, 128, torch.bfloat16, "bshd", 16, torch.bfloat16, False, id="40x128-bf16"),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("b, s, h, d, dtype, layout, block, rdtype, noncontig", CASES)
+def test_refresh_matches_oracle(b, s, h, d, dtype, layout, block, rdtype, noncontig):
+    q, k, v = _qkv(b, s, h, d, dtype, layout, seed=s, noncontig=noncontig)
+    plan = _random_plan(b, h, s, s, block, 0.35, seed=d)
+    kv_len = torch.tensor([s, s - 20][:b], dtype=torch.int32, device=DEVICE)
+    out, lse, corr = refresh_attention(
+        q, k, v, plan, kv_len=kv_len, layout=layout, backend="triton", residual_dtype=rdtype
+    )
+    qh, kh, vh = (_bhsd(x, layout) for x in (q, k, v))
+    scale = d**-0.5
+    ref, ref_lse, ref_rho, ref_r, _ = refresh_reference(qh, kh, vh, plan, scale, kv_len, torch.float32)
+    eager_full = _eager_lowp(qh, kh, vh, None, scale, kv_len)
+    eager_in = _eager_lowp(qh, kh, vh, plan.to_token_mask(s, s), scale, kv_len)
+    _assert_close(_bhsd(out, layout), ref, eager_full, "refresh out")
+    _assert_lse(lse, ref_lse, "refresh lse")
+    assert corr.rho.shape == (b, h, s) and corr.residual.shape == (b, h, s, d)
+    assert corr.residual.dtype == (rdtype or dtype)
+    assert (corr.rho >= 0).all() and (corr.rho <= 1 + 1e-6).all()
+    assert (corr.rho - ref_rho).abs().max() < 2e-3
+    # R = out - rho * O_in: its error is that of the two outputs it combines (plus storage rounding).
+    eager_r = eager_full.float() - ref_rho.unsqueeze(-1) * eager_in.float()
+    r = _residual(corr)
+    if rdtype == FP8:
+        # Half an e4m3 step (3 mantissa bits) at the row's scale, plus the outputs' own error.
+        bound = 0.0625 * ref_r.abs().amax(-1, keepdim=True) + 4 * (eager_r - ref_r).abs().max() + 2e-3
+        assert ((r - ref_r).abs() <= bound).all(), (r - ref_r).abs().max()
+    else:
+        _assert_close(r, ref_r, eager_r, "refresh R")
+    # Rows of a plan row without blocks keep nothing in-mask: rho 0 and R the whole output.
+    empty = plan.kv_counts.expand(b, h, -1)[0, 0] == 0
+    rows = empty.repeat_interleave(block)[:s]
+    assert (corr.rho[0, 0, rows] == 0).all()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("clamp", [True, False], ids=["clamp", "no-clamp"])
+@pytest.mark.parametrize("rdtype", [torch.float16, FP8], ids=["r16", "r8"])
+def test_corrected_sparse_matches_oracle(clamp, rdtype):
+    b, s, h, d, block = 2, 77, 2, 32, 16
+    q, k, v = _qkv(b, s, h, d, torch.float16, "bshd", seed=5)
+    plan = _random_plan(b, h, s, s, block, 0.3, seed=9)
+    kv_len = torch.tensor([77, 60], dtype=torch.int32, device=DEVICE)
+    _, _, corr = refresh_attention(q, k, v, plan, kv_len=kv_len, backend="triton", residual_dtype=rdtype)
+    q2, k2, v2 = _qkv(b, s, h, d, torch.float16, "bshd", seed=6)  # a later step's q, k, v
+    out, lse = block_sparse_attention(
+        q2, k2, v2, plan, kv_len=kv_len, backend="triton", correction=corr, rho_offset=0.3, clamp_rho=clamp
+    )
+    qh, kh, vh = (x.transpose(1, 2) for x in (q2, k2, v2))
+    ref, ref_lse = corrected_reference(
+        qh, kh, vh, plan, d**-0.5, corr.rho, corr.residual, corr.residual_scale, kv_len, 0.3, clamp
+    )
+    sparse_eager = _eager_lowp(qh, kh, vh, plan.to_token_mask(s, s), d**-0.5, kv_len)
+    rho = (corr.rho + 0.3).clamp(max=1.0) if clamp else corr.rho + 0.3
+    eager = rho.unsqueeze(-1) * sparse_eager.float() + _residual(corr)
+    _assert_close(out.transpose(1, 2), ref, eager, "corrected out")
+    _, plain_lse = attention_reference(qh, kh, vh, plan, d**-0.5, kv_len)
+    _assert_lse(lse, plain_lse, "corrected lse is the sparse lse")
+    assert torch.equal(ref_lse, plain_lse)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_refresh_identity_in_fp32(layout):
+    """At the refresh step, rho * O_sparse + R is the dense output to fp32 rounding (no offset, no clamp)."""
+    b, s, h, d = 2, 99, 3, 40
+    q, k, v = (x.float() for x in _qkv(b, s, h, d, torch.float32, layout, seed=1))
+    plan = _random_plan(b, h, s, s, 16, 0.2, seed=2)
+    kv_len = torch.tensor([99, 31], dtype=torch.int32, device=DEVICE)
+    out, lse, corr = refresh_attention(q, k, v, plan, kv_len=kv_len, layout=layout, backend="torch")
+    assert corr.residual.dtype == torch.float32
+    sparse, sparse_lse = block_sparse_attention(q, k, v, plan, kv_len=kv_len, layout=layout, backend="torch")
+    rho = torch.exp(sparse_lse - lse)
+    rho = torch.where(torch.isinf(sparse_lse), 0.0, rho)
+    torch.testing.assert_close(corr.rho, rho, atol=1e-6, rtol=1e-5)
+    r = _bhsd(out, layout) - corr.rho.unsqueeze(-1) * _bhsd(sparse, layout)
+    torch.testing.assert_close(corr.residual, r, atol=1e-5, rtol=1e-5)
+    rebuilt, _ = block_sparse_attention(
+        q, k, v, plan, kv_len=kv_len, layout=layout, backend="torch", correction=corr, clamp_rho=False
+    )
+    torch.testing.assert_close(rebuilt, out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_full_plan_gives_rho_one_and_zero_residual(backend):
+    b, s, h, d = 1, 50, 2, 32
+    q, k, v = _qkv(b, s, h, d, torch.float16, "bshd", seed=3)
+    plan = BlockPlan.dense(s, s, 16, 16, device=DEVICE)
+    out, _, corr = refresh_attention(q, k, v, plan, backend=backend, residual_dtype=torch.float32)
+    torch.testing.assert_close(corr.rho, torch.ones_like(corr.rho), atol=1e-6, rtol=0)
+    assert corr.residual.abs().max() < 1e-6
+    dense, _ = block_sparse_attention(q, k, v, plan, backend=backend)
+    torch.testing.assert_close(out, dense, atol=2e-3, rtol=0)
+
+
+def test_rows_without_keys_are_finite():
+    """kv_len 0 leaves a sample with no key: out 0, lse -inf, rho 1, R 0 (never NaN)."""
+    b, s, h, d = 2, 33, 1, 16
+    q, k, v = _qkv(b, s, h, d, torch.float16, "bshd", seed=4)
+    plan = _random_plan(b, h, s, s, 16, 0.5, seed=4)
+    kv_len = torch.tensor([33, 0], dtype=torch.int32, device=DEVICE)
+    out, lse, corr = refresh_attention(q, k, v, plan, kv_len=kv_len, backend="torch")
+    assert torch.isinf(lse[1]).all() and (out[1] == 0).all()
+    assert (corr.rho[1] == 1).all() and (corr.residual[1] == 0).all()
+    assert not any(torch.isnan(t).any() for t in corr.tensors().values())
+
+
+def test_correction_validation():
+    q, k, v = _qkv(1, 40, 2, 16, torch.float16, "bshd")
+    plan = BlockPlan.dense(40, 40, 16, 16, device=DEVICE)
+    _, _, corr = refresh_attention(q, k, v, plan, backend="torch")
+    with pytest.raises(ValueError, match="residual_dtype"):
+        refresh_attention(q, k, v, plan, backend="torch", residual_dtype=torch.int8)
+    short = _qkv(1, 30, 2, 16, torch.float16, "bshd")
+    small = BlockPlan.dense(30, 30, 16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="does not match"):
+        block_sparse_attention(*short, small, backend="torch", correction=corr)
+    with pytest.raises(ValueError, match="residual_scale"):
+        SoftmaxCorrection(corr.rho, corr.residual.to(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="rho"):
+        SoftmaxCorrection(corr.rho.half(), corr.residual)
