@@ -362,6 +362,18 @@ def _existing_handles(target) -> list[SparseAttentionHandle]:
     return handles
 
 
+def _check_dense_layers(config: SparseAttentionConfig, handle: SparseAttentionHandle) -> None:
+    """Every ``dense_layers`` index names a replaced layer of every transformer of the handle."""
+    for name, inst in handle._installed.items():
+        n = len(inst.processors)
+        bad = [i for i in config.dense_layers or () if not -n <= i < n]
+        if bad:
+            raise ValueError(
+                f"dense_layers {bad} name no layer of {name}, which has {n} replaced attention layers "
+                f"(indices 0..{n - 1}, or -{n}..-1 from the end)"
+            )
+
+
 def _new_handle(target, config, knobs) -> SparseAttentionHandle:
     config = SparseAttentionConfig.from_knobs(config, **knobs)
     components = _transformers(target)
@@ -374,7 +386,7 @@ def _new_handle(target, config, knobs) -> SparseAttentionHandle:
                 "the torch reference, logged), 'torch'"
             )
     method = create_method(config)
-    config = method.configure(config, tuple(dict.fromkeys(family.name for _, _, family in families)))
+    config = method.configure(config, tuple(dict.fromkeys(family for _, _, family in families)))
     for h in _existing_handles(target):
         h.remove()
     tracker = StepTracker(target if _is_pipeline(target) else None)
@@ -383,6 +395,15 @@ def _new_handle(target, config, knobs) -> SparseAttentionHandle:
     try:
         for name, tr, family in families:
             handle._build(name, tr, family)
+        _check_dense_layers(config, handle)
+        if hasattr(method, "set_models"):
+            method.set_models(
+                {
+                    name: (type(tr).__name__, len(inst.processors))
+                    for name, inst in handle._installed.items()
+                    for tr in [handle.transformers[name]]
+                }
+            )
     except Exception:
         handle.remove()
         raise

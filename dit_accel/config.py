@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,15 +13,24 @@ __all__ = ["SparseAttentionConfig"]
 _BACKENDS = ("auto", "triton", "torch")
 
 
+def auto_block(seq_len: int) -> int:
+    """The block size for ``seq_len`` tokens: the power of two at or above seq_len / 16, in [16, 128]."""
+    target = max(-(-int(seq_len) // 16), 1)
+    return min(max(1 << (target - 1).bit_length(), 16), 128)
+
+
 @dataclass(frozen=True)
 class SparseAttentionConfig:
     """How the replaced self-attention layers compute attention.
 
     Attributes:
-        method: "dense", "window" (a local band of key blocks; proves the plumbing), or an instance of
-            :class:`dit_accel.methods.SparseMethod`. "radial", "adaspa" and "rettention" are reserved names.
+        method: a method name ("dense", "window", "radial", "adaspa", "rettention"; see
+            ``dit_accel.methods.method_names()``) or an instance of :class:`dit_accel.methods.SparseMethod`.
         block_q: query block size in tokens of a block plan (a power of two >= 16 for the Triton kernels).
-        block_k: key block size in tokens.
+            None (the default): chosen per call from the sequence length S so that a row has at least about
+            16 blocks: the power of two at or above S / 16, between 16 and 128 (128 above 1,024 tokens, 16
+            up to 256). Giving one of block_q / block_k sets both.
+        block_k: key block size in tokens (None: as block_q).
         dense_steps: dense warm-up: an int counts steps, a float in [0, 1) is a fraction of the run's steps
             (rounded down). Steps are counted per CFG context, from 0. None (the default): the method's
             default for the model family (see ``SparseMethod.configure``; 0 unless the method has one).
@@ -32,23 +42,55 @@ class SparseAttentionConfig:
             stock diffusers attention op (whatever attention backend diffusers is set to).
         timing: record each attention call's wall time in the handle's stats (adds a CUDA event pair per
             call; no host synchronisation until stats are read).
+        max_state_bytes: byte budget of what a method keeps per layer between steps (cached LSE, re-ttention's
+            correction): an int, None (unbounded) or "auto" (the default: on a GPU, the memory free at the
+            run's first placement minus 10% of the device; unbounded on the CPU). Over it, state is stored
+            in a smaller dtype, then on the host (``state_offload``), then dropped (logged, in the stats).
+        state_offload: keep state that does not fit the budget in pinned host memory and copy it back ahead
+            of use, instead of dropping it (GPU only).
+        patterns: path of a saved pattern set (written by ``save_patterns``): its plans are used instead of
+            building or searching them (searched methods skip their searches; corrections still refresh);
+            its model must match at ``apply``, its geometry at each call.
+        save_patterns: path to write the plans of each run to when the run ends (safetensors with the
+            geometry, model and knobs they belong to), for ``patterns=`` later.
         options: method-specific knobs (e.g. ``{"density": 0.1}`` for "window"); checked by the method.
     """
 
     method: Any = "dense"
-    block_q: int = 128
-    block_k: int = 128
+    block_q: int | None = None
+    block_k: int | None = None
     dense_steps: int | float | None = None
     dense_layers: tuple[int, ...] | None = None
     backend: str = "auto"
     timing: bool = False
+    max_state_bytes: int | str | None = "auto"
+    state_offload: bool = True
+    patterns: str | None = None
+    save_patterns: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.block_q is None and self.block_k is not None:
+            object.__setattr__(self, "block_q", self.block_k)
+        if self.block_k is None and self.block_q is not None:
+            object.__setattr__(self, "block_k", self.block_q)
         for name in ("block_q", "block_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None (auto), got {value!r}")
+        budget = self.max_state_bytes
+        if not (
+            budget is None
+            or budget == "auto"
+            or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0)
+        ):
+            raise ValueError(f"max_state_bytes must be an int >= 0, None or 'auto', got {budget!r}")
+        if not isinstance(self.state_offload, bool):
+            raise ValueError(f"state_offload must be a bool, got {self.state_offload!r}")
+        for name in ("patterns", "save_patterns"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a path, got {type(value).__name__}")
         steps = self.dense_steps
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, float))):
             raise ValueError(
@@ -86,6 +128,13 @@ class SparseAttentionConfig:
             **{k: v for k, v in knobs.items() if k not in names},
         }
         return dataclasses.replace(base, **fields, options=options)
+
+    def blocks_for(self, seq_len: int) -> tuple[int, int]:
+        """(block_q, block_k) for a call over ``seq_len`` query tokens (see ``block_q``)."""
+        if self.block_q is not None:
+            return self.block_q, self.block_k
+        block = auto_block(seq_len)
+        return block, block
 
     def num_dense_steps(self, num_steps: int | None) -> int | None:
         """Warm-up steps for a run of ``num_steps`` steps (None: a fraction with an unknown step count)."""

@@ -1,11 +1,12 @@
 """dit_accel.kernels: block-sparse attention kernels (Triton) and their pure-torch references.
 
 Public: :class:`BlockPlan`, :class:`SoftmaxCorrection`, :func:`block_sparse_attention`,
-:func:`dense_attention`, :func:`block_mass`, :func:`refresh_attention`.
+:func:`dense_attention`, :func:`block_mass`, :func:`refresh_attention`,
+:func:`correction_from_outputs`.
 This package imports only torch and triton.
 """
 
-from .correction import SoftmaxCorrection
+from .correction import SoftmaxCorrection, correction_from_outputs
 from .ops import block_mass, block_sparse_attention, dense_attention, refresh_attention
 from .plan import BlockPlan
 
@@ -14,6 +15,7 @@ __all__ = [
     "SoftmaxCorrection",
     "block_mass",
     "block_sparse_attention",
+    "correction_from_outputs",
     "dense_attention",
     "refresh_attention",
 ]

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RESIDUAL_DTYPES", "SoftmaxCorrection"]
+__all__ = ["RESIDUAL_DTYPES", "SoftmaxCorrection", "correction_from_outputs"]
 
 # Storage dtypes of the residual; float8 (e4m3) carries a per-row fp32 scale.
 RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SoftmaxCorrection:
     """What a refresh step leaves for the sparse steps after it.
 
@@ -64,3 +64,36 @@ class SoftmaxCorrection:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return SoftmaxCorrection(move(self.rho), move(self.residual), move(self.residual_scale))
+
+
+def correction_from_outputs(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    out_sparse: torch.Tensor,
+    lse_sparse: torch.Tensor,
+    *,
+    layout: str = "bshd",
+    residual_dtype: torch.dtype | None = None,
+) -> SoftmaxCorrection:
+    """The statistics of a mask from a dense and a sparse pass over the same q, k, v (two passes; the
+    refresh kernel does it in one).
+
+    Args:
+        out, lse: dense output (``layout``) and its fp32 LSE [B, H, S_q].
+        out_sparse, lse_sparse: the same from the sparse pass with the plan whose mask is corrected.
+        residual_dtype: storage dtype of R (default the outputs' dtype); float8 gets a per-row scale.
+    """
+    if layout == "bshd":
+        out, out_sparse = out.transpose(1, 2), out_sparse.transpose(1, 2)
+    no_key = torch.isinf(lse)
+    rho = torch.exp(lse_sparse - torch.where(no_key, 0.0, lse))
+    rho = torch.where(no_key, 1.0, torch.where(torch.isinf(lse_sparse), 0.0, rho)).float()
+    resid = out.float() - rho.unsqueeze(-1) * out_sparse.float()
+    dtype = residual_dtype or out.dtype
+    if dtype == torch.float8_e4m3fn:
+        amax = resid.abs().amax(-1)
+        scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+        return SoftmaxCorrection(
+            rho.contiguous(), (resid / scale.unsqueeze(-1)).to(dtype).contiguous(), scale
+        )
+    return SoftmaxCorrection(rho.contiguous(), resid.to(dtype).contiguous())

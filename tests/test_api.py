@@ -19,6 +19,7 @@ from _tiny import (
 from diffusers.hooks import HookRegistry
 
 import dit_accel
+from dit_accel.kernels import BlockPlan
 from dit_accel.methods import SparseMethod, WindowMethod, create_method
 from dit_accel.methods.window import window_block_mask
 from dit_accel.tracking import TRACKER_HOOK_NAME
@@ -67,7 +68,12 @@ def test_knobs_build_the_config():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        pytest.param({"method": "rettention"}, NotImplementedError, "not wired", id="reserved"),
+        pytest.param(
+            {"method": "rettention", "options": {"base": "radial", "density": 0.1}},
+            ValueError,
+            "takes",
+            id="foreign-base-knob",
+        ),
         pytest.param({"method": "nope"}, ValueError, "unknown method", id="unknown"),
         pytest.param(
             {"method": "window", "options": {"width": 3}}, ValueError, "bad options", id="bad-option"
@@ -340,12 +346,21 @@ def test_window_block_mask(text, position, rows, cols):
     ],
 )
 def test_batch2_with_batched_cfg(build, run, kwargs):
+    class FullPlan(SparseMethod):
+        """The sparse kernel path with every block (window at density 1 runs the stock op instead)."""
+
+        def plan_for(self, q, k, call):
+            return BlockPlan.dense(call.q_len, call.k_len, call.block_q, call.block_k, device=q.device)
+
     pipe = build()
     ref = run(pipe, steps=2, **kwargs)
-    handle = dit_accel.apply(pipe, method="window", density=1.0, block_q=16, block_k=16)
+    handle = dit_accel.apply(pipe, method=FullPlan(), block_q=16, block_k=16)
     out = run(pipe, steps=2, **kwargs)
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
     assert {r["kind"] for r in handle.stats().records} == {"sparse"}
+    handle = dit_accel.apply(pipe, method="window", density=1.0, block_q=16, block_k=16)
+    assert torch.equal(run(pipe, steps=2, **kwargs), ref)
+    assert {r["kind"] for r in handle.stats().records} == {"full_plan"}
     dit_accel.apply(pipe, method="window", density=0.3, block_q=16, block_k=16)
     sparse = run(pipe, steps=2, **kwargs)
     assert torch.isfinite(sparse).all() and not torch.allclose(sparse, ref)

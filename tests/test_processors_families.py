@@ -10,6 +10,7 @@ import torch
 from _tiny import TRANSFORMERS, Recorder
 
 import dit_accel
+from dit_accel.kernels import BlockPlan
 
 FAMILIES = list(TRANSFORMERS)
 
@@ -75,10 +76,17 @@ def test_dense_method_is_bit_exact(family):
     assert len(records) == len(handle.layers)
 
 
+class FullPlan(dit_accel.SparseMethod):
+    """Every block through the sparse kernel path (window at density 1 runs the stock op instead)."""
+
+    def plan_for(self, q, k, call):
+        return BlockPlan.dense(call.q_len, call.k_len, call.block_q, call.block_k, device=q.device)
+
+
 def test_full_density_plan_equals_dense(family):
     name, model, x = family
     ref = _forward(model, x)
-    handle = dit_accel.apply(model, method="window", density=1.0, block_q=16, block_k=16)
+    handle = dit_accel.apply(model, method=FullPlan(), block_q=16, block_k=16)
     out = _forward(model, x)
     records = handle.stats().records
     assert {(r["kind"], r["density"]) for r in records} == {("sparse", 1.0)}

@@ -4,6 +4,9 @@ sequences that are not the grid)."""
 
 from __future__ import annotations
 
+import importlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 from _tiny import TRANSFORMERS, _gen, _randn, cogvideox_pipeline, run_wan, wan_pipeline
@@ -11,11 +14,21 @@ from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, LTX
 
 import dit_accel
 from dit_accel.methods import AttentionCall, create_method
-from dit_accel.methods.radial import FAMILY_DEFAULTS, RadialDefaults, RadialMethod, block_mask, build_plan
+from dit_accel.methods.radial import RadialMethod, block_mask, build_plan
+from dit_accel.processors import SUPPORTED
 from dit_accel.tracking import ForwardInfo
 
 BLOCK = 16
 STEPS = 4  # dense_steps 0.25 of 4 steps: step 0 is the warm-up
+
+
+def _family(name):
+    return importlib.import_module(f"dit_accel.processors.{name}").FAMILY
+
+
+def _defaults(name) -> SimpleNamespace:
+    """The family's radial defaults (``Family.defaults["radial"]``)."""
+    return SimpleNamespace(**_family(name).defaults["radial"])
 
 
 def _mask(valid: int, length: int = 7, dtype=torch.bool) -> torch.Tensor:
@@ -149,7 +162,7 @@ def _density(mask: torch.Tensor) -> float:
 
 
 def _expected_mask(family, grid, text, first, **over):
-    d = FAMILY_DEFAULTS[family]
+    d = _defaults(family)
     kw = {"decay": d.decay, "sink_frame": d.sink_frame, **over}
     return block_mask(*grid, text_tokens=text, text_first=first, block=BLOCK, **kw)
 
@@ -173,7 +186,7 @@ def test_video_family_end_to_end(family):
     build, grid, text, first = VIDEO[family]
     pipe, run = build()
     handle = dit_accel.apply(pipe, method="radial", block_q=BLOCK, block_k=BLOCK)
-    defaults = FAMILY_DEFAULTS[family]
+    defaults = _defaults(family)
     assert handle.config.dense_steps == defaults.dense_steps == 0.25
     assert handle.config.dense_layers == defaults.dense_layers
     assert (handle.method.decay, handle.method.sink_frame) == (defaults.decay, defaults.sink_frame)
@@ -261,7 +274,9 @@ def test_single_frame_plan_is_full_and_runs_dense():
     handle = dit_accel.apply(pipe, method="radial", block_q=BLOCK, block_k=BLOCK, dense_steps=0)
     run(steps=2)
     records = handle.stats().records
-    assert records and {(r["kind"], r["density"]) for r in records} == {("dense", 1.0)}
+    # Layer 0 is a dense layer for Wan; the others have a full plan, run dense and say so in the stats.
+    assert records and {(r["kind"], r["density"]) for r in records} == {("dense", 1.0), ("full_plan", 1.0)}
+    assert all((r["kind"] == "dense") == r["layer"].endswith("blocks.0.attn1") for r in records)
     assert build_plan(1, 3, 5, block=BLOCK, decay=0.2, sink_frame=True).density() == 1.0
 
 
@@ -318,7 +333,7 @@ def _call(method, q_len, grid, text_len=0, text_position=None, num_steps=None, s
     )
     q = torch.zeros(1, q_len, 2, 8)
     config = method.configure(
-        dit_accel.SparseAttentionConfig(block_q=16, block_k=16, dense_steps=0), ("wan",)
+        dit_accel.SparseAttentionConfig(block_q=16, block_k=16, dense_steps=0), (_family("wan"),)
     )
     call = AttentionCall(
         layer="t.blocks.0.attn1",
@@ -370,7 +385,11 @@ def test_dense_last_steps_needs_the_step_count():
 def test_reference_family_defaults():
     # The reference's knobs (DESIGN.md §4.1): Wan decay 0.2, one dense layer, sink; HunyuanVideo decay 0.95,
     # no dense layer, no sink; 12 of 50 warm-up steps.
-    assert FAMILY_DEFAULTS["wan"] == RadialDefaults(0.2, True, (0,), 0.25)
-    assert FAMILY_DEFAULTS["hunyuan_video"] == RadialDefaults(0.95, False, (), 0.25)
+    wan = {"decay": 0.2, "sink_frame": True, "dense_layers": (0,), "dense_steps": 0.25}
+    assert _family("wan").defaults["radial"] == wan
+    hunyuan = {"decay": 0.95, "sink_frame": False, "dense_layers": (), "dense_steps": 0.25}
+    assert _family("hunyuan_video").defaults["radial"] == hunyuan
     assert dit_accel.SparseAttentionConfig(dense_steps=0.25).num_dense_steps(50) == 12
-    assert set(FAMILY_DEFAULTS) == {"wan", "hunyuan_video", "cogvideox", "ltx", "mochi"}
+    with_radial = {m for m in set(SUPPORTED.values()) if "radial" in _family(m).defaults}
+    assert with_radial == {"wan", "hunyuan_video", "cogvideox", "ltx", "mochi"}
+    assert all(_family(m).video == (m in with_radial) for m in SUPPORTED.values())

@@ -1,30 +1,56 @@
-"""Attention methods: the interface (:class:`SparseMethod`) and the built-in dense and window methods."""
+"""Attention methods: the interface (:class:`SparseMethod`), the composed methods and their parts.
+
+A built-in method is a pattern (window, radial, searched from attention mass), the shared step schedule and
+an optional correction (re-ttention), composed by :class:`ComposedMethod`; per-layer state lives in one
+:class:`StateLedger` with a byte budget. The names "dense", "window", "radial", "adaspa" and "rettention"
+are presets of these parts (:func:`create_method`).
+"""
 
 from __future__ import annotations
 
 import inspect
 
 from ..config import SparseAttentionConfig
-from .adaspa import AdaspaMethod
+from .adaspa import AdaspaMethod, SearchedPattern
 from .base import AttentionCall, CacheEntry, PlanCache, SparseMethod
+from .composed import ComposedMethod, Pattern
 from .dense import DenseMethod
-from .radial import RadialMethod
-from .window import WindowMethod
+from .ledger import StateLedger
+from .radial import RadialMethod, RadialPattern
+from .rettention import Correction, RettentionMethod
+from .schedule import Schedule
+from .window import WindowMethod, WindowPattern
 
 __all__ = [
+    "AdaspaMethod",
     "AttentionCall",
     "CacheEntry",
+    "ComposedMethod",
+    "Correction",
     "DenseMethod",
+    "Pattern",
     "PlanCache",
+    "RadialMethod",
+    "RadialPattern",
+    "RettentionMethod",
+    "Schedule",
+    "SearchedPattern",
     "SparseMethod",
+    "StateLedger",
     "WindowMethod",
+    "WindowPattern",
     "create_method",
     "method_knobs",
     "method_names",
 ]
 
-_BUILTIN = {"dense": DenseMethod, "window": WindowMethod, "radial": RadialMethod, "adaspa": AdaspaMethod}
-_PLANNED = ("rettention",)
+_BUILTIN = {
+    "dense": DenseMethod,
+    "window": WindowMethod,
+    "radial": RadialMethod,
+    "adaspa": AdaspaMethod,
+    "rettention": RettentionMethod,
+}
 
 
 def method_names() -> tuple[str, ...]:
@@ -55,11 +81,7 @@ def create_method(config: SparseAttentionConfig) -> SparseMethod:
                 f"{type(method).__name__} instance directly"
             )
         return method
-    if method in _PLANNED:
-        raise NotImplementedError(
-            f"method {method!r} is not wired into the processors yet; available: {sorted(_BUILTIN)}"
-        )
-    if method not in _BUILTIN:
+    if not isinstance(method, str) or method not in _BUILTIN:
         raise ValueError(
             f"unknown method {method!r}; available: {sorted(_BUILTIN)} or a SparseMethod instance"
         )

@@ -106,25 +106,25 @@ step needs them.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from dit_accel.kernels import BlockPlan, block_mass, dense_attention
 from dit_accel.kernels.plan import num_blocks
 
-from ..config import SparseAttentionConfig
-from .base import AttentionCall, SparseMethod
+from .base import AttentionCall
+from .composed import ComposedMethod, Pattern
+from .schedule import Phase, Schedule
 
 __all__ = [
     "AdaspaMethod",
     "AdaspaSchedule",
     "Phase",
     "SearchInfo",
+    "SearchedPattern",
     "cached_search",
     "fused_search",
     "head_adaptive_sparsity",
@@ -133,8 +133,6 @@ __all__ = [
     "select_topk",
     "text_block_mask",
 ]
-
-Phase = Literal["dense", "fused_search", "cached_search", "sparse"]
 
 RECALL_THRESHOLD = 0.8
 DEFAULT_WARMUP = 0.2
@@ -362,79 +360,12 @@ def head_adaptive_sparsity(
 # --------------------------------------------------------------------------------------------------
 # schedule
 # --------------------------------------------------------------------------------------------------
-def _step_index(value, num_steps: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be an int (step index) or a float fraction, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-        return value
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} as a fraction must lie in [0, 1], got {value}")
-    return math.floor(value * num_steps + 0.5)
-
-
-@dataclass(frozen=True)
-class AdaspaSchedule:
-    """Which AdaSpa phase each denoising step runs (module docstring, "Schedule").
-
-    Attributes:
-        num_steps: denoising steps in the run (>= 1).
-        warmup: dense warm-up: a fraction of num_steps (float) or a number of steps (int).
-        search_at: cached-search steps: fractions of num_steps (float) or step indices (int).
-    """
-
-    num_steps: int
-    warmup: float | int = 0.2
-    search_at: tuple[float | int, ...] = (0.6,)
-
-    def __post_init__(self):
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
-        if isinstance(self.search_at, (int, float)):
-            object.__setattr__(self, "search_at", (self.search_at,))
-        object.__setattr__(self, "search_at", tuple(self.search_at))
-        _step_index(self.warmup, self.num_steps, "warmup")
-        for v in self.search_at:
-            _step_index(v, self.num_steps, "search_at")
-
-    @property
-    def warmup_steps(self) -> int:
-        """Number of leading dense steps (all of them when no search happens)."""
-        w = min(_step_index(self.warmup, self.num_steps, "warmup"), self.num_steps)
-        return self.num_steps if w >= self.num_steps - 1 else w
-
-    @property
-    def fused_step(self) -> int | None:
-        """The fused-search step, or None when every step is dense."""
-        w = self.warmup_steps
-        return w if w < self.num_steps else None
-
-    @property
-    def cached_steps(self) -> tuple[int, ...]:
-        """Sorted cached-search steps (strictly after the fused search, within the run)."""
-        f = self.fused_step
-        if f is None:
-            return ()
-        steps = {_step_index(v, self.num_steps, "search_at") for v in self.search_at}
-        return tuple(sorted(t for t in steps if f < t < self.num_steps))
-
-    def phase(self, step: int) -> Phase:
-        """The phase of step ``step`` (0-based)."""
-        if not 0 <= step < self.num_steps:
-            raise ValueError(f"step {step} is outside [0, {self.num_steps})")
-        f = self.fused_step
-        if f is None or step < f:
-            return "dense"
-        if step == f:
-            return "fused_search"
-        if step in self.cached_steps:
-            return "cached_search"
-        return "sparse"
-
-    def phases(self) -> tuple[Phase, ...]:
-        """The phase of every step, in order."""
-        return tuple(self.phase(t) for t in range(self.num_steps))
+def AdaspaSchedule(  # noqa: N802 - reads as the schedule type it returns
+    num_steps: int, warmup: float | int = DEFAULT_WARMUP, search_at: tuple[float | int, ...] = (0.6,)
+) -> Schedule:
+    """AdaSpa's schedule (module docstring, "Schedule"): the shared :class:`Schedule` with a searched
+    pattern and no correction."""
+    return Schedule(num_steps, warmup, search_at, searched=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -595,13 +526,8 @@ def cached_search(
 
 
 # --------------------------------------------------------------------------------------------------
-# the method
+# the pattern and the method
 # --------------------------------------------------------------------------------------------------
-@functools.cache
-def _log_once(msg: str) -> None:
-    logger.warning(msg)
-
-
 def _check_fraction(value, name: str, low: float, high: float, closed_low: bool, closed_high: bool) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
@@ -614,37 +540,22 @@ def _check_fraction(value, name: str, low: float, high: float, closed_low: bool,
     return float(value)
 
 
-class AdaspaMethod(SparseMethod):
-    """AdaSpa: dense warm-up, a fused search, cached searches, and the latest searched plan in between.
-
-    Calls are labelled in the stats by phase: "dense", "fused_search", "cached_search", "sparse".
-    :meth:`memory` reports the bytes of kept LSE and plans (now and the run's peak).
+class SearchedPattern(Pattern):
+    """AdaSpa's block selection from attention mass: top-k at a sparsity (with head tiers) or coverage.
 
     Args:
         sparsity: base sparsity s of top-k selection: [0, 1) with head_adaptive, else [0, 1]. Default 0.8
             when ``tau`` is not given.
         tau: coverage selection at this mass fraction in (0, 1] instead of top-k (excludes ``sparsity``).
-        warmup: dense warm-up as a fraction of the run's steps (float, rounded half up) or a step count
-            (int). None: the config's ``dense_steps`` when set, else 0.2. Giving both is an error.
-        search_at: cached-search steps as fractions of the run (float) or step indices (int); () for none.
         head_adaptive: per-head sparsity tiers (top-k only). Default: True with sparsity, False with tau.
-        max_cache_bytes: bound on the kept LSE over every (context, layer) of a run, in bytes (None:
-            unbounded). Over it, LSE is kept in fp16, then not at all for the layers that do not fit
-            (their cached searches are skipped; they keep their fused-search plan).
     """
 
     name = "adaspa"
+    searched = True
 
     def __init__(
-        self,
-        sparsity: float | None = None,
-        tau: float | None = None,
-        warmup: float | int | None = None,
-        search_at: tuple[float | int, ...] | float | int = (0.6,),
-        head_adaptive: bool | None = None,
-        max_cache_bytes: int | None = None,
+        self, sparsity: float | None = None, tau: float | None = None, head_adaptive: bool | None = None
     ):
-        super().__init__()
         if sparsity is not None and tau is not None:
             raise ValueError("adaspa takes sparsity (top-k selection) or tau (coverage selection), not both")
         if tau is not None:
@@ -660,111 +571,13 @@ class AdaspaMethod(SparseMethod):
             s = 0.8 if sparsity is None else sparsity
             closed_high = not self.head_adaptive
             self.sparsity, self.tau = _check_fraction(s, "sparsity", 0, 1, True, closed_high), None
-        if isinstance(search_at, (int, float)):
-            search_at = (search_at,)
-        self.search_at = tuple(search_at)
-        self.warmup = warmup
-        AdaspaSchedule(1, DEFAULT_WARMUP if warmup is None else warmup, self.search_at)  # validates both
-        if max_cache_bytes is not None and (
-            isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes < 0
-        ):
-            raise ValueError(f"adaspa max_cache_bytes must be None or an int >= 0, got {max_cache_bytes!r}")
-        self.max_cache_bytes = max_cache_bytes
-        self._schedules: dict[tuple, AdaspaSchedule] = {}
-        self._reset_run_counters()
 
-    def _reset_run_counters(self) -> None:
-        self._peak = 0
-        self._lse_fp16 = 0
-        self._lse_dropped = 0
+    def knobs(self) -> dict:
+        return {"sparsity": self.sparsity, "tau": self.tau, "head_adaptive": self.head_adaptive}
 
-    def new_run(self) -> None:
-        super().new_run()
-        self._reset_run_counters()
-
-    # --- schedule ----------------------------------------------------------------------------------
-    def configure(self, config: SparseAttentionConfig, families: tuple[str, ...]) -> SparseAttentionConfig:
-        """Refuse a warm-up given twice (``warmup`` and ``dense_steps``); the config is used as it is."""
-        self._check_warmup(config)
-        return config
-
-    def _check_warmup(self, config: SparseAttentionConfig) -> None:
-        if self.warmup is not None and config.dense_steps is not None:
-            raise ValueError(
-                f"adaspa got its warm-up twice: warmup={self.warmup!r} and "
-                f"dense_steps={config.dense_steps!r}; give one of them"
-            )
-
-    def _warmup_for(self, call: AttentionCall) -> float | int | None:
-        """The warm-up spec of this call (None: a fractional dense_steps with an unknown step count)."""
-        self._check_warmup(call.config)
-        if call.config.dense_steps is None:
-            return DEFAULT_WARMUP if self.warmup is None else self.warmup
-        return call.config.num_dense_steps(call.info.num_steps)
-
-    def schedule_for(self, call: AttentionCall) -> AdaspaSchedule | None:
-        """The run's schedule as seen by this call; None when it cannot be known (dense until it can)."""
-        warmup = self._warmup_for(call)
-        n = call.info.num_steps
-        if n is None and warmup is not None and all(isinstance(v, int) for v in (warmup, *self.search_at)):
-            # Step indices do not depend on the run's length: any length past every named step reads the
-            # same, and later steps keep the latest plan (phase_for).
-            n = max(warmup, *self.search_at) + 2
-        if n is None or warmup is None:
-            _log_once(
-                "adaspa: the number of steps is unknown and the warm-up or search steps are fractions; "
-                "running dense until it is known (pass num_inference_steps through the pipeline, or give "
-                "warmup and search_at as step indices)"
-            )
-            return None
-        key = (n, warmup)
-        schedule = self._schedules.get(key)
-        if schedule is None:
-            schedule = self._schedules[key] = AdaspaSchedule(n, warmup, self.search_at)
-        return schedule
-
-    def phase_for(self, call: AttentionCall) -> Phase:
-        """The phase this call's step has in the schedule (before the no-plan rule)."""
-        if call.config.is_dense_layer(call.layer_index, call.num_layers):
-            return "dense"
-        schedule = self.schedule_for(call)
-        if schedule is None:
-            return "dense"
-        if call.step >= schedule.num_steps:
-            return "dense" if schedule.fused_step is None else "sparse"
-        return schedule.phase(call.step)
-
-    # --- attention ---------------------------------------------------------------------------------
-    def attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall
-    ) -> torch.Tensor:
-        phase = self.phase_for(call)
-        entry = call.entry
-        if phase == "dense":
-            call.label = "dense"
-            return call.run_dense()
-        if phase != "fused_search" and entry.plan is None:
-            _log_once(
-                f"adaspa: a {phase} step found no searched plan (the run started past the fused-search step, "
-                "a layer first ran late, or the geometry changed); running a fused search at that step"
-            )
-            phase = "fused_search"
-        if phase == "fused_search":
-            return self._fused_search(q, k, call)
-        lse = entry.state.get("lse")
-        if phase == "cached_search" and lse is not None:
-            return self._cached_search(q, k, lse, call)
-        if lse is not None and not self._searches_after(call):
-            del entry.state["lse"]
-        call.label = "sparse"
-        return call.run_sparse(entry.plan)
-
-    def _searches_after(self, call: AttentionCall) -> bool:
-        schedule = self.schedule_for(call)
-        return schedule is not None and any(t > call.step for t in schedule.cached_steps)
-
-    def _selection(self, call: AttentionCall, device) -> dict:
-        bq, bk = call.config.block_q, call.config.block_k
+    def selection(self, call: AttentionCall, device) -> dict:
+        """Keyword arguments of :func:`fused_search` / :func:`cached_search` for this call."""
+        bq, bk = call.block_q, call.block_k
         text_q = text_k = None
         if call.text_len > 0 and call.text_position in ("first", "last"):
             first = call.text_position == "first"
@@ -780,10 +593,9 @@ class AdaspaMethod(SparseMethod):
             "head_adaptive": self.head_adaptive,
         }
 
-    def _fused_search(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        entry = call.entry
-        out, lse = call.run_dense(return_lse=True)
-        sel = self._selection(call, q.device)
+    def search(self, q, k, lse, call: AttentionCall) -> tuple[BlockPlan, SearchInfo]:
+        """Block mass of q, k under ``lse`` (fresh from a dense pass, or cached), then the selection."""
+        sel = self.selection(call, q.device)
         W = block_mass(
             q,
             k,
@@ -794,67 +606,58 @@ class AdaspaMethod(SparseMethod):
             layout=call.layout,
             backend=call.config.backend,
         )
-        plan, info = _select(W, **sel)
-        entry.set_plan(plan, call.step)
-        entry.state.pop("lse", None)
-        entry.state["search"] = info
-        if self._searches_after(call):
-            self._keep_lse(call, lse)
-        self._note_peak()
-        call.label = "fused_search"
-        return out
+        return _select(W, **sel)
 
-    def _cached_search(
-        self, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, call: AttentionCall
-    ) -> torch.Tensor:
-        entry = call.entry
-        plan, info = cached_search(
-            q,
-            k,
-            lse.float(),
-            kv_len=call.kv_len,
-            layout=call.layout,
-            backend=call.config.backend,
-            **self._selection(call, q.device),
+
+class AdaspaMethod(ComposedMethod):
+    """AdaSpa: dense warm-up, a fused search, cached searches, and the latest searched plan in between.
+
+    Calls are labelled in the stats by phase: "dense", "fused_search", "cached_search", "sparse".
+    The LSE kept between the fused search and the last cached search goes through the method's state
+    ledger (``method.cache``), which :meth:`memory` reports (``lse``, ``plans``, ``peak``, ...).
+
+    Args:
+        sparsity, tau, head_adaptive: the selection (:class:`SearchedPattern`).
+        warmup: dense warm-up as a fraction of the run's steps (float, rounded half up) or a step count
+            (int). None: the config's ``dense_steps`` when set, else 0.2. Giving both is an error.
+        search_at: cached-search steps as fractions of the run (float) or step indices (int); () for none.
+        max_cache_bytes: bound on the kept LSE over every (context, layer) of a run, in bytes (None: the
+            config's ``max_state_bytes``). Over it, LSE is kept in fp16, then not at all for the layers
+            that do not fit (their cached searches are skipped; they keep their fused-search plan).
+    """
+
+    name = "adaspa"
+    default_warmup = DEFAULT_WARMUP
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        tau: float | None = None,
+        warmup: float | int | None = None,
+        search_at: tuple[float | int, ...] | float | int = (0.6,),
+        head_adaptive: bool | None = None,
+        max_cache_bytes: int | None = None,
+    ):
+        if max_cache_bytes is not None and (
+            isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes < 0
+        ):
+            raise ValueError(f"adaspa max_cache_bytes must be None or an int >= 0, got {max_cache_bytes!r}")
+        super().__init__(
+            SearchedPattern(sparsity, tau, head_adaptive),
+            warmup=warmup,
+            search_at=search_at,
+            max_state_bytes=max_cache_bytes,
         )
-        entry.set_plan(plan, call.step)
-        entry.state["search"] = info
-        self._note_peak()
-        call.label = "cached_search"
-        return call.run_sparse(plan)
+        self.max_cache_bytes = max_cache_bytes
 
-    # --- memory ------------------------------------------------------------------------------------
-    def _keep_lse(self, call: AttentionCall, lse: torch.Tensor) -> None:
-        """Keep this entry's LSE for its cached searches, within ``max_cache_bytes`` (class docstring)."""
-        budget = self.max_cache_bytes
-        if budget is None:
-            call.entry.state["lse"] = lse
-            return
-        held = self._memory_now()["lse"]
-        contexts = 2 if call.info.cfg == "separate" else 1
-        predicted = lse.numel() * 4 * call.num_layers * contexts
-        dtypes = (torch.float32, torch.float16) if predicted <= budget else (torch.float16,)
-        for dtype in dtypes:
-            if held + lse.numel() * dtype.itemsize <= budget:
-                call.entry.state["lse"] = lse.to(dtype)
-                self._lse_fp16 += dtype == torch.float16
-                return
-        self._lse_dropped += 1
-        _log_once(
-            f"adaspa: max_cache_bytes={budget} cannot hold the LSE of every layer even in fp16; layers over "
-            "the budget skip their cached searches and keep their fused-search plan"
-        )
+    @property
+    def sparsity(self) -> float | None:
+        return self.pattern.sparsity
 
-    def _note_peak(self) -> None:
-        self._peak = max(self._peak, self._memory_now()["total"])
+    @property
+    def tau(self) -> float | None:
+        return self.pattern.tau
 
-    def _memory_now(self) -> dict[str, int]:
-        now = super()._memory_now()
-        return {
-            "lse": now["state"],
-            "plans": now["plans"],
-            "total": now["total"],
-            "peak": max(self._peak, now["total"]),
-            "lse_fp16_entries": self._lse_fp16,
-            "lse_dropped_entries": self._lse_dropped,
-        }
+    @property
+    def head_adaptive(self) -> bool:
+        return self.pattern.head_adaptive

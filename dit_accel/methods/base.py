@@ -7,23 +7,26 @@ and the forward (step, CFG context, geometry) and carries the ways to compute at
 - ``call.run_dense()``: the stock diffusers attention op, exactly (dense warm-up steps, dense layers);
 - ``call.run_dense(return_lse=True)``: dense attention through dit_accel's kernels, with the log-sum-exp
   (fused pattern searches, full passes of corrected methods);
-- ``call.run_sparse(plan, return_lse=False)``: block-sparse attention with a :class:`BlockPlan`.
+- ``call.run_sparse(plan, return_lse=False, correction=None)``: block-sparse attention with a
+  :class:`BlockPlan` (corrected with cached softmax statistics when given);
+- ``call.run_refresh(plan, residual_dtype)``: dense attention plus the statistics of ``plan``'s mask.
 
 Per call a method decides: dense, sparse with a plan, or anything computed from these (a corrected output).
 The default :meth:`SparseMethod.attention` runs dense on warm-up steps and dense layers, and otherwise asks
 :meth:`SparseMethod.plan_for` for a plan, cached in ``call.entry`` (one :class:`CacheEntry` per
 (context, layer)) and rebuilt when :meth:`SparseMethod.plan_key` changes (geometry, block sizes, batch) or
-when :meth:`SparseMethod.reuse_plan` says so (adaptive methods re-search on their schedule). Methods keep any
-other per-(context, layer) tensors (a cached LSE, correction terms) in ``call.entry.state``; every entry is
-dropped when a new run starts.
+when :meth:`SparseMethod.reuse_plan` says so. Methods keep any other per-(context, layer) tensors (a cached
+LSE, correction terms) in ``call.entry.state``, through the method's :class:`StateLedger` (``method.cache``)
+when they should count against its byte budget; every entry is dropped when a new run starts.
 
-Three shapes of method fit this:
+The built-in methods are compositions of a pattern, the shared schedule and an optional correction
+(:mod:`dit_accel.methods.composed`); a user method may subclass :class:`SparseMethod` directly:
 
-- static (radial): ``plan_for`` from geometry only, ``reuse_plan`` always True;
-- adaptive (adaspa): override ``attention`` to run ``call.run_dense(return_lse=True)`` at search steps, keep
-  the LSE in ``call.entry.state``, set the searched plan with ``call.entry.set_plan(plan, step)``;
-- corrected (rettention): override ``attention`` to run dense and sparse with LSE at refresh steps, cache the
-  ratio and residual in ``call.entry.state``, and return ``rho * out_sparse + R`` at sparse steps.
+- static: ``plan_for`` from geometry only, ``reuse_plan`` always True;
+- adaptive: override ``attention`` to run ``call.run_dense(return_lse=True)`` at search steps, keep the LSE
+  in ``call.entry.state``, set the searched plan with ``call.entry.set_plan(plan, step)``;
+- corrected: override ``attention`` to run ``call.run_refresh(plan)`` at refresh steps and
+  ``call.run_sparse(plan, correction=...)`` in between.
 """
 
 from __future__ import annotations
@@ -31,16 +34,18 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..config import SparseAttentionConfig
-from ..kernels import BlockPlan, block_sparse_attention, dense_attention
+from ..kernels import BlockPlan, SoftmaxCorrection, block_sparse_attention, dense_attention, refresh_attention
 from ..tracking import ForwardInfo
+from .ledger import CacheEntry, StateLedger
 
-__all__ = ["AttentionCall", "CacheEntry", "PlanCache", "SparseMethod"]
+__all__ = ["AttentionCall", "CacheEntry", "PlanCache", "SparseMethod", "StateLedger"]
+
+# The per-(context, layer) store was a plan cache before it kept state under a budget; the old name stays.
+PlanCache = StateLedger
 
 logger = logging.getLogger("dit_accel")
 
@@ -48,52 +53,6 @@ logger = logging.getLogger("dit_accel")
 @functools.cache
 def _warn_once(msg: str) -> None:
     logger.warning(msg)
-
-
-@dataclass
-class CacheEntry:
-    """What a method keeps for one (context, layer) during a run.
-
-    Attributes:
-        key: the :meth:`SparseMethod.plan_key` the entry was built for.
-        plan: the current plan (None: none built yet).
-        density: the plan's density, computed once when it is set.
-        step: the step the plan was built at.
-        state: free-form per-(context, layer) tensors of the method (cached LSE, correction terms).
-    """
-
-    key: Hashable = None
-    plan: BlockPlan | None = None
-    density: float | None = None
-    step: int | None = None
-    state: dict[str, Any] = field(default_factory=dict)
-
-    def set_plan(self, plan: BlockPlan, step: int | None) -> None:
-        self.plan, self.density, self.step = plan, plan.density(), step
-
-
-class PlanCache:
-    """:class:`CacheEntry` per (context, layer); an entry whose key changed starts over."""
-
-    def __init__(self):
-        self._entries: dict[tuple[str, str], CacheEntry] = {}
-        self.builds = 0
-
-    def entry(self, context: str, layer: str, key: Hashable) -> CacheEntry:
-        e = self._entries.get((context, layer))
-        if e is None or e.key != key:
-            e = CacheEntry(key=key)
-            self._entries[(context, layer)] = e
-        return e
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def entries(self) -> dict[tuple[str, str], CacheEntry]:
-        return dict(self._entries)
 
 
 class AttentionCall:
@@ -136,6 +95,7 @@ class AttentionCall:
         self.text_len, self.text_position = text_len, text_position
         self.grid = info.grid
         self.config = config
+        self.block_q, self.block_k = config.blocks_for(q.shape[1 if layout == "bshd" else 2])
         self.entry: CacheEntry | None = None
         self.events: list[tuple[str, float]] = []
         self.label: str | None = None
@@ -150,6 +110,14 @@ class AttentionCall:
     @property
     def step(self) -> int:
         return self.info.step
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._q.device
 
     @property
     def context(self) -> str:
@@ -168,13 +136,22 @@ class AttentionCall:
             self._q, self._k, self._v, kv_len=self.kv_len, layout=self.layout, backend=self.config.backend
         )
 
-    def run_sparse(self, plan: BlockPlan, return_lse: bool = False):
-        """Block-sparse attention on this call's q, k, v: out in ``layout`` (and lse fp32 [B, H, S_q])."""
+    def _density(self, plan: BlockPlan) -> float:
         if self.entry is not None and plan is self.entry.plan and self.entry.density is not None:
-            density = self.entry.density
-        else:
-            density = plan.density()
-        self.events.append(("sparse", density))
+            return self.entry.density
+        return plan.density()
+
+    def run_sparse(
+        self,
+        plan: BlockPlan,
+        return_lse: bool = False,
+        correction: SoftmaxCorrection | None = None,
+        rho_offset: float = 0.0,
+        clamp_rho: bool = True,
+    ):
+        """Block-sparse attention on this call's q, k, v: out in ``layout`` (and lse fp32 [B, H, S_q]);
+        with ``correction``, ``min(rho + rho_offset, 1) * out + R`` (see ``block_sparse_attention``)."""
+        self.events.append(("sparse", self._density(plan)))
         out, lse = block_sparse_attention(
             self._q,
             self._k,
@@ -183,8 +160,26 @@ class AttentionCall:
             kv_len=self.kv_len,
             layout=self.layout,
             backend=self.config.backend,
+            correction=correction,
+            rho_offset=rho_offset,
+            clamp_rho=clamp_rho,
         )
         return (out, lse) if return_lse else out
+
+    def run_refresh(self, plan: BlockPlan, residual_dtype: torch.dtype | None = None):
+        """Dense attention plus the softmax statistics of ``plan``'s mask, in one pass over the keys:
+        ``(out, lse, SoftmaxCorrection)`` (see ``dit_accel.kernels.refresh_attention``)."""
+        self.events.append(("refresh", 1.0))
+        return refresh_attention(
+            self._q,
+            self._k,
+            self._v,
+            plan,
+            kv_len=self.kv_len,
+            layout=self.layout,
+            backend=self.config.backend,
+            residual_dtype=residual_dtype,
+        )
 
 
 class SparseMethod:
@@ -196,40 +191,30 @@ class SparseMethod:
     name = "base"
 
     def __init__(self):
-        self.cache = PlanCache()
-        self._last_memory: dict[str, int] = {}
+        self.cache = StateLedger()
 
     def new_run(self) -> None:
         """Drop run-scoped state (called when the step tracker starts a new run)."""
-        if len(self.cache):
-            self._last_memory = self._memory_now()
         self.cache.clear()
 
-    def memory(self) -> dict[str, int]:
-        """Bytes held by the per-(context, layer) caches: ``plans``, ``state`` (tensors directly in
-        ``entry.state``) and ``total``; methods may add keys. Between runs: the figures at the end of the
-        latest run that cached anything ({} before any)."""
-        return self._memory_now() if len(self.cache) else dict(self._last_memory)
+    def memory(self) -> dict:
+        """What the method keeps (:meth:`StateLedger.report`): bytes per state name (``lse``,
+        ``correction``, ...), ``plans``, ``state``, ``total``, ``peak``, ``host``, ``budget`` and the
+        counts of downgraded / offloaded / dropped values. Between runs: the figures at the end of the latest
+        run that kept anything ({} before any)."""
+        return self.cache.report()
 
-    def _memory_now(self) -> dict[str, int]:
-        # Counted once per object: a static method shares one plan among all its entries.
-        plans: dict[int, int] = {}
-        state: dict[int, int] = {}
-        for e in self.cache.entries().values():
-            if e.plan is not None:
-                plans[id(e.plan)] = e.plan.nbytes()
-            state.update({id(t): t.nbytes for t in e.state.values() if isinstance(t, torch.Tensor)})
-        total_plans, total_state = sum(plans.values()), sum(state.values())
-        return {"plans": total_plans, "state": total_state, "total": total_plans + total_state}
-
-    def configure(self, config: SparseAttentionConfig, families: tuple[str, ...]) -> SparseAttentionConfig:
+    def configure(self, config: SparseAttentionConfig, families: tuple) -> SparseAttentionConfig:
         """The configuration to run with, given the model families of the handle's transformers.
 
-        :func:`dit_accel.apply` calls this once, before any forward, with the distinct family names
-        (``"wan"``, ``"flux"``, ...: ``dit_accel.processors`` ``Family.name``). A method may refuse families
-        it cannot serve (raise ValueError) and fill fields the user left None (``dense_steps``,
-        ``dense_layers``) with its per-family defaults. The default returns ``config`` unchanged.
+        :func:`dit_accel.apply` calls this once, before any forward, with the distinct
+        :class:`dit_accel.processors.Family` objects of the handle's transformers. A method may refuse
+        families it cannot serve (raise ValueError) and fill fields the user left None (``dense_steps``,
+        ``dense_layers``) from ``family.defaults``. The default sets the ledger's budget from the config and
+        returns ``config`` unchanged.
         """
+        self.cache.max_bytes = config.max_state_bytes
+        self.cache.offload = config.state_offload
         return config
 
     def dense_reason(self, call: AttentionCall) -> str | None:
@@ -255,8 +240,8 @@ class SparseMethod:
             call.grid,
             call.text_len,
             call.text_position,
-            call.config.block_q,
-            call.config.block_k,
+            call.block_q,
+            call.block_k,
         )
 
     def reuse_plan(self, entry: CacheEntry, call: AttentionCall) -> bool:

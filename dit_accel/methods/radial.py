@@ -4,9 +4,9 @@ Provenance: the paper "Radial Attention: O(n log n) sparse attention with energy
 generation" (Li et al., 2025) and its reference implementation, mit-han-lab/radial-attention,
 ``radial_attn/attn_mask.py`` (``get_window_width``, ``get_diagonal_split_mask``, ``shrinkMaskStrict``,
 ``gen_log_mask_shrinked``). The rules below reproduce that file; the deliberate differences are listed at
-the end. The plan builder (:func:`build_plan`) is pure geometry; :class:`RadialMethod` serves its plans to
-the processors (per-family defaults in :data:`FAMILY_DEFAULTS`, one plan per geometry shared by all layers
-and CFG contexts) and launches nothing itself.
+the end. The plan builder (:func:`build_plan`) is pure geometry; :class:`RadialPattern` gives it the call's
+geometry and :class:`RadialMethod` composes it with the shared schedule (per-family defaults in each family's
+``Family.defaults["radial"]``, one plan per geometry shared by all layers and CFG contexts).
 
 Geometry. A latent grid of T frames of H x W tokens, s = H*W tokens per frame, frame-major
 (index = t*H*W + h*W + w), optionally with n_text text tokens before or after the video tokens.
@@ -72,11 +72,9 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -84,12 +82,12 @@ import torch
 from dit_accel.kernels import BlockPlan
 
 from ..config import SparseAttentionConfig
-from .base import AttentionCall, SparseMethod
+from .base import AttentionCall
+from .composed import ComposedMethod, Pattern, family_default
 
 __all__ = [
-    "FAMILY_DEFAULTS",
-    "RadialDefaults",
     "RadialMethod",
+    "RadialPattern",
     "build_plan",
     "block_mask",
     "token_mask",
@@ -445,80 +443,27 @@ def token_segments(
 
 
 # --------------------------------------------------------------------------------------------------
-# The method: plans served to the processors
+# The pattern and the method
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RadialDefaults:
-    """Radial knobs of one model family; :meth:`RadialMethod.configure` fills what the user left unset.
-
-    Attributes:
-        decay: window scale for frame distances >= 2.
-        sink_frame: every query attends all of latent frame 0.
-        dense_layers: replaced layers that always run dense (``SparseAttentionConfig.dense_layers``).
-        dense_steps: dense warm-up (``SparseAttentionConfig.dense_steps``).
-    """
-
-    decay: float
-    sink_frame: bool
-    dense_layers: tuple[int, ...]
-    dense_steps: int | float
-
-
-# Family name (dit_accel.processors' Family.name) -> defaults. Wan and HunyuanVideo are the reference's
-# knobs (12 of 50 warm-up steps = int(0.25 * 50)); the others are chosen by analogy, see docs/radial.md.
-FAMILY_DEFAULTS: dict[str, RadialDefaults] = {
-    "wan": RadialDefaults(decay=0.2, sink_frame=True, dense_layers=(0,), dense_steps=0.25),
-    "hunyuan_video": RadialDefaults(decay=0.95, sink_frame=False, dense_layers=(), dense_steps=0.25),
-    "cogvideox": RadialDefaults(decay=0.95, sink_frame=False, dense_layers=(), dense_steps=0.25),
-    "mochi": RadialDefaults(decay=0.95, sink_frame=False, dense_layers=(), dense_steps=0.25),
-    "ltx": RadialDefaults(decay=0.2, sink_frame=True, dense_layers=(0,), dense_steps=0.25),
-}
-
-# Families whose self-attention covers one image (grid T == 1): radial's pattern there is one whole frame,
-# i.e. dense attention. docs/radial.md ("Image families") says why no 2-D in-frame decay is offered.
-_IMAGE_FAMILIES = ("flux", "sd3", "pixart", "qwenimage")
-
-# Shared plans kept per method instance (different geometries: resolutions, frame counts, devices).
-_MAX_CACHED_PLANS = 8
-
-
 @functools.cache
 def _log_once(level: int, msg: str) -> None:
     logger.log(level, msg)
 
 
-class RadialMethod(SparseMethod):
-    """Radial attention: a static block plan from the latent grid (see the module docstring).
-
-    One plan per geometry (grid, text length and position, block size, device) is built on first use and
-    shared by every layer and CFG context of the handle, across runs; a new geometry builds a new plan.
-    Dense warm-up steps and dense layers are ``SparseAttentionConfig.dense_steps`` / ``dense_layers``; when
-    those are None (the default) they, like ``decay`` and ``sink_frame`` when None, come from the model
-    family's :data:`FAMILY_DEFAULTS` (filled in by :meth:`configure`, which :func:`dit_accel.apply` calls).
-
-    A call whose plan computes every block (one latent frame, or a grid shorter than the window) runs the
-    stock dense op, which is the same attention. Image families are refused (:meth:`configure`); a call
-    without a latent grid, or whose sequence is not T*H*W video tokens plus the text, raises ValueError.
+class RadialPattern(Pattern):
+    """The radial pattern of a call's latent grid (see the module docstring); one plan per geometry.
 
     Args:
-        decay: window scale for frame distances >= 2 (> 0); None: the family default.
+        decay: window scale for frame distances >= 2 (> 0); None: the model family's default
+            (``Family.defaults["radial"]``, filled by :meth:`configure`).
         window: "raster" (the reference's strip, the default) or "2d" (a square of equal area; under the
             block keep rule it mostly vanishes, see docs/radial.md).
         sink_frame: every query attends all of latent frame 0; None: the family default.
-        dense_last_steps: the last this-many steps of a run also run dense (0: none). Needs the run's step
-            count; when it is unknown those steps run sparse (logged once).
     """
 
     name = "radial"
 
-    def __init__(
-        self,
-        decay: float | None = None,
-        window: str = "raster",
-        sink_frame: bool | None = None,
-        dense_last_steps: int = 0,
-    ):
-        super().__init__()
+    def __init__(self, decay: float | None = None, window: str = "raster", sink_frame: bool | None = None):
         if decay is not None and (
             isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay > 0
         ):
@@ -527,93 +472,42 @@ class RadialMethod(SparseMethod):
             raise ValueError(f"radial window must be one of {_WINDOWS}, got {window!r}")
         if sink_frame is not None and not isinstance(sink_frame, bool):
             raise ValueError(f"radial sink_frame must be a bool, got {sink_frame!r}")
-        if (
-            isinstance(dense_last_steps, bool)
-            or not isinstance(dense_last_steps, int)
-            or dense_last_steps < 0
-        ):
-            raise ValueError(f"radial dense_last_steps must be an int >= 0, got {dense_last_steps!r}")
         self._requested = {"decay": decay, "sink_frame": sink_frame}
         self.decay = None if decay is None else float(decay)
         self.window = window
         self.sink_frame = sink_frame
-        self.dense_last_steps = dense_last_steps
-        self.family: str | None = None
-        self.plan_builds = 0
-        self._plans: OrderedDict[tuple, tuple[BlockPlan, float]] = OrderedDict()
 
-    def __repr__(self) -> str:
-        return (
-            f"RadialMethod(decay={self.decay}, window={self.window!r}, sink_frame={self.sink_frame}, "
-            f"dense_last_steps={self.dense_last_steps}, family={self.family!r})"
-        )
+    def knobs(self) -> dict:
+        return {"decay": self.decay, "window": self.window, "sink_frame": self.sink_frame}
 
-    # --- configuration -------------------------------------------------------------------------
-    def configure(self, config: SparseAttentionConfig, families: tuple[str, ...]) -> SparseAttentionConfig:
-        """Check the families and block sizes; fill unset knobs from :data:`FAMILY_DEFAULTS`."""
-        image = [f for f in families if f in _IMAGE_FAMILIES]
+    def configure(self, families: tuple, defaults: list) -> None:
+        """Refuse image families; fill ``decay`` / ``sink_frame`` left unset from the families' defaults."""
+        image = [f.name for f in families if not f.video]
         if image:
             raise ValueError(
                 f"radial attention is a video method: its pattern decays with the distance between latent "
                 f"frames, and {image[0]!r} attends within one image, where it is dense attention. Use "
                 f"method='window' or 'adaspa' for image models (docs/radial.md, 'Image families')."
             )
-        unknown = [f for f in families if f not in FAMILY_DEFAULTS]
-        if unknown:
+        missing = [f.name for f, d in zip(families, defaults) if "decay" not in d or "sink_frame" not in d]
+        if missing and (self._requested["decay"] is None or self._requested["sink_frame"] is None):
             raise ValueError(
-                f"radial has no defaults for family {unknown[0]!r}; video families: {sorted(FAMILY_DEFAULTS)}"
+                f"radial has no defaults for family {missing[0]!r}; give decay and sink_frame explicitly"
             )
-        defaults = {FAMILY_DEFAULTS[f] for f in families}
-        if len(defaults) > 1:
-            raise ValueError(f"radial: one handle over families {list(families)} with different defaults")
-        if config.block_q != config.block_k:
-            raise ValueError(
-                f"radial plans use one block size for queries and keys; got block_q={config.block_q}, "
-                f"block_k={config.block_k}"
-            )
-        (d,) = defaults
-        self.family = families[0]
         decay, sink = self._requested["decay"], self._requested["sink_frame"]
-        self.decay = float(d.decay if decay is None else decay)
-        self.sink_frame = d.sink_frame if sink is None else sink
-        self._plans.clear()
-        return dataclasses.replace(
-            config,
-            dense_steps=d.dense_steps if config.dense_steps is None else config.dense_steps,
-            dense_layers=d.dense_layers if config.dense_layers is None else config.dense_layers,
-        )
+        self.decay = float(family_default(families, "radial", "decay") if decay is None else decay)
+        self.sink_frame = family_default(families, "radial", "sink_frame") if sink is None else sink
 
-    # --- per call ------------------------------------------------------------------------------
-    def dense_reason(self, call: AttentionCall) -> str | None:
-        reason = super().dense_reason(call)
-        if reason is not None or not self.dense_last_steps:
-            return reason
-        n = call.info.num_steps
-        if n is None:
-            _log_once(
-                logging.WARNING,
-                f"radial dense_last_steps={self.dense_last_steps}: the number of steps is unknown "
-                f"(context {call.info.context!r}); those steps run sparse",
-            )
-            return None
-        return "last steps" if call.info.step >= n - self.dense_last_steps else None
+    def key(self, call: AttentionCall):
+        return (call.grid, call.text_len or 0, call.text_position == "first")
 
-    def plan_for(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> BlockPlan | None:
-        plan, density = self.plan(call, q.device)
-        if density >= 1.0:
-            _log_once(
-                logging.INFO,
-                f"radial: the plan for grid {call.grid} computes every block; those calls run dense",
-            )
-            return None
-        return plan
-
-    def plan(self, call: AttentionCall, device=None) -> tuple[BlockPlan, float]:
-        """The shared plan of this call's geometry and its density, built on first use.
+    def build(self, call: AttentionCall) -> BlockPlan:
+        """The plan of this call's geometry.
 
         Raises:
-            ValueError: no latent grid, or a sequence that is not the grid's tokens plus the text.
-            RuntimeError: decay or sink_frame unset (the method was not configured by ``apply``).
+            ValueError: no latent grid, a sequence that is not the grid's tokens plus the text, or different
+                query and key block sizes.
+            RuntimeError: decay or sink_frame unset (not configured by ``apply``).
         """
         if self.decay is None or self.sink_frame is None:
             raise RuntimeError(
@@ -637,26 +531,77 @@ class RadialMethod(SparseMethod):
                 f"with {text} text tokens has {expected}; the radial plan needs the whole frame-major "
                 f"sequence"
             )
-        block = call.config.block_q
-        key = (grid, text, call.text_position == "first", block, str(device))
-        hit = self._plans.get(key)
-        if hit is None:
-            plan = build_plan(
-                frames,
-                height,
-                width,
-                text_tokens=text,
-                text_first=call.text_position == "first",
-                block=block,
-                decay=self.decay,
-                window=self.window,
-                sink_frame=self.sink_frame,
+        if call.block_q != call.block_k:
+            raise ValueError(
+                f"radial plans use one block size for queries and keys; got block_q={call.block_q}, "
+                f"block_k={call.block_k}"
             )
-            hit = plan.to(device) if device is not None else plan, plan.density()
-            self.plan_builds += 1
-            self._plans[key] = hit
-            while len(self._plans) > _MAX_CACHED_PLANS:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        return hit
+        return build_plan(
+            frames,
+            height,
+            width,
+            text_tokens=text,
+            text_first=call.text_position == "first",
+            block=call.block_q,
+            decay=self.decay,
+            window=self.window,
+            sink_frame=self.sink_frame,
+        )
+
+
+class RadialMethod(ComposedMethod):
+    """Radial attention: a static block plan from the latent grid (see the module docstring).
+
+    One plan per geometry (grid, text length and position, block size, device) is built on first use and
+    shared by every layer and CFG context of the handle, across runs; a new geometry builds a new plan.
+    Dense warm-up steps and dense layers are ``SparseAttentionConfig.dense_steps`` / ``dense_layers``; when
+    those are None (the default) they, like ``decay`` and ``sink_frame`` when None, come from the model
+    family's ``Family.defaults["radial"]`` (filled in by :meth:`configure`, which :func:`dit_accel.apply`
+    calls).
+
+    A call whose plan computes every block (one latent frame, or a grid shorter than the window) runs the
+    stock dense op, which is the same attention (stats kind "full_plan"). Image families are refused; a call
+    without a latent grid, or whose sequence is not T*H*W video tokens plus the text, raises ValueError.
+
+    Args:
+        decay, window, sink_frame: as :class:`RadialPattern`.
+        dense_last_steps: the last this-many steps of a run also run dense (0: none). Needs the run's step
+            count; when it is unknown those steps run sparse (logged once).
+    """
+
+    name = "radial"
+
+    def __init__(
+        self,
+        decay: float | None = None,
+        window: str = "raster",
+        sink_frame: bool | None = None,
+        dense_last_steps: int = 0,
+    ):
+        if (
+            isinstance(dense_last_steps, bool)
+            or not isinstance(dense_last_steps, int)
+            or dense_last_steps < 0
+        ):
+            raise ValueError(f"radial dense_last_steps must be an int >= 0, got {dense_last_steps!r}")
+        super().__init__(RadialPattern(decay, window, sink_frame), dense_last_steps=dense_last_steps)
+
+    @property
+    def decay(self) -> float | None:
+        return self.pattern.decay
+
+    @property
+    def sink_frame(self) -> bool | None:
+        return self.pattern.sink_frame
+
+    @property
+    def window(self) -> str:
+        return self.pattern.window
+
+    def configure(self, config: SparseAttentionConfig, families: tuple) -> SparseAttentionConfig:
+        if config.block_q is not None and config.block_q != config.block_k:
+            raise ValueError(
+                f"radial plans use one block size for queries and keys; got block_q={config.block_q}, "
+                f"block_k={config.block_k}"
+            )
+        return super().configure(config, families)

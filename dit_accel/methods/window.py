@@ -1,20 +1,49 @@
-"""The window method: a band of key blocks around each query block's diagonal, plus all text.
+"""The window pattern: a band of key blocks around each query block, plus all text.
 
-Query block p (tokens [p*block_q, (p+1)*block_q)) keeps the key blocks c with |c - c_p| <= w, where c_p is the
-key block holding the query block's centre and w = round((density * n_kblocks - 1) / 2), at least 0. Every
-query keeps all text key blocks and text query blocks keep every key block (DESIGN.md §4). At density >= 1 the
-plan is full. The pattern ignores the latent grid: it exists to prove the plumbing, not to preserve quality.
+Band (``per_frame=False``, the default): query block p (tokens [p*block_q, (p+1)*block_q)) keeps the key
+blocks c with |c - c_p| <= w, where c_p is the key block holding the query block's centre and
+w = round((density * n_kblocks - 1) / 2), at least 0. The band ignores the latent grid.
+
+Per frame (``per_frame=True``, re-ttention's video pattern: "the same in-frame window repeated in every
+frame"): with a latent grid of T frames of s tokens, the query block's centre token sits at in-frame
+position pos; in every frame j the window keeps n_f = max(1, round(density * s / block_k)) consecutive key
+blocks centred on the block that holds token j*s + pos, clipped to frame j's blocks. A call without a grid,
+or whose sequence is not the grid's tokens plus the text, falls back to the band (logged once).
+
+Every query keeps all text key blocks and text query blocks keep every key block (DESIGN.md §4). At
+density >= 1 the plan is full.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 
 from ..kernels import BlockPlan
 from ..kernels.plan import num_blocks
-from .base import AttentionCall, SparseMethod
+from .base import AttentionCall
+from .composed import ComposedMethod, Pattern
 
-__all__ = ["WindowMethod", "window_block_mask"]
+__all__ = ["WindowMethod", "WindowPattern", "frame_window_block_mask", "window_block_mask"]
+
+logger = logging.getLogger("dit_accel")
+
+
+@functools.cache
+def _log_once(msg: str) -> None:
+    logger.warning(msg)
+
+
+def _add_text(mask, q_len, k_len, block_q, block_k, text_len, text_position):
+    if text_len > 0 and text_position == "first":
+        mask[:, : num_blocks(text_len, block_k)] = True
+        mask[: num_blocks(text_len, block_q)] = True
+    elif text_len > 0 and text_position == "last":
+        mask[:, (k_len - text_len) // block_k :] = True
+        mask[(q_len - text_len) // block_q :] = True
+    return mask
 
 
 def window_block_mask(
@@ -27,7 +56,7 @@ def window_block_mask(
     text_position: str | None = None,
     device=None,
 ) -> torch.Tensor:
-    """Boolean block mask [n_qblocks, n_kblocks] of the window pattern (see the module docstring)."""
+    """Boolean block mask [n_qblocks, n_kblocks] of the band (see the module docstring)."""
     n_qb, n_kb = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
     if density >= 1.0:
         return torch.ones(n_qb, n_kb, dtype=torch.bool, device=device)
@@ -35,33 +64,97 @@ def window_block_mask(
     centre = ((torch.arange(n_qb, device=device) * block_q + block_q // 2) // block_k).clamp(max=n_kb - 1)
     cols = torch.arange(n_kb, device=device)
     mask = (cols[None, :] - centre[:, None]).abs() <= w
-    if text_len > 0 and text_position == "first":
-        mask[:, : num_blocks(text_len, block_k)] = True
-        mask[: num_blocks(text_len, block_q)] = True
-    elif text_len > 0 and text_position == "last":
-        mask[:, (k_len - text_len) // block_k :] = True
-        mask[(q_len - text_len) // block_q :] = True
-    return mask
+    return _add_text(mask, q_len, k_len, block_q, block_k, text_len, text_position)
 
 
-class WindowMethod(SparseMethod):
-    """Banded block-sparse attention at a target density.
+def frame_window_block_mask(
+    grid: tuple[int, int, int],
+    block_q: int,
+    block_k: int,
+    density: float,
+    text_len: int = 0,
+    text_position: str | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Boolean block mask [n_qblocks, n_kblocks] of the per-frame window (module docstring) over the
+    frame-major sequence of ``grid`` (T, H, W) plus ``text_len`` text tokens first or last."""
+    frames, height, width = grid
+    s = height * width
+    n_video = frames * s
+    seq = n_video + text_len
+    start = text_len if text_position == "first" else 0
+    n_qb, n_kb = num_blocks(seq, block_q), num_blocks(seq, block_k)
+    if density >= 1.0:
+        return torch.ones(n_qb, n_kb, dtype=torch.bool, device=device)
+    n_f = max(1, round(density * s / block_k))
+    centre = (torch.arange(n_qb) * block_q + block_q // 2).clamp(start, start + n_video - 1)
+    pos = (centre - start) % s  # [n_qb] in-frame position of each query block's centre
+    cols = torch.arange(n_kb)
+    mask = torch.zeros(n_qb, n_kb, dtype=torch.bool)
+    for j in range(frames):
+        first = (start + j * s) // block_k
+        last = (start + (j + 1) * s - 1) // block_k
+        c = (start + j * s + pos) // block_k
+        lo = (c - (n_f - 1) // 2).clamp(first, last)
+        hi = (lo + n_f - 1).clamp(max=last)
+        lo = (hi - n_f + 1).clamp(min=first)
+        mask |= (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
+    mask = _add_text(mask, seq, seq, block_q, block_k, text_len, text_position)
+    return mask.to(device) if device is not None else mask
+
+
+class WindowPattern(Pattern):
+    """The window pattern (module docstring).
 
     Args:
         density: fraction of key blocks each (non-text) query block keeps, in (0, 1].
+        per_frame: repeat an in-frame window in every latent frame instead of one band.
     """
 
     name = "window"
 
-    def __init__(self, density: float = 0.1):
-        super().__init__()
+    def __init__(self, density: float = 0.1, per_frame: bool = False):
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
             raise ValueError(f"window density must lie in (0, 1], got {density!r}")
+        if not isinstance(per_frame, bool):
+            raise ValueError(f"window per_frame must be a bool, got {per_frame!r}")
         self.density = float(density)
+        self.per_frame = per_frame
 
-    def plan_for(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> BlockPlan:
-        bq, bk = call.config.block_q, call.config.block_k
+    def knobs(self) -> dict:
+        return {"density": self.density, "per_frame": self.per_frame}
+
+    def build(self, call: AttentionCall) -> BlockPlan:
+        bq, bk = call.block_q, call.block_k
+        if self.per_frame:
+            grid = call.grid
+            text = call.text_len or 0
+            if grid is not None and call.q_len == call.k_len == grid[0] * grid[1] * grid[2] + text:
+                mask = frame_window_block_mask(grid, bq, bk, self.density, text, call.text_position)
+                return BlockPlan.from_block_mask(mask[None, None], bq, bk)
+            _log_once(
+                f"window per_frame: {call.layer} attends {call.q_len} tokens without a matching latent grid "
+                f"({call.grid}); using the band instead"
+            )
         mask = window_block_mask(
-            call.q_len, call.k_len, bq, bk, self.density, call.text_len, call.text_position, device=q.device
+            call.q_len, call.k_len, bq, bk, self.density, call.text_len, call.text_position
         )
         return BlockPlan.from_block_mask(mask[None, None], bq, bk)
+
+
+class WindowMethod(ComposedMethod):
+    """Banded block-sparse attention at a target density (no search, no correction).
+
+    Args:
+        density: fraction of key blocks each (non-text) query block keeps, in (0, 1].
+        per_frame: the per-frame window instead of the band (module docstring).
+    """
+
+    name = "window"
+
+    def __init__(self, density: float = 0.1, per_frame: bool = False):
+        super().__init__(WindowPattern(density, per_frame))
+
+    @property
+    def density(self) -> float:
+        return self.pattern.density

@@ -25,7 +25,8 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ def _log_once(msg: str) -> None:
     logger.warning(msg)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Family:
     """A supported diffusers transformer family.
 
@@ -56,6 +57,10 @@ class Family:
         select: ``select(path)`` is True for the attention module paths (as in ``named_modules``) to replace.
         geometry: ``geometry(transformer, forward_arguments) -> Geometry``.
         has_set_attn_processor: whether the transformer offers ``set_attn_processor`` (Mochi does not).
+        video: the self-attention sequence spans several latent frames (False: one image).
+        defaults: per-family defaults of the methods and patterns, by their name ("radial", "rettention",
+            "window", ...): knob -> value, including config fields (``dense_steps``, ``dense_layers``).
+            A method fills what the user left unset from here (``SparseMethod.configure``).
     """
 
     name: str
@@ -64,6 +69,8 @@ class Family:
     select: Callable[[str], bool]
     geometry: Callable[[torch.nn.Module, dict], Geometry]
     has_set_attn_processor: bool = True
+    video: bool = True
+    defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -115,4 +115,10 @@ FAMILY = Family(
     },
     select=lambda path: path.startswith("transformer_blocks.") and path.endswith(".attn1"),
     geometry=_geometry,
+    # Radial: HunyuanVideo's knobs by analogy (docs/radial.md). Re-ttention: the paper's CogVideoX-2B
+    # schedule (dense 0-14 of 50, refresh every 5).
+    defaults={
+        "radial": {"decay": 0.95, "sink_frame": False, "dense_layers": (), "dense_steps": 0.25},
+        "rettention": {"dense_steps": 0.3, "refresh_every": 5},
+    },
 )

@@ -128,4 +128,5 @@ FAMILY = Family(
     },
     select=_select,
     geometry=_geometry,
+    video=False,
 )

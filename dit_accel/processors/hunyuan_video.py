@@ -150,4 +150,6 @@ FAMILY = Family(
     processors={"HunyuanVideoAttnProcessor2_0": HunyuanVideoSparseAttnProcessor},
     select=_select,
     geometry=_geometry,
+    # Radial: the reference implementation's HunyuanVideo knobs (decay 0.95, no sink, 12 of 50 warm-up steps).
+    defaults={"radial": {"decay": 0.95, "sink_frame": False, "dense_layers": (), "dense_steps": 0.25}},
 )

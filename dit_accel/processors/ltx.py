@@ -93,4 +93,6 @@ FAMILY = Family(
     processors={"LTXVideoAttnProcessor": LTXSparseAttnProcessor},
     select=lambda path: path.startswith("transformer_blocks.") and path.endswith(".attn1"),
     geometry=_geometry,
+    # Radial: Wan's knobs by analogy (docs/radial.md).
+    defaults={"radial": {"decay": 0.2, "sink_frame": True, "dense_layers": (0,), "dense_steps": 0.25}},
 )

@@ -164,4 +164,6 @@ FAMILY = Family(
     select=lambda path: path.startswith("transformer_blocks.") and path.endswith(".attn1"),
     geometry=_geometry,
     has_set_attn_processor=False,
+    # Radial: HunyuanVideo's knobs by analogy (docs/radial.md).
+    defaults={"radial": {"decay": 0.95, "sink_frame": False, "dense_layers": (), "dense_steps": 0.25}},
 )

@@ -109,4 +109,7 @@ FAMILY = Family(
     processors={"AttnProcessor2_0": PixArtSparseAttnProcessor},
     select=lambda path: path.startswith("transformer_blocks.") and path.endswith(".attn1"),
     geometry=_geometry,
+    video=False,
+    # Re-ttention: the paper's PixArt schedule (20 steps: dense 0-4, refresh at 5, 10, 15).
+    defaults={"rettention": {"dense_steps": 0.25, "refresh_every": 5}},
 )

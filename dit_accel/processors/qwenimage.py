@@ -177,4 +177,5 @@ FAMILY = Family(
     processors={"QwenDoubleStreamAttnProcessor2_0": QwenImageSparseAttnProcessor},
     select=lambda path: path.startswith("transformer_blocks.") and path.endswith(".attn"),
     geometry=_geometry,
+    video=False,
 )

@@ -125,4 +125,5 @@ FAMILY = Family(
         path.startswith("transformer_blocks.") and (path.endswith(".attn") or path.endswith(".attn2"))
     ),
     geometry=_geometry,
+    video=False,
 )

@@ -91,4 +91,7 @@ FAMILY = Family(
     processors={"WanAttnProcessor": WanSparseAttnProcessor, "WanAttnProcessor2_0": WanSparseAttnProcessor},
     select=lambda path: path.startswith("blocks.") and path.endswith(".attn1"),
     geometry=_geometry,
+    # Radial: the reference implementation's Wan knobs (decay 0.2, attention sink, layer 0 dense, 12 of 50
+    # warm-up steps). Re-ttention: untuned for Wan (its generic defaults).
+    defaults={"radial": {"decay": 0.2, "sink_frame": True, "dense_layers": (0,), "dense_steps": 0.25}},
 )
