@@ -22,7 +22,7 @@ from _tiny import TRANSFORMERS, flux_pipeline, run_wan, sd3_pipeline, wan_pipeli
 import dit_accel
 from dit_accel import _diffusers
 from dit_accel.kernels import BlockPlan, block_sparse_attention, dense_attention
-from dit_accel.methods import SparseMethod, WindowMethod
+from dit_accel.methods import SparseMethod
 from dit_accel.methods.window import window_block_mask
 from dit_accel.processors import family_for
 from dit_accel.processors.base import SparseAttnProcessorBase, _log_once
@@ -119,11 +119,14 @@ def test_sparse_gradients_through_the_plan(family):
     _assert_grads(plain, oracle, exact=False)
 
 
-class _Alternating(WindowMethod):
-    """A plan that changes at every call: a recomputation that built its own plan would differ."""
+class _Alternating(SparseMethod):
+    """A window plan whose width changes at every call: a recomputation that built its own plan would
+    differ from the forward."""
+
+    name = "alternating"
 
     def __init__(self):
-        super().__init__(density=0.3)
+        super().__init__()
         self.calls = 0
 
     def reuse_plan(self, entry, call):
@@ -131,8 +134,9 @@ class _Alternating(WindowMethod):
 
     def plan_for(self, q, k, call):
         self.calls += 1
-        self.density = 0.3 if self.calls % 2 else 1.0
-        return super().plan_for(q, k, call)
+        density = 0.3 if self.calls % 2 else 1.0
+        mask = window_block_mask(call.q_len, call.k_len, 16, 16, density, call.text_len, call.text_position)
+        return BlockPlan.from_block_mask(mask[None, None], 16, 16)
 
 
 def test_recomputation_reuses_the_forward_plan():
@@ -146,6 +150,34 @@ def test_recomputation_reuses_the_forward_plan():
         model, x, checkpointing=True, method=method, block_q=16, block_k=16, backend="torch"
     )
     assert method.calls == 4  # two layers, each planned once in the forward and once more in the replay
+    _assert_grads(checkpointed, plain)
+
+
+@pytest.mark.parametrize("grad_step", [0, 1], ids=["refresh-step", "corrected-step"])
+def test_rettention_checkpointed_gradients(grad_step):
+    """re-ttention refreshes at step 0 and corrects at step 1; the recomputation replays each from the state
+    the forward started from."""
+    knobs = {"method": "rettention", "density": 0.5, "per_frame": False, "refresh_every": 2, "dense_steps": 0}
+    x = TRANSFORMERS["wan"]()[1](1)
+
+    def run(checkpointing):
+        model = wan_transformer()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        handle = dit_accel.apply(model, block_q=16, block_k=16, backend="torch", **knobs)
+        for step, t in enumerate((900.0, 800.0)):
+            xs = {**x, "timestep": torch.tensor([t])}
+            if step < grad_step:
+                _forward(model, xs)
+                continue
+            model(**xs, return_dict=False)[0].pow(2).mean().backward()
+            break
+        kinds = {r["kind"] for r in handle.stats().records if r["step"] == grad_step}
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, kinds
+
+    plain, kinds = run(checkpointing=False)
+    assert kinds == {("refresh", "corrected")[grad_step]}, kinds
+    checkpointed, _ = run(checkpointing=True)
     _assert_grads(checkpointed, plain)
 
 

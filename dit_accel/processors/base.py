@@ -178,7 +178,7 @@ class Runtime:
             if replay:
                 raise RuntimeError(
                     f"{processor.layer}: the checkpoint recomputation ran {len(capture.plans) - len(replay)} "
-                    f"sparse passes, the forward ran {len(capture.plans)}: the method "
+                    f"plan passes, the forward ran {len(capture.plans)}: the method "
                     f"{type(method).__name__} did not repeat its forward from the recorded state"
                 )
             return out
@@ -230,23 +230,30 @@ class _Capture:
 
 
 class _Call(AttentionCall):
-    """An :class:`AttentionCall` that records the plans it runs, or replays recorded ones in order."""
+    """An :class:`AttentionCall` that records the plans it runs (sparse and refresh passes, in order), or
+    replays recorded ones in that order."""
 
     def __init__(self, *, record: list | None, replay: list | None, **kwargs):
         super().__init__(**kwargs)
         self._record_plans = record
         self._replay_plans = replay
 
-    def run_sparse(self, plan: BlockPlan, return_lse: bool = False):
+    def _plan(self, plan: BlockPlan) -> BlockPlan:
         if self._replay_plans is not None:
             if not self._replay_plans:
                 raise RuntimeError(
-                    f"{self.layer}: the checkpoint recomputation ran more sparse passes than the forward"
+                    f"{self.layer}: the checkpoint recomputation ran more plan passes than the forward"
                 )
-            plan = self._replay_plans.pop(0)
-        elif self._record_plans is not None:
+            return self._replay_plans.pop(0)
+        if self._record_plans is not None:
             self._record_plans.append(plan)
-        return super().run_sparse(plan, return_lse)
+        return plan
+
+    def run_sparse(self, plan: BlockPlan, *args, **kwargs):
+        return super().run_sparse(self._plan(plan), *args, **kwargs)
+
+    def run_refresh(self, plan: BlockPlan, *args, **kwargs):
+        return super().run_refresh(self._plan(plan), *args, **kwargs)
 
 
 # attention module -> the dit_accel processor installed for it (detached processors serve through it).
