@@ -13,6 +13,7 @@ from dit_accel.kernels import BlockPlan, block_mass, block_sparse_attention, den
 from dit_accel.kernels.plan import num_blocks
 
 TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _random_plan_parts(rng: random.Random, n_qb: int, n_kb: int, batch: int, heads: int):
@@ -64,7 +65,7 @@ def _case(rng: random.Random, dtype, max_len=80):
     return q, k, v, block_q, block_k, kv_len
 
 
-def _check_against_oracle(rng, dtype, backend, atol):
+def _check_against_oracle(rng, dtype, backend, atol, device="cpu"):
     q, k, v, block_q, block_k, kv_len = _case(rng, dtype, max_len=80 if backend == "torch" else 40)
     batch, q_len, heads, d = q.shape
     n_qb, n_kb = num_blocks(q_len, block_q), num_blocks(k.shape[1], block_k)
@@ -77,21 +78,25 @@ def _check_against_oracle(rng, dtype, backend, atol):
     full = mask.expand(batch, heads, -1, -1)
     clamped = kv_len.clamp(max=k.shape[1]) if kv_len is not None else None
     want, want_lse = _oracle(qh, kh, vh, full, block_q, block_k, 1 / math.sqrt(d), clamped)
-    out, lse = block_sparse_attention(q, k, v, plan, kv_len=kv_len, backend=backend)
+    dq, dk, dv = (t.to(device) for t in (q, k, v))
+    dkv = kv_len.to(device) if kv_len is not None else None
+    out, lse = block_sparse_attention(dq, dk, dv, plan.to(device), kv_len=dkv, backend=backend)
+    out, lse = out.cpu(), lse.cpu()
     torch.testing.assert_close(out.transpose(1, 2).double(), want, atol=atol, rtol=atol)
     finite = torch.isfinite(want_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     torch.testing.assert_close(lse[finite].double(), want_lse[finite], atol=atol, rtol=atol)
     assert torch.equal(out.transpose(1, 2)[~finite], torch.zeros_like(out.transpose(1, 2)[~finite]))
 
-    dense, dense_lse = dense_attention(q, k, v, kv_len=kv_len, backend=backend)
+    dense, _ = dense_attention(dq, dk, dv, kv_len=dkv, backend=backend)
+    dense = dense.cpu()
     all_blocks = torch.ones(batch, heads, n_qb, n_kb, dtype=torch.bool)
     want_dense, want_dense_lse = _oracle(qh, kh, vh, all_blocks, block_q, block_k, 1 / math.sqrt(d), clamped)
     torch.testing.assert_close(dense.transpose(1, 2).double(), want_dense, atol=atol, rtol=atol)
 
     # Block mass under the dense LSE: each row's blocks sum to 1 over its valid keys.
     lse32 = want_dense_lse.float()
-    w = block_mass(q, k, lse32, block_q, block_k, kv_len=kv_len, backend=backend)
+    w = block_mass(dq, dk, lse32.to(device), block_q, block_k, kv_len=dkv, backend=backend).cpu()
     s = torch.matmul(qh.double(), kh.double().transpose(-1, -2)) / math.sqrt(d)
     p = torch.exp(s - torch.where(torch.isinf(want_dense_lse), 0.0, want_dense_lse)[..., None])
     valid = torch.isfinite(want_dense_lse)[..., None]
@@ -114,7 +119,7 @@ def test_random_valid_plans_on_triton():
     rng = random.Random(1818)
     dtype = torch.float16
     for _ in range(6):
-        _check_against_oracle(rng, dtype, "triton", atol=2e-2)
+        _check_against_oracle(rng, dtype, "triton", atol=2e-2, device=DEVICE)
 
 
 def _corruptions(rng: random.Random):

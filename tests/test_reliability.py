@@ -22,6 +22,7 @@ from _tiny import TRANSFORMERS, flux_pipeline, run_wan, sd3_pipeline, wan_pipeli
 import dit_accel
 from dit_accel import _diffusers
 from dit_accel.kernels import BlockPlan, block_sparse_attention, dense_attention
+from dit_accel.kernels.ops import _warn_once as _log_once_ops
 from dit_accel.methods import SparseMethod
 from dit_accel.methods.window import window_block_mask
 from dit_accel.processors import family_for
@@ -29,6 +30,7 @@ from dit_accel.processors.base import SparseAttnProcessorBase, _log_once
 from dit_accel.tracking import TRACKER_HOOK_NAME, in_backward
 
 FAMILIES = list(TRANSFORMERS)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernels run (interpreted on CPU)
 SPARSE = {"method": "window", "density": 0.5, "block_q": 16, "block_k": 16}
 
 
@@ -219,9 +221,13 @@ def test_unrecorded_recomputations_raise():
         model(**x, return_dict=False)[0].pow(2).mean().backward()
 
 
+def _half_qkv_requiring_grad():
+    return [torch.randn(1, 40, 2, 16, dtype=torch.float16, device=DEVICE).requires_grad_() for _ in range(3)]
+
+
 def test_triton_sparse_call_under_grad_raises():
-    q, k, v = (torch.randn(1, 40, 2, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
-    plan = BlockPlan.dense(40, 40, 16, 16)
+    q, k, v = _half_qkv_requiring_grad()
+    plan = BlockPlan.dense(40, 40, 16, 16, device=DEVICE)
     with pytest.raises(RuntimeError, match="no backward.*backend='torch'"):
         block_sparse_attention(q, k, v, plan, backend="triton")
     with pytest.raises(RuntimeError, match="no backward"):
@@ -231,17 +237,19 @@ def test_triton_sparse_call_under_grad_raises():
     model, inputs = TRANSFORMERS["wan"]()
     model.enable_gradient_checkpointing()
     dit_accel.apply(model, backend="triton", **SPARSE)
-    x = {k: (t.half() if t.is_floating_point() else t) for k, t in inputs(1).items()}
-    model.half()
+    x = {k: (t.half() if t.is_floating_point() else t).to(DEVICE) for k, t in inputs(1).items()}
+    model.to(DEVICE, torch.float16)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run: inputs require grad"):
         model(**x, return_dict=False)
 
 
 def test_auto_backend_under_grad_takes_the_reference(caplog):
-    q, k, v = (torch.randn(1, 40, 2, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
-    plan = BlockPlan.dense(40, 40, 16, 16)
+    q, k, v = _half_qkv_requiring_grad()
+    plan = BlockPlan.dense(40, 40, 16, 16, device=DEVICE)
+    _log_once_ops.cache_clear()
     with caplog.at_level(logging.WARNING, logger="dit_accel"):
         out, _ = block_sparse_attention(q, k, v, plan, backend="auto")
+    assert "falling back to the torch reference: inputs require grad" in caplog.text
     out.float().sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
     ref, _ = block_sparse_attention(q.detach(), k.detach(), v.detach(), plan, backend="torch")
