@@ -463,12 +463,15 @@ def test_sparse_path_under_autocast_matches_stock(family):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize(
     "knobs", [{"method": "dense"}, {"method": "window", "density": 1.0}], ids=["dense", "window1"]
 )
-def test_gpu_layerwise_casting_bf16(knobs):
+def test_gpu_layerwise_casting_bf16(knobs, warm):
     """diffusers' test_layerwise_casting_memory and _training on Wan, with dit_accel applied (Triton on the
-    GPU for inference, the reference under grad)."""
+    GPU for inference, the reference under grad). ``cold`` measures the first forward, as diffusers' test
+    does (it includes Triton's first-call autotuning, whose benchmark allocates a scratch buffer); ``warm``
+    measures a second forward."""
     device = "cuda"
 
     def peak(storage, compute):
@@ -477,7 +480,8 @@ def test_gpu_layerwise_casting_bf16(knobs):
         model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
         dit_accel.apply(model, **knobs)
         x = {k: t.to(device) for k, t in _cast(TRANSFORMERS["wan"]()[1](1), compute).items()}
-        _forward(model, x)  # first call: Triton autotuning allocates scratch memory
+        if warm:
+            _forward(model, x)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -489,7 +493,9 @@ def test_gpu_layerwise_casting_bf16(knobs):
     fp8_fp32 = peak(torch.float8_e4m3fn, torch.float32)
     fp8_bf16 = peak(torch.float8_e4m3fn, torch.bfloat16)
     assert fp8_bf16[0] < fp8_fp32[0] < fp32[0]
-    assert fp8_fp32[1] < fp32[1] or abs(fp8_fp32[1] - fp32[1]) < 0.2 * 1024**2
+    if torch.cuda.get_device_capability()[0] >= 8:
+        assert fp8_bf16[1] < fp8_fp32[1], (fp8_bf16, fp8_fp32)
+    assert fp8_fp32[1] < fp32[1] or abs(fp8_fp32[1] - fp32[1]) < 0.2 * 1024**2, (fp8_fp32, fp32)
     for storage, compute in [
         (torch.float16, torch.float32),
         (torch.float8_e4m3fn, torch.float32),
