@@ -247,9 +247,9 @@ class SparseAttentionHandle:
             if replaced:
                 n = sum(not inst.serves(p) for p in inst.processors)
                 _log_skipped(
-                    f"{name}: {n} of {len(inst.processors)} layers now run processors set after "
-                    f"dit_accel.apply ({sorted(replaced)}, e.g. an IP-adapter's), not dit_accel's; apply "
-                    "again to accelerate them"
+                    f"{name}: {n} of {len(inst.processors)} layers dit_accel replaced run other processors "
+                    f"now ({sorted(replaced)}, e.g. an IP-adapter's set after dit_accel.apply); apply again "
+                    "to accelerate them"
                 )
 
     def _activate(self) -> None:

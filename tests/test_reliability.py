@@ -412,7 +412,7 @@ def test_replaced_layers_are_logged_at_the_next_run(caplog):
     _log_once.cache_clear()  # the message is logged once per process
     with caplog.at_level(logging.WARNING, logger="dit_accel"):
         _flux_run(pipe, ip=True)
-    assert "1 of 2 layers now run processors set after dit_accel.apply (['FluxIPAdapterAttnProcessor']" in (
+    assert "1 of 2 layers dit_accel replaced run other processors now (['FluxIPAdapterAttnProcessor']" in (
         caplog.text
     )
 
@@ -611,6 +611,28 @@ def test_remove_after_the_tracker_hook_was_taken_out_by_hand():
     dit_accel.remove(model)
     assert "_diffusers_hook" not in model.__dict__ and "forward" not in model.__dict__
     assert torch.equal(_forward(model, x), ref)
+
+
+@pytest.mark.parametrize("cache_first", [True, False], ids=["cache-first", "apply-first"])
+def test_first_block_cache_either_order(cache_first):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    config = FirstBlockCacheConfig(threshold=0.5)
+    stock = wan_pipeline()
+    apply_first_block_cache(stock.transformer, config)
+    ref = run_wan(stock, steps=4)
+    pipe = wan_pipeline()
+    if cache_first:
+        apply_first_block_cache(pipe.transformer, config)
+    handle = dit_accel.apply(pipe, method="dense")
+    if not cache_first:
+        apply_first_block_cache(pipe.transformer, config)
+    assert torch.equal(run_wan(pipe, steps=4), ref)
+    steps = sorted({r["step"] for r in handle.stats().records if r["layer"].endswith("blocks.1.attn1")})
+    assert steps == [0], "the cache should skip block 1 after the first step"
+    dit_accel.remove(pipe)
+    assert torch.equal(run_wan(pipe, steps=4), ref)
+    assert pipe.transformer.blocks[1]._diffusers_hook.get_hook("fbc_block_hook") is not None
 
 
 # --------------------------------------------------------------------------------------------------
