@@ -1,5 +1,7 @@
 """One Wan2.1-1.3B transformer forward (random weights, real config): stock, dit_accel dense, dit_accel
-window, and with attention replaced by a no-op (the attention share of the forward).
+window, and with attention replaced by a no-op (the attention share of the forward). Also the dense method
+on each ``dense_backend`` that is not the stock op (auto, cudnn, xformers, triton) as a dense baseline of
+its own: its output against stock, its time, or why it cannot run.
 
 GPU run (bf16, latent (1, 16, 21, 60, 104) = 480p 81 frames, 32,760 tokens; text (1, 512, 4096)):
 
@@ -53,6 +55,7 @@ WAN_TINY = {
     "num_layers": 2,
     "rope_max_seq_len": 32,
 }
+DENSE_BACKENDS = ("auto", "cudnn", "xformers", "triton")
 SHAPES = {
     "wan1.3b_480p_81f": {"latent": (1, 16, 21, 60, 104), "text": (1, 512, 4096), "block": 128},
     "smoke": {"latent": (1, 16, 3, 8, 12), "text": (1, 8, 32), "block": 16},
@@ -120,6 +123,21 @@ def main(argv=None) -> dict:
     dense_exact = bool(torch.equal(dense_out, stock))
     ms_dense = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
 
+    dense_backends = {}
+    for name in DENSE_BACKENDS:
+        dit_accel.apply(model, method="dense", dense_backend=name)
+        try:
+            out = forward()
+        except RuntimeError as exc:
+            dense_backends[name] = {"error": str(exc)}
+            continue
+        err = ((out.float() - stock.float()).abs().max() / stock.float().abs().max().clamp_min(1e-6)).item()
+        row = {"rel_err": err, "correct": err <= (1e-5 if smoke else 3e-2)}
+        if row["correct"]:
+            row["ms"] = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
+            row["speedup_vs_stock"] = ms_stock / row["ms"]
+        dense_backends[name] = row
+
     dit_accel.apply(model, method="window", density=1.0, block_q=block, block_k=block, backend=args.backend)
     full = forward()
     full_err = ((full.float() - stock.float()).abs().max() / stock.float().abs().max().clamp_min(1e-6)).item()
@@ -147,6 +165,7 @@ def main(argv=None) -> dict:
                 "window": ms_window,
                 "no_attention": ms_noattn,
             },
+            "dense_backends": dense_backends,
             "window_density": window_density,
             "attention_share": 1.0 - ms_noattn / ms_stock,
             "attention_only_ceiling": ms_stock / ms_noattn,

@@ -11,6 +11,7 @@ from typing import Any
 __all__ = ["SparseAttentionConfig"]
 
 _BACKENDS = ("auto", "triton", "torch")
+_DENSE_BACKENDS = ("stock", "auto", "cudnn", "xformers", "triton", "torch")
 
 
 def auto_block(seq_len: int) -> int:
@@ -38,8 +39,17 @@ class SparseAttentionConfig:
             the last layer. Layers are numbered per transformer in module order (Flux: dual blocks, then
             single blocks). None (the default): the method's default, as for ``dense_steps`` (none unless
             the method has one).
-        backend: "auto" | "triton" | "torch" for dit_accel's kernels. Dense steps and dense layers run the
-            stock diffusers attention op (whatever attention backend diffusers is set to).
+        backend: "auto" | "triton" | "torch" for dit_accel's block-sparse and block-mass kernels.
+        dense_backend: what dense steps and dense layers run. "stock" (the default): the stock diffusers
+            attention op, whatever attention backend diffusers is set to, so their output is bit-exact with
+            the stock processors; dense passes that must also return the LSE (searches, refreshes) then use
+            ``backend``. "auto" | "cudnn" | "xformers" | "triton" | "torch": ``dit_accel.kernels.
+            dense_attention`` with that backend for both ("auto" picks from measured results per device
+            and shape; a named one raises where it cannot run). "stock" is the default because a dense
+            step is then exactly the un-accelerated model (quality baselines and the dense method compare
+            against it), it honours ``set_attention_backend``, and diffusers' default on an H200 already
+            runs cuDNN, which the measurements put first at every head_dim but 64 (there our dense loop
+            was 3% faster): "auto" would buy at most that 3% today.
         timing: record each attention call's wall time in the handle's stats (adds a CUDA event pair per
             call; no host synchronisation until stats are read).
         max_state_bytes: byte budget of what a method keeps per layer between steps (cached LSE, re-ttention's
@@ -62,6 +72,7 @@ class SparseAttentionConfig:
     dense_steps: int | float | None = None
     dense_layers: tuple[int, ...] | None = None
     backend: str = "auto"
+    dense_backend: str = "stock"
     timing: bool = False
     max_state_bytes: int | str | None = "auto"
     state_offload: bool = True
@@ -110,6 +121,8 @@ class SparseAttentionConfig:
             object.__setattr__(self, "dense_layers", layers)
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.dense_backend not in _DENSE_BACKENDS:
+            raise ValueError(f"dense_backend must be one of {_DENSE_BACKENDS}, got {self.dense_backend!r}")
         _check_options(self.options)
         object.__setattr__(self, "options", dict(self.options))
 

@@ -3,7 +3,7 @@
 Public: :class:`BlockPlan`, :class:`SoftmaxCorrection`, :func:`block_sparse_attention`,
 :func:`dense_attention`, :func:`block_mass`, :func:`refresh_attention`,
 :func:`correction_from_outputs`.
-This package imports only torch and triton.
+This package imports only torch and triton; ``xformers_attention`` imports xformers lazily, for its backend.
 """
 
 from .correction import SoftmaxCorrection, correction_from_outputs

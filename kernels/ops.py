@@ -2,8 +2,10 @@
 
 Backends: ``"triton"`` (our kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``; never falls back),
 ``"torch"`` (the fp32 references in ``reference.py``), ``"auto"`` (Triton where it can run, else the
-reference, with the reason logged once). ``dense_attention`` also has ``"cudnn"``: PyTorch's cuDNN
-attention through ``torch.ops.aten``, which returns the log-sum-exp too.
+reference, with the reason logged once). ``dense_attention`` also has ``"cudnn"`` (PyTorch's cuDNN
+attention through ``torch.ops.aten``) and ``"xformers"`` (``xformers.ops.fmha``, imported lazily by
+``xformers_attention.py`` only), both with the log-sum-exp; its ``"auto"`` picks from a table of
+measured results.
 
 The Triton kernels have no backward: for inputs that require grad (grad mode on), ``"triton"`` refuses the
 call, naming the ways out, and ``"auto"`` takes the reference, whose gradients are exact.
@@ -467,10 +469,62 @@ def refresh_attention(
     return _from_bhsd(out, layout), lse, SoftmaxCorrection(rho, resid, r_scale)
 
 
-# Which path ``dense_attention(backend="auto")`` takes on CUDA, from the side-by-side measurement in
-# benchmarks/results/kernels_nvidia_h200.json: cuDNN was 10-30% faster than our dense loop at head_dim 72
-# and 128, ours 3% faster at head_dim 64 (cogvideox5b).
-_DENSE_AUTO_CUDNN_MIN_HEAD_DIM = 65
+# --------------------------------------------------------------------------------------------------
+# dense backends
+# --------------------------------------------------------------------------------------------------
+_DENSE_BACKENDS = ("auto", "cudnn", "xformers", "triton", "torch")
+
+# "auto" on CUDA: the dense backends in measured order, fastest first, per (compute capability major,
+# head_dim band, sequence band, needs_lse, has_kv_len). Each row names the benchmark result it comes from.
+# A key with no row was not measured: auto then runs our Triton kernel (the torch reference where Triton
+# cannot run). A listed backend that cannot run a call (not installed, head_dim, kv_len) is skipped with
+# a logged reason. A backend is listed only where a benchmark on that device timed it at that band:
+# re-measure with benchmarks/bench_dense.py and edit the rows by hand.
+_DENSE_TABLE: dict[tuple[int, str, str, bool, bool], tuple[str, ...]] = {
+    # benchmarks/results/kernels_nvidia_h200.json, cogvideox5b_49f (S 17,776, D 64): our dense loop
+    # 9.15 ms (its LSE is free) vs cuDNN 9.41 ms with LSE, 9.49 ms without.
+    (9, "d<=64", "s>8k", True, False): ("triton", "cudnn"),
+    (9, "d<=64", "s>8k", False, False): ("triton", "cudnn"),
+    # same file, flux_1024 (S 4,608, D 128): cuDNN 0.437 ms with LSE, 0.435 ms without; ours 0.565 ms.
+    (9, "d65-128", "s<=8k", True, False): ("cudnn", "triton"),
+    (9, "d65-128", "s<=8k", False, False): ("cudnn", "triton"),
+    # same file, pixart_2k (S 16,384, D 72): cuDNN 3.50 ms with or without LSE, ours 4.33 ms;
+    # wan1.3b_480p_81f, wan14b_720p_81f, hunyuan_720p_129f (S 32,760-119,056, D 128): cuDNN 10-13% faster.
+    (9, "d65-128", "s>8k", True, False): ("cudnn", "triton"),
+    (9, "d65-128", "s>8k", False, False): ("cudnn", "triton"),
+}
+
+
+def _head_dim_band(d: int) -> str:
+    return "d<=64" if d <= 64 else "d65-128" if d <= 128 else "d129-256"
+
+
+def _seq_band(s: int) -> str:
+    return "s<=8k" if s <= 8192 else "s>8k"
+
+
+def _dense_table_key(
+    capability_major: int, head_dim: int, seq: int, needs_lse: bool, has_kv_len: bool
+) -> tuple[int, str, str, bool, bool]:
+    """The key of ``_DENSE_TABLE`` for a dense call (``seq``: query tokens)."""
+    return (capability_major, _head_dim_band(head_dim), _seq_band(seq), bool(needs_lse), bool(has_kv_len))
+
+
+def _dense_auto_order(
+    capability_major: int, head_dim: int, seq: int, needs_lse: bool, has_kv_len: bool
+) -> tuple[str, ...]:
+    """The measured order "auto" tries on a CUDA device of this capability (empty: not measured)."""
+    return _DENSE_TABLE.get(_dense_table_key(capability_major, head_dim, seq, needs_lse, has_kv_len), ())
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.cache
+def _log_once(msg: str) -> None:
+    logger.info(msg)
 
 
 def _cudnn_unavailable_reason(qh: torch.Tensor, kv_len) -> str | None:
@@ -487,14 +541,61 @@ def _cudnn_unavailable_reason(qh: torch.Tensor, kv_len) -> str | None:
     return None
 
 
-def _cudnn_attention(qh, kh, vh, scale):
+def _cudnn_attention(qh, kh, vh, scale, return_lse: bool):
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        qh, kh, vh, None, True, 0.0, False, False, scale=scale
+        qh, kh, vh, None, return_lse, 0.0, False, False, scale=scale
     )
-    out, lse = res[0], res[1]
+    if not return_lse:
+        return res[0], None
+    lse = res[1]
     if lse.dim() == 4:
         lse = lse.squeeze(-1)
-    return out, lse.float()
+    return res[0], lse.float()
+
+
+def _dense_unavailable_reason(backend: str, qh, kh, vh, kv_len, scale: float, needs_lse: bool):
+    if backend == "cudnn":
+        return _cudnn_unavailable_reason(qh, kv_len)
+    if backend == "xformers":
+        from . import xformers_attention
+
+        return xformers_attention.unavailable_reason(qh, kh, vh, kv_len, scale, needs_lse)
+    if backend == "triton":
+        return _triton_unavailable_reason(qh)
+    return None
+
+
+def _first_runnable(order: tuple[str, ...], reason_of) -> str | None:
+    """The first backend of ``order`` that ``reason_of`` finds no reason against; skips are logged once."""
+    for candidate in order:
+        reason = reason_of(candidate)
+        if reason is None:
+            return candidate
+        _log_once(f"dense_attention: auto skips {candidate!r} (measured faster here): {reason}")
+    return None
+
+
+def _pick_dense(backend: str, qh, kh, vh, kv_len, scale: float, needs_lse: bool) -> str:
+    if backend not in _DENSE_BACKENDS:
+        raise ValueError(f"backend must be one of {_DENSE_BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        if backend in ("cudnn", "xformers"):
+            reason = _dense_unavailable_reason(backend, qh, kh, vh, kv_len, scale, needs_lse)
+            if reason is not None:
+                raise RuntimeError(f"dense_attention: backend={backend!r} cannot run: {reason}")
+            return backend
+        return _pick(backend, qh, "dense_attention", grad=_needs_grad(qh, kh, vh))
+    if qh.is_cuda:
+        index = qh.device.index if qh.device.index is not None else torch.cuda.current_device()
+        order = _dense_auto_order(
+            _capability_major(index), qh.shape[3], qh.shape[2], needs_lse, kv_len is not None
+        )
+        chosen = _first_runnable(
+            order, lambda b: _dense_unavailable_reason(b, qh, kh, vh, kv_len, scale, needs_lse)
+        )
+        if chosen is not None:
+            return chosen
+    return _pick("auto", qh, "dense_attention", grad=_needs_grad(qh, kh, vh))
 
 
 def dense_attention(
@@ -506,34 +607,41 @@ def dense_attention(
     kv_len: torch.Tensor | None = None,
     layout: str = "bshd",
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense softmax attention with the per-row log-sum-exp (for dense steps and pattern searches).
+    return_lse: bool = True,
+):
+    """Dense softmax attention, with the per-row log-sum-exp (dense steps and pattern searches).
 
-    Same arguments and returns as :func:`block_sparse_attention` without a plan. ``backend`` is "auto",
-    "triton", "cudnn" or "torch"; "auto" on CUDA uses cuDNN where it supports the call and was measured
-    faster (fp16/bf16, head_dim a multiple of 8 in 65..128, no kv_len) and our dense Triton kernel
-    otherwise.
+    Same arguments as :func:`block_sparse_attention` without a plan, and:
+
+    Args:
+        backend: "auto", "cudnn" (PyTorch's cuDNN attention through ``torch.ops.aten``), "xformers"
+            (``xformers.ops.fmha``; the ``xformers`` extra), "triton" (our dense loop; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``) or "torch" (the fp32 reference). "auto" on CUDA tries the backends a
+            benchmark measured fastest on this device at this head_dim and sequence band, with or without
+            the LSE and kv_len (a table in this module), skipping any that cannot run the call with a logged
+            reason, then our Triton kernel; elsewhere it runs Triton where it can, else the reference.
+            A named backend that cannot run the call raises RuntimeError; it never falls back.
+        return_lse: False returns the output only, which lets cuDNN and xformers skip writing the LSE.
+
+    Returns:
+        ``(out, lse)`` as :func:`block_sparse_attention` (every key counts), or ``out`` when
+        ``return_lse`` is False.
     """
     qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
-    if backend == "cudnn":
-        reason = _cudnn_unavailable_reason(qh, kv_len)
-        if reason is not None:
-            raise RuntimeError(f"dense_attention: backend='cudnn' cannot run: {reason}")
-        out, lse = _cudnn_attention(qh, kh, vh, scale)
-        return _from_bhsd(out, layout), lse
-    if (
-        backend == "auto"
-        and qh.shape[3] >= _DENSE_AUTO_CUDNN_MIN_HEAD_DIM
-        and _cudnn_unavailable_reason(qh, kv_len) is None
-    ):
-        out, lse = _cudnn_attention(qh, kh, vh, scale)
-        return _from_bhsd(out, layout), lse
-    if _pick(backend, qh, "dense_attention", grad=_needs_grad(qh, kh, vh)) == "torch":
+    chosen = _pick_dense(backend, qh, kh, vh, kv_len, scale, return_lse)
+    if chosen == "cudnn":
+        out, lse = _cudnn_attention(qh, kh, vh, scale, return_lse)
+    elif chosen == "xformers":
+        from .xformers_attention import xformers_attention
+
+        out, lse = xformers_attention(qh, kh, vh, scale, return_lse)
+    elif chosen == "torch":
         out, lse = reference.attention_reference(qh, kh, vh, None, scale, kv_len)
     else:
         block = 16 if _interpret() else 128
         out, lse = _sparse_attention_op(qh, kh, vh, None, None, block, block, scale, kv_len)
-    return _from_bhsd(out, layout), lse
+    out = _from_bhsd(out, layout)
+    return (out, lse) if return_lse else out
 
 
 def block_mass(

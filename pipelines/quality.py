@@ -28,7 +28,20 @@ import torch
 
 import dit_accel
 
-__all__ = ["compare", "format_table", "parse_method_spec", "psnr", "quality_table", "render_frames", "ssim"]
+__all__ = [
+    "as_frames",
+    "attention_density",
+    "compare",
+    "format_table",
+    "frame_metrics",
+    "parse_method_spec",
+    "psnr",
+    "quality_table",
+    "render_frames",
+    "render_output",
+    "ssim",
+    "timed",
+]
 
 
 def _frames_tensor(frames) -> torch.Tensor:
@@ -82,23 +95,45 @@ def ssim(a, b, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return (num / den).flatten(1).mean(1)
 
 
-def render_frames(pipe, prompt: str, seed: int = 0, **call_kwargs) -> np.ndarray:
-    """Render one clip: [F, H, W, 3] float in [0, 1], the pipeline's raw decoded frames.
+def render_output(pipe, *args, seed: int = 0, **call_kwargs) -> np.ndarray:
+    """Render once and return the pipeline's ``output_type="np"`` output as float32 numpy: video pipelines
+    [B, F, H, W, 3], image pipelines [B, H, W, 3], values in [0, 1].
+
+    ``args`` and ``call_kwargs`` go to the pipeline unchanged; the generator is a CPU ``torch.Generator``
+    seeded with ``seed``, so the initial noise does not depend on the device.
+    """
+    out = pipe(*args, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call_kwargs)
+    data = out.frames if hasattr(out, "frames") else out.images
+    if torch.is_tensor(data):
+        data = data.float().cpu().numpy()
+    if isinstance(data, (list, tuple)):
+        data = np.stack([np.asarray(d) for d in data])
+    return np.asarray(data, dtype=np.float32)
+
+
+def as_frames(output: np.ndarray) -> np.ndarray:
+    """[N, H, W, 3] frames of a :func:`render_output` result: every frame of every video, or every image."""
+    output = np.asarray(output)
+    if output.ndim == 5:
+        return output.reshape(-1, *output.shape[2:])
+    if output.ndim == 4:
+        return output
+    if output.ndim == 3:
+        return output[None]
+    raise ValueError(f"expected [B, F, H, W, 3] or [B, H, W, 3] output, got {output.shape}")
+
+
+def render_frames(pipe, prompt: str | None = None, seed: int = 0, **call_kwargs) -> np.ndarray:
+    """Render one clip: [F, H, W, 3] float in [0, 1], the pipeline's raw decoded frames (of the first output).
 
     The generator is a CPU ``torch.Generator`` seeded with ``seed``, so the initial noise does not depend on
-    the device. ``call_kwargs`` go to the pipeline (``num_frames``, ``height``, ``num_inference_steps``, ...).
+    the device. ``call_kwargs`` go to the pipeline (``num_frames``, ``height``, ``num_inference_steps``, ...);
+    ``prompt`` is passed when given.
     """
-    out = pipe(
-        prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call_kwargs
-    )
-    frames = out.frames if hasattr(out, "frames") else out.images
-    frames = frames[0]
-    if torch.is_tensor(frames):
-        frames = frames.float().cpu().numpy()
-    frames = np.asarray(frames, dtype=np.float32)
-    if frames.ndim == 3:
-        frames = frames[None]
-    return frames
+    if prompt is not None:
+        call_kwargs["prompt"] = prompt
+    out = render_output(pipe, seed=seed, **call_kwargs)
+    return as_frames(out[:1])
 
 
 def _sync():
@@ -106,12 +141,38 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _timed_render(pipe, prompt, seed, call_kwargs):
+def timed(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), wall seconds)``, CUDA-synchronised before and after when CUDA is available."""
     _sync()
     t0 = time.perf_counter()
-    frames = render_frames(pipe, prompt, seed, **call_kwargs)
+    result = fn(*args, **kwargs)
     _sync()
-    return frames, time.perf_counter() - t0
+    return result, time.perf_counter() - t0
+
+
+def _timed_render(pipe, prompt, seed, call_kwargs):
+    return timed(render_frames, pipe, prompt, seed, **call_kwargs)
+
+
+def frame_metrics(dense, frames) -> dict:
+    """PSNR and SSIM per frame of ``frames`` against ``dense`` (both [F, H, W, 3] in [0, 1]), and their means:
+    ``psnr_mean`` is inf when every frame is identical and NaN when only some are."""
+    p, s = psnr(dense, frames), ssim(dense, frames)
+    return {"psnr": p.tolist(), "ssim": s.tolist(), "psnr_mean": _summary(p), "ssim_mean": float(s.mean())}
+
+
+def attention_density(records: list[dict]) -> dict:
+    """From :class:`dit_accel.AttentionStats` records: ``density`` (mean over the sparse calls, 1.0 when
+    none), ``overall_density`` (mean over every call, dense calls counting 1.0), ``sparse_calls`` and
+    ``calls``."""
+    sparse = [r for r in records if r["kind"] != "dense" and not math.isnan(r["density"])]
+    every = [1.0 if r["kind"] == "dense" else r["density"] for r in records if not math.isnan(r["density"])]
+    return {
+        "density": sum(r["density"] for r in sparse) / len(sparse) if sparse else 1.0,
+        "overall_density": sum(every) / len(every) if every else 1.0,
+        "sparse_calls": len(sparse),
+        "calls": len(records),
+    }
 
 
 def _adherence(frames, prompt):
@@ -172,21 +233,18 @@ def compare(
         records = handle.stats().records
     finally:
         dit_accel.remove(pipe)
-    sparse = [r for r in records if r["kind"] != "dense" and not math.isnan(r["density"])]
-    p, s = psnr(dense, frames), ssim(dense, frames)
+    metrics = frame_metrics(dense, frames)
+    density = attention_density(records)
     return {
         "prompt": prompt,
         "seed": seed,
-        "psnr": p.tolist(),
-        "ssim": s.tolist(),
-        "psnr_mean": _summary(p),
-        "ssim_mean": float(s.mean()),
+        **metrics,
         "adherence_dense": _adherence(dense, prompt),
         "adherence": _adherence(frames, prompt),
         "seconds_dense": seconds_dense,
         "seconds": seconds,
-        "density": sum(r["density"] for r in sparse) / len(sparse) if sparse else 1.0,
-        "sparse_calls": len(sparse),
+        "density": density["density"],
+        "sparse_calls": density["sparse_calls"],
         "dense_frames": dense,
         "frames": frames,
     }

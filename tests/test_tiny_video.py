@@ -1,5 +1,5 @@
 """The embedded tiny text-to-video model: procedural data, tokenizer, adherence check, training script
-(smoke), loader, quality harness and the ``dit-accel render`` command, all on CPU."""
+(smoke), loader and quality harness, all on CPU (the ``dit-accel`` command: tests/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from dit_accel import cli
 from dit_accel.pipelines import load_tiny_video_pipeline
 from dit_accel.pipelines.quality import compare, format_table, parse_method_spec, psnr, quality_table, ssim
 from dit_accel.pipelines.tiny_video import adherence, data, model, train
@@ -482,116 +481,3 @@ def test_embedded_weights_render_on_cpu():
     assert adherence.score_clip(out[0], "a large red circle moving right on a black background")["correct"][
         "colour"
     ]
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def test_cli_parses_render_flags():
-    args = cli.build_parser().parse_args(
-        [
-            "render",
-            "--prompt",
-            "a red circle moving left",
-            "--out",
-            "x.gif",
-            "--method",
-            "window",
-            "--opt",
-            "density=0.25",
-            "--opt",
-            "block_q=64",
-            "--dense-steps",
-            "2",
-            "--steps",
-            "4",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert (args.command, args.method, args.steps, args.device, args.frames) == (
-        "render",
-        "window",
-        4,
-        "cpu",
-        None,
-    )
-    assert cli._knobs(args) == {"method": "window", "density": 0.25, "block_q": 64, "dense_steps": 2}
-    args = cli.build_parser().parse_args(["render", "--prompt", "p", "--out", "o", "--dense-steps", "0.25"])
-    with pytest.raises(SystemExit):
-        cli._knobs(args)
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["render", "--out", "x.gif"])
-    with pytest.raises(SystemExit, match="unknown output type"):
-        cli.check_output("clip.avi")
-
-
-def test_cli_without_weights_says_how_to_train(tmp_path, capsys):
-    rc = cli.main(
-        [
-            "render",
-            "--prompt",
-            "a red circle moving left",
-            "--out",
-            str(tmp_path / "x.gif"),
-            "--weights",
-            str(tmp_path / "none"),
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 2
-    assert model.TRAIN_COMMAND in capsys.readouterr().err
-    assert not (tmp_path / "x.gif").exists()
-
-
-@pytest.mark.parametrize("out", ["clip.gif", "frames", "clip.mp4"])
-def test_cli_renders_with_smoke_weights(smoke_weights, tmp_path, capsys, out):
-    if out.endswith(".mp4"):
-        try:
-            import imageio_ffmpeg  # noqa: F401
-        except ImportError:
-            with pytest.raises(SystemExit, match=r"dit-accel\[video\]"):
-                cli.check_output(str(tmp_path / out))
-            return
-    rc = cli.main(
-        [
-            "render",
-            "--prompt",
-            "a red circle moving left",
-            "--out",
-            str(tmp_path / out),
-            "--weights",
-            str(smoke_weights),
-            "--device",
-            "cpu",
-            "--frames",
-            "5",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--steps",
-            "2",
-            "--method",
-            "window",
-            "--opt",
-            "density=0.5",
-            "--opt",
-            "block_q=16",
-            "--opt",
-            "block_k=16",
-        ]
-    )
-    assert rc == 0
-    text = capsys.readouterr().out
-    assert "wrote" in text and "dit_accel[window]" in text
-    path = tmp_path / out
-    if out == "frames":
-        assert sorted(p.name for p in path.iterdir()) == [f"frame_{i:04d}.png" for i in range(5)]
-    else:
-        assert path.stat().st_size > 0
-    if out.endswith(".gif"):
-        from PIL import Image
-
-        assert Image.open(path).n_frames == 5

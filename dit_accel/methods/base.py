@@ -4,7 +4,8 @@ A replaced processor projects q, k, v exactly as the stock processor does and ha
 its method as ``method.attention(q, k, v, call)``; ``call`` (an :class:`AttentionCall`) describes the layer
 and the forward (step, CFG context, geometry) and carries the ways to compute attention on these q, k, v:
 
-- ``call.run_dense()``: the stock diffusers attention op, exactly (dense warm-up steps, dense layers);
+- ``call.run_dense()``: dense attention by ``config.dense_backend`` (default "stock": the stock diffusers
+  attention op, exactly) for dense warm-up steps and dense layers;
 - ``call.run_dense(return_lse=True)``: dense attention through dit_accel's kernels, with the log-sum-exp
   (fused pattern searches, full passes of corrected methods);
 - ``call.run_sparse(plan, return_lse=False, correction=None)``: block-sparse attention with a
@@ -124,16 +125,25 @@ class AttentionCall:
         return self.info.context
 
     def run_dense(self, return_lse: bool = False):
-        """Dense attention on this call's q, k, v.
+        """Dense attention on this call's q, k, v, by ``config.dense_backend``.
 
-        Returns the stock diffusers op's output (in ``layout``) when ``return_lse`` is False; otherwise
-        ``(out, lse)`` from ``dit_accel.kernels.dense_attention`` with lse fp32 [B, H, S_q].
+        Returns the output (in ``layout``) when ``return_lse`` is False: the stock diffusers op's for
+        ``dense_backend="stock"``, else ``dit_accel.kernels.dense_attention``'s with that backend. With
+        ``return_lse`` it returns ``(out, lse)`` (lse fp32 [B, H, S_q]) from ``dense_attention`` with
+        ``dense_backend`` ("stock": ``config.backend``).
         """
         self.events.append(("dense", 1.0))
-        if not return_lse:
+        dense_backend = self.config.dense_backend
+        if not return_lse and dense_backend == "stock":
             return self._dense_fn()
         return dense_attention(
-            self._q, self._k, self._v, kv_len=self.kv_len, layout=self.layout, backend=self.config.backend
+            self._q,
+            self._k,
+            self._v,
+            kv_len=self.kv_len,
+            layout=self.layout,
+            backend=self.config.backend if dense_backend == "stock" else dense_backend,
+            return_lse=return_lse,
         )
 
     def _density(self, plan: BlockPlan) -> float:

@@ -1,0 +1,537 @@
+"""Presets: per model family, a name ("dense", "quality", "balanced", "fast") for a method plus knobs, with
+the numbers measured for it. This module is the one table of them; docs/pipelines.md prints it
+(:func:`markdown_table`, checked by a test) and ``dit-accel presets`` lists it.
+
+Each row carries what was measured for exactly its method and knobs, or nothing:
+
+- speed: the speedup over stock diffusers attention at a real geometry of the family, from a GPU benchmark's
+  JSON (the file and the key are named, and a test reads them back);
+- quality: PSNR / SSIM against dense on the embedded trained model (a stock WanPipeline) from the quality
+  harness (``docs/quality_tiny.json``, the row whose knobs resolve to the same method configuration).
+
+A row without a speed measurement at its family's geometry is *untuned* for that family and says so. Knobs of
+such rows are chosen by analogy (see docs/pipelines.md); no number is given for them.
+
+Adding a row, e.g. a rettention preset once it is measured, is one more :class:`Preset` line in
+:data:`_ROWS`; its measurements name their sources the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dit_accel import SparseAttentionConfig
+from dit_accel.methods import SparseMethod, create_method, method_knobs, method_names
+from dit_accel.processors import SUPPORTED
+
+__all__ = [
+    "FAMILIES",
+    "PRESET_NAMES",
+    "Preset",
+    "Quality",
+    "Settings",
+    "Source",
+    "Speed",
+    "check_knobs",
+    "config_fields",
+    "family_presets",
+    "get_preset",
+    "markdown_table",
+    "resolve",
+    "resolved_knobs",
+    "table",
+]
+
+
+def _family(name: str):
+    """The :class:`dit_accel.processors.Family` named ``name`` (its module in dit_accel.processors)."""
+    return importlib.import_module(f"dit_accel.processors.{name}").FAMILY
+
+
+# Every supported family, in dit_accel.processors' order, and what its pipelines return: "video" pipelines
+# return ``.frames``, "image" pipelines ``.images`` (Family.video).
+FAMILIES: dict[str, str] = {
+    name: "video" if _family(name).video else "image" for name in dict.fromkeys(SUPPORTED.values())
+}
+
+# The presets every family has, in the order they are listed; a family may add more after them.
+PRESET_NAMES = ("dense", "quality", "balanced", "fast")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a number comes from: a JSON file of the repository and a key path in it.
+
+    ``key`` is "/"-separated; a part ``name[field=value]`` selects the list item of ``name`` whose ``field``
+    equals ``value`` (``rows[method=radial]/psnr``).
+    """
+
+    path: str
+    key: str
+
+    def read(self, root: Path | str) -> float:
+        """The value at ``key`` in ``root / path``."""
+        node: Any = json.loads((Path(root) / self.path).read_text())
+        for part in self.key.split("/"):
+            name, _, selector = part.partition("[")
+            if name:
+                node = node[name]
+            if selector:
+                fld, _, value = selector.rstrip("]").partition("=")
+                matches = [item for item in node if str(item.get(fld)) == value]
+                if len(matches) != 1:
+                    raise KeyError(f"{self.path}: {len(matches)} items with {fld}={value!r} at {part!r}")
+                node = matches[0]
+        return float(node)
+
+    def __str__(self) -> str:
+        return f"{self.path} {self.key}"
+
+
+@dataclass(frozen=True)
+class Speed:
+    """A measured speedup over stock attention (higher is faster).
+
+    Attributes:
+        speedup: the value as printed (rounded to 2 decimals); a test reads it back from ``source``.
+        geometry: the model and clip it was measured at.
+        what: how it was measured.
+        source: the measured value (a speedup), or with ``baseline`` the preset's time.
+        baseline: the stock time, when the speedup is ``baseline / source``.
+    """
+
+    speedup: float
+    geometry: str
+    what: str
+    source: Source
+    baseline: Source | None = None
+
+    def measured(self, root: Path | str) -> float:
+        value = self.source.read(root)
+        return self.baseline.read(root) / value if self.baseline is not None else value
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Output against dense with the same seed on the embedded trained model (docs/quality_tiny.md).
+
+    Attributes:
+        psnr: mean PSNR in dB over every frame of every prompt (2 decimals).
+        ssim: mean SSIM (3 decimals).
+        density: mean fraction of blocks computed by the sparse attention calls (3 decimals).
+        row: the ``method`` label of the row in ``docs/quality_tiny.json``.
+    """
+
+    psnr: float
+    ssim: float
+    density: float
+    row: str
+    path: str = "docs/quality_tiny.json"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One row of the table: a family's preset name -> method and knobs, and what was measured for it.
+
+    Attributes:
+        family: the family name (``FAMILIES``).
+        name: the preset name.
+        method: a name of :func:`dit_accel.methods.method_names`.
+        knobs: method options and :class:`dit_accel.SparseAttentionConfig` fields.
+        speed: measurements at the family's real geometries (empty: untuned for the family).
+        quality: the embedded model's numbers for the same method configuration, or None.
+        note: why these knobs, or what the numbers do not cover.
+    """
+
+    family: str
+    name: str
+    method: str
+    knobs: Mapping[str, Any] = field(default_factory=dict)
+    speed: tuple[Speed, ...] = ()
+    quality: Quality | None = None
+    note: str = ""
+
+    @property
+    def tuned(self) -> bool:
+        """Measured at this family's geometry (speed); the dense reference needs no measurement."""
+        return self.method == "dense" or bool(self.speed)
+
+    @property
+    def status(self) -> str:
+        if self.method == "dense":
+            return "reference"
+        if self.speed:
+            return "measured"
+        return f"untuned for {self.family}"
+
+    def knob_text(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.knobs.items()) or "-"
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+_RADIAL = "benchmarks/results/radial_nvidia_h200.json"
+_ADASPA = "benchmarks/results/adaspa_nvidia_h200.json"
+_TINY = "docs/quality_tiny.json"
+_WAN13 = "Wan2.1-1.3B 480p 81f, 32,760 tokens"
+_WAN14 = "Wan2.1-14B 720p 81f, 75,600 tokens"
+_EMBEDDED = "embedded model 49x192x256, 2,496 tokens"
+_COMPOSED = "H200 bf16, 50 steps composed from per-step transformer forwards (random weights, real config)"
+_CLIP = "H200 bf16, whole 30-step render, median over 24 prompts"
+
+
+def _embedded_speed(row: str, speedup: float) -> Speed:
+    return Speed(
+        speedup,
+        _EMBEDDED,
+        _CLIP,
+        Source(_TINY, f"rows[method={row}]/seconds"),
+        Source(_TINY, "rows[method=dense (reference)]/seconds"),
+    )
+
+
+_VIDEO_NOTE = (
+    "radial with the family's defaults (docs/radial.md), adaspa at the sparsities measured on Wan; nothing "
+    "measured at this family's geometry yet"
+)
+_IMAGE_NOTE = (
+    "radial is video-only; adaspa at the Wan sparsities, untuned: image sequences are short (Flux 1024^2: "
+    "4,608 tokens), where sparse attention saves least"
+)
+
+_ROWS: tuple[Preset, ...] = (
+    Preset("wan", "dense", "dense"),
+    Preset(
+        "wan",
+        "quality",
+        "radial",
+        {},
+        speed=(
+            Speed(
+                1.35,
+                _WAN13,
+                _COMPOSED,
+                Source(_RADIAL, "shapes/wan1.3b_480p_81f/composed_50_steps/12_of_50/speedup"),
+            ),
+            Speed(
+                1.50,
+                _WAN14,
+                _COMPOSED,
+                Source(_RADIAL, "shapes/wan14b_720p_81f/composed_50_steps/12_of_50/speedup"),
+            ),
+            _embedded_speed("radial", 0.84),
+        ),
+        quality=Quality(37.36, 0.986, 0.672, "radial"),
+        note="Wan defaults: decay 0.2, sink frame, layer 0 and the first 25% of steps dense",
+    ),
+    Preset(
+        "wan",
+        "balanced",
+        "adaspa",
+        {"sparsity": 0.8},
+        speed=(
+            Speed(1.48, _WAN13, _COMPOSED, Source(_ADASPA, "forward/per_sparsity/s0.8/composed_speedup")),
+            _embedded_speed("adaspa", 0.78),
+        ),
+        quality=Quality(26.76, 0.930, 0.233, "adaspa"),
+        note="first 20% of steps dense, searched at 20%, re-searched at 60%",
+    ),
+    Preset(
+        "wan",
+        "fast",
+        "adaspa",
+        {"sparsity": 0.9},
+        speed=(
+            Speed(1.61, _WAN13, _COMPOSED, Source(_ADASPA, "forward/per_sparsity/s0.9/composed_speedup")),
+            _embedded_speed("adaspa:sparsity=0.9", 0.77),
+        ),
+        quality=Quality(23.24, 0.854, 0.138, "adaspa:sparsity=0.9"),
+        note="as balanced, half the blocks",
+    ),
+    *(
+        row
+        for family in ("hunyuan_video", "cogvideox", "ltx", "mochi")
+        for row in (
+            Preset(family, "dense", "dense"),
+            Preset(family, "quality", "radial", {}, note=_VIDEO_NOTE),
+            Preset(family, "balanced", "adaspa", {"sparsity": 0.8}, note=_VIDEO_NOTE),
+            Preset(family, "fast", "adaspa", {"sparsity": 0.9}, note=_VIDEO_NOTE),
+        )
+    ),
+    *(
+        row
+        for family in ("flux", "sd3", "pixart", "qwenimage")
+        for row in (
+            Preset(family, "dense", "dense"),
+            Preset(family, "quality", "adaspa", {"sparsity": 0.6}, note=_IMAGE_NOTE),
+            Preset(family, "balanced", "adaspa", {"sparsity": 0.8}, note=_IMAGE_NOTE),
+            Preset(family, "fast", "adaspa", {"sparsity": 0.9}, note=_IMAGE_NOTE),
+        )
+    ),
+)
+
+
+def _attach_embedded_quality(rows: tuple[Preset, ...]) -> tuple[Preset, ...]:
+    """Rows of other families whose method configuration equals a Wan row measured on the embedded model
+    carry that quality too (the speed stays the family's own: none yet)."""
+    by_config = {
+        (p.method, tuple(sorted(p.knobs.items()))): p.quality for p in rows if p.family == "wan" and p.quality
+    }
+    out = []
+    for p in rows:
+        q = by_config.get((p.method, tuple(sorted(p.knobs.items()))))
+        if p.quality is None and q is not None and p.method != "radial":  # radial's knobs are per family
+            p = dataclasses.replace(p, quality=q)
+        out.append(p)
+    return tuple(out)
+
+
+_TABLE: dict[tuple[str, str], Preset] = {(p.family, p.name): p for p in _attach_embedded_quality(_ROWS)}
+
+
+def table() -> tuple[Preset, ...]:
+    """Every preset row, family by family in :data:`FAMILIES` order."""
+    return tuple(p for family in FAMILIES for p in family_presets(family))
+
+
+def family_presets(family: str) -> tuple[Preset, ...]:
+    """The presets of ``family``: :data:`PRESET_NAMES` first, then any others."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; families: {list(FAMILIES)}")
+    rows = [p for (f, _), p in _TABLE.items() if f == family]
+    order = {name: i for i, name in enumerate(PRESET_NAMES)}
+    return tuple(sorted(rows, key=lambda p: order.get(p.name, len(order))))
+
+
+def all_preset_names() -> tuple[str, ...]:
+    names = dict.fromkeys(PRESET_NAMES)
+    names.update(dict.fromkeys(p.name for p in _TABLE.values()))
+    return tuple(names)
+
+
+def get_preset(family: str, name: str) -> Preset:
+    """The row for ``family`` and preset ``name``; a ValueError naming the family's presets otherwise."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; families: {list(FAMILIES)}")
+    preset = _TABLE.get((family, name))
+    if preset is None:
+        names = [p.name for p in family_presets(family)]
+        raise ValueError(f"no preset {name!r} for {family}; its presets: {names}")
+    return preset
+
+
+# ------------------------------------------------------------------------------------- knobs and settings
+
+
+def config_fields() -> tuple[str, ...]:
+    """The :class:`dit_accel.SparseAttentionConfig` fields every method takes as knobs."""
+    return tuple(
+        f.name for f in dataclasses.fields(SparseAttentionConfig) if f.name not in ("method", "options")
+    )
+
+
+def check_knobs(method, knobs: Mapping[str, Any], family: str | None = None) -> SparseAttentionConfig:
+    """Validate ``method`` and ``knobs`` without a model: names, values, and the family when known.
+
+    Args:
+        method: a method name (:func:`dit_accel.methods.method_names`) or a SparseMethod instance.
+        knobs: method options and config fields.
+        family: when given, the method is also asked whether it serves this family (radial refuses images).
+
+    Returns:
+        the :class:`dit_accel.SparseAttentionConfig` these knobs make.
+
+    Raises:
+        ValueError: an unknown method, a knob the method does not take (the message names its knobs), or a
+            value the config or the method refuses.
+    """
+    fields = config_fields()
+    if isinstance(method, SparseMethod):
+        own: tuple[str, ...] = ()
+    elif isinstance(method, str) and method in method_names():
+        own = method_knobs(method)
+    else:
+        raise ValueError(f"unknown method {method!r}; methods: {list(method_names())}")
+    label = method if isinstance(method, str) else type(method).__name__
+    unknown = [k for k in knobs if k not in own and k not in fields]
+    if unknown:
+        raise ValueError(
+            f"method {label!r} takes no knob {', '.join(map(repr, unknown))}; its knobs: "
+            f"{list(own) or 'none'}, and every method's: {list(fields)}"
+        )
+    try:
+        config = SparseAttentionConfig.from_knobs(method=method, **knobs)
+        instance = create_method(config)
+        if family is not None:
+            config = instance.configure(config, (_family(family),))
+    except TypeError as exc:
+        raise ValueError(f"{label}: {exc}") from None
+    return config
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a wrapped pipeline applies: the preset it started from (None: knobs only), method and knobs."""
+
+    method: Any
+    knobs: Mapping[str, Any]
+    preset: str | None = None
+
+    @property
+    def method_name(self) -> str:
+        return self.method if isinstance(self.method, str) else type(self.method).__name__
+
+    def describe(self) -> str:
+        knobs = ", ".join(f"{k}={v!r}" for k, v in self.knobs.items())
+        head = f"preset {self.preset!r}: " if self.preset else ""
+        return f"{head}{self.method_name}" + (f" ({knobs})" if knobs else "")
+
+
+def resolve(
+    family: str | None, preset: str | None = None, knobs: Mapping[str, Any] | None = None
+) -> Settings:
+    """The settings of a preset with knobs on top, validated (see :func:`check_knobs`).
+
+    ``knobs`` override the preset's. A ``method`` knob without a preset runs that method with ``knobs`` only
+    (no preset); a preset and a different method is an error. With neither, the preset is "balanced".
+
+    Args:
+        family: the family (``FAMILIES``); None when the model is not known yet (then a preset is checked by
+            name against every family and its knobs resolved later).
+        preset: a preset name.
+        knobs: method options and config fields, and optionally ``method``.
+    """
+    knobs = dict(knobs or {})
+    method = knobs.pop("method", None)
+    if preset is not None and not isinstance(preset, str):
+        raise ValueError(f"preset must be a name, got {preset!r}")
+    if method is not None and preset is not None:
+        methods = _preset_methods(family, preset)
+        if method not in methods:
+            raise ValueError(
+                f"preset {preset!r} is method {' or '.join(map(repr, sorted(methods)))}; got "
+                f"method={method!r} too. Give the preset with knobs, or method= with its knobs"
+            )
+        if family is None:
+            _check_unknown_family(preset, knobs)
+            return Settings(None, knobs, preset)
+        row = get_preset(family, preset)
+        return _checked(family, Settings(method, {**row.knobs, **knobs}, preset))
+    if method is not None:
+        return _checked(family, Settings(method, knobs, None))
+    preset = preset or "balanced"
+    if family is None:
+        _check_unknown_family(preset, knobs)
+        return Settings(None, knobs, preset)
+    row = get_preset(family, preset)
+    return _checked(family, Settings(row.method, {**row.knobs, **knobs}, preset))
+
+
+def _check_unknown_family(preset: str, knobs: dict) -> None:
+    """Before the model is known: the preset exists, and the knobs fit its method in some family."""
+    rows = {(p.method, tuple(p.knobs.items())): p for p in _TABLE.values() if p.name == preset}
+    if not rows:
+        raise ValueError(f"unknown preset {preset!r}; presets: {list(all_preset_names())}")
+    errors = []
+    for p in rows.values():
+        try:
+            check_knobs(p.method, {**p.knobs, **knobs})
+        except ValueError as exc:
+            errors.append(exc)
+    if len(errors) == len(rows):
+        raise errors[0]
+
+
+def _preset_methods(family: str | None, preset: str) -> set[str]:
+    if family is not None:
+        return {get_preset(family, preset).method}
+    methods = {p.method for p in _TABLE.values() if p.name == preset}
+    if not methods:
+        raise ValueError(f"unknown preset {preset!r}; presets: {list(all_preset_names())}")
+    return methods
+
+
+def _checked(family, settings: Settings) -> Settings:
+    try:
+        check_knobs(settings.method, settings.knobs, family)
+    except ValueError as exc:
+        if settings.preset is None:
+            raise
+        raise ValueError(f"preset {settings.preset!r} of {family} is {settings.method_name}: {exc}") from None
+    return settings
+
+
+def resolved_knobs(method: str, knobs: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """Every knob of ``method`` as it runs for ``family`` with ``knobs``, plus ``dense_steps`` and
+    ``dense_layers``: defaults and per-family values filled in where the configured method exposes them as
+    attributes of the knob's name (radial's decay, adaspa's sparsity), else the value given (None if not)."""
+    config = SparseAttentionConfig.from_knobs(method=method, **knobs)
+    instance = create_method(config)
+    config = instance.configure(config, (_family(family),))
+    out = {k: getattr(instance, k, knobs.get(k)) for k in method_knobs(method)}
+    out.update(dense_steps=config.dense_steps, dense_layers=config.dense_layers)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- formatting
+
+
+def _num(value: float, fmt: str) -> str:
+    return "inf" if math.isinf(value) else format(value, fmt)
+
+
+def speed_text(p: Preset) -> str:
+    if p.method == "dense":
+        return "1.00 (stock)"
+    if not p.speed:
+        return "untuned"
+    return "; ".join(f"{s.speedup:.2f}x {s.geometry}" for s in p.speed)
+
+
+def quality_text(p: Preset) -> str:
+    if p.method == "dense":
+        return "reference"
+    if p.quality is None:
+        return "untuned"
+    q = p.quality
+    on = "" if p.family == "wan" else " (embedded Wan model, same knobs)"
+    return f"{_num(q.psnr, '.2f')} dB / {q.ssim:.3f} at density {q.density:.3f}{on}"
+
+
+def markdown_table(family: str | None = None) -> str:
+    """The preset table as markdown (docs/pipelines.md prints it; a test checks the doc is current)."""
+    families = [family] if family else list(FAMILIES)
+    lines = [
+        "| family | preset | method | knobs | speedup vs stock (geometry) "
+        "| PSNR / SSIM vs dense, embedded model | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for fam in families:
+        for p in family_presets(fam):
+            lines.append(
+                f"| {fam} ({FAMILIES[fam]}) | {p.name} | {p.method} | {p.knob_text()} | {speed_text(p)} "
+                f"| {quality_text(p)} | {p.status} |"
+            )
+    return "\n".join(lines)
+
+
+def sources_text(family: str | None = None) -> str:
+    """One line per measurement: the number, what it is and where it was read."""
+    lines = []
+    for p in family_presets(family) if family else table():
+        for s in p.speed:
+            src = str(s.source) + (f" (stock: {s.baseline.key})" if s.baseline else "")
+            lines.append(f"- {p.family} {p.name}: {s.speedup:.2f}x at {s.geometry}; {s.what}; `{src}`")
+        if p.quality is not None and p.family == "wan":
+            lines.append(
+                f"- {p.family} {p.name}: {p.quality.psnr:.2f} dB / {p.quality.ssim:.3f}; "
+                f"`{p.quality.path}` row `{p.quality.row}`"
+            )
+    return "\n".join(lines)

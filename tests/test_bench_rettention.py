@@ -1,0 +1,22 @@
+"""The re-ttention kernel benchmark runs (CPU smoke mode), checks before it times, and writes its JSON."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+
+def test_bench_rettention_smoke(tmp_path, monkeypatch):
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_rettention.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as `python benchmarks/bench_rettention.py` has it
+    spec = importlib.util.spec_from_file_location("bench_rettention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(not r["failed"] for r in rows)
+    for r in rows:
+        assert r["checks"]["corrected_fp32_identity"] < 1e-4, (
+            "rho * O_sparse + R must rebuild the dense output"
+        )
+        assert {"refresh_fp32_ms", "corrected_fp8_ms", "sparse_ms", "refresh_two_pass_ms"} <= set(r)
