@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
 from collections import Counter, defaultdict
@@ -11,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._diffusers import drop_registry, hook_registry
-from .config import _BACKENDS, _DENSE_BACKENDS, SparseAttentionConfig
+from .config import SparseAttentionConfig
 from .kernels.ops import triton_runtime_unavailable_reason
 from .methods import SparseMethod, create_method
 from .processors import Family, Runtime, family_for
@@ -375,27 +374,14 @@ def _check_dense_layers(config: SparseAttentionConfig, handle: SparseAttentionHa
             )
 
 
-def _backend_unavailable_reason(name: str) -> str | None:
-    """Why a backend named in the config cannot run in this process at all (None: it may)."""
-    if name == "triton":
-        return triton_runtime_unavailable_reason()
-    if name == "cudnn" and not (torch.cuda.is_available() and torch.backends.cudnn.is_available()):
-        return "cuDNN attention needs a CUDA device with cuDNN"
-    if name == "xformers" and importlib.util.find_spec("xformers") is None:
-        return "xformers is not installed (the xformers extra)"
-    return None
-
-
-def _check_backends(config: SparseAttentionConfig) -> None:
-    """Refuse, before any model runs, a backend named in the config that cannot run here."""
-    for field_name, choices in (("backend", _BACKENDS), ("dense_backend", _DENSE_BACKENDS)):
-        value = getattr(config, field_name)
-        reason = _backend_unavailable_reason(value)
+def _check_backend(config: SparseAttentionConfig) -> None:
+    """Refuse ``backend="triton"`` before any model runs where Triton cannot run at all."""
+    if config.backend == "triton":
+        reason = triton_runtime_unavailable_reason()
         if reason is not None:
-            allowed = [c for c in choices if _backend_unavailable_reason(c) is None]
             raise ValueError(
-                f"{field_name}={value!r} cannot run here: {reason}. Allowed here: {allowed} ('auto' picks "
-                "what can run and logs why)"
+                f"backend='triton' cannot run here: {reason}. Allowed here: ['auto', 'torch'] ('auto' runs "
+                "Triton where it can, else the torch reference, and logs why)"
             )
 
 
@@ -403,7 +389,7 @@ def _new_handle(target, config, knobs) -> SparseAttentionHandle:
     config = SparseAttentionConfig.from_knobs(config, **knobs)
     components = _transformers(target)
     families = [(name, tr, family_for(tr)) for name, tr in components]
-    _check_backends(config)
+    _check_backend(config)
     method = create_method(config)
     config = method.configure(config, tuple(dict.fromkeys(family for _, _, family in families)))
     for h in _existing_handles(target):
