@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import compiled
 from ._diffusers import BaseState, HookRegistry, ModelHook, StateManager, state_context
 
 __all__ = [
@@ -156,6 +157,9 @@ class StepTracker:
         self._listeners: list[Callable[[int], None]] = []
         self._run_start: list[Callable[[], None]] = []
         self.recording = False
+        # Bumped by every tracked forward under torch.compile; the attention ops read it, which keeps them
+        # after their forward's bookkeeping in a compiled graph (dit_accel.compiled).
+        self.order = torch.zeros((), dtype=torch.int64)
 
     @property
     def pipeline(self):
@@ -313,10 +317,16 @@ class StepTrackerHook(ModelHook):
         self.geometry_fn = geometry_fn
         self.context_sink = _ContextSink()
         self._signature = None
+        self._names: tuple[str, ...] = ()
         self.active = True
+        self.slot = compiled.register(self)
 
     def initialize_hook(self, module):
         self._signature = inspect.signature(type(module).forward)
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self._names = tuple(
+            n for n, p in self._signature.parameters.items() if p.kind in positional and n != "self"
+        )
         return module
 
     def __reduce_ex__(self, protocol):
@@ -329,10 +339,37 @@ class StepTrackerHook(ModelHook):
         """Make the hook a pass-through (for a forward that someone else wrapped after it was registered)."""
         self.active = False
 
-    @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
         if not self.active:
             return args, kwargs
+        if torch.compiler.is_compiling():
+            # Geometry is shape arithmetic (static in a compiled graph); the bookkeeping runs in an opaque op.
+            arguments = dict(zip(self._names, args))
+            arguments.update(kwargs)
+            geometry = self.geometry_fn(module, arguments)
+            compiled.track(
+                self,
+                arguments.get("hidden_states"),
+                arguments.get("timestep"),
+                geometry.grid,
+                geometry.text_len,
+                geometry.text_position,
+            )
+            return args, kwargs
+        return self._pre_forward(module, *args, **kwargs)
+
+    def begin(self, hidden_states, timestep, grid, text_len: int, text_position) -> None:
+        """The bookkeeping of one forward from its geometry (the compiled path's entry)."""
+        self.tracker.begin(
+            self.component,
+            self.context_sink.current,
+            timestep,
+            hidden_states,
+            Geometry(grid, text_len, text_position),
+        )
+
+    @torch.compiler.disable
+    def _pre_forward(self, module, *args, **kwargs):
         bound = self._signature.bind(module, *args, **kwargs)
         arguments = dict(bound.arguments)
         arguments.update(arguments.pop("kwargs", {}) or {})
@@ -352,7 +389,7 @@ class StepTrackerHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module, output):
-        if self.active:
+        if self.active and not torch.compiler.is_compiling():
             self.tracker.end()
         return output
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .. import compiled
 from .._diffusers import PROCESSOR_ATTRS
 from ..config import SparseAttentionConfig
 from ..kernels import BlockPlan
@@ -327,6 +328,7 @@ class SparseAttnProcessorBase:
         self.num_layers = num_layers
         self.stock = stock if stock is not None else type(self).stock_class()
         self._captures: list[_Capture] = []
+        self.slot = compiled.register(self)
         if runtime is not None:
             for name in PROCESSOR_ATTRS:
                 setattr(self, name, getattr(stock, name, None))
@@ -407,6 +409,11 @@ class SparseAttnProcessorBase:
                 "running stock attention for those calls"
             )
             return dense_fn()
+        if torch.compiler.is_compiling():
+            # One opaque node: the method's per-call Python stays out of the graph (dit_accel.compiled).
+            return compiled.attend(
+                self, q, k, v, layout=layout, kv_len=kv_len, text_len=text_len, text_position=text_position
+            )
         return self.runtime.attend(
             self,
             q,
