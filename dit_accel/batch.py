@@ -491,9 +491,16 @@ def _settings_for(fields: dict, args, plan: Plan) -> tuple[str | None, dict, boo
     return None, {}, False, blame
 
 
+@functools.cache
+def _resolve_settings(family: str | None, preset: str | None, knobs_json: str):
+    """presets.resolve, once per distinct (family, preset, knobs) of a batch."""
+    from dit_accel.pipelines import presets
+
+    return presets.resolve(family, preset, json.loads(knobs_json))
+
+
 def _resolve_one(index: int, line: int, fields: dict, args, plan: Plan, source: str, out_dir: Path) -> Job:
     """One job resolved and checked; a ValueError whose message names the line and field otherwise."""
-    from dit_accel.pipelines import presets
 
     def fail(field, message):
         return ValueError(f"{_where(source, line, field)}: {message}")
@@ -520,7 +527,7 @@ def _resolve_one(index: int, line: int, fields: dict, args, plan: Plan, source: 
     settings = None
     if accelerated:
         try:
-            settings = presets.resolve(plan.family, preset, knobs)
+            settings = _resolve_settings(plan.family, preset, _canonical(knobs))
         except ValueError as exc:
             raise fail(blame, str(exc)) from None
 

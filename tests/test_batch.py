@@ -277,6 +277,49 @@ def test_renders_every_format_and_writes_the_manifest(tmp_path, capsys):
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
+def test_an_image_model_writes_png(tmp_path, capsys):
+    from _tiny_pipes import flux_with_text
+    from PIL import Image
+
+    folder = tmp_path / "flux"
+    flux_with_text().save_pretrained(folder)
+    jobs = _jsonl(
+        tmp_path / "jobs.jsonl", [{"prompt": "a lighthouse", "frames": 5}, {"prompt": "x", "format": "mp4"}]
+    )
+    argv = [
+        str(jobs),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--model",
+        str(folder),
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ]
+    argv += ["--steps", "2", "--device", "cpu", "--no-progress"]
+    assert batch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "line 1, field 'frames': flux is an image family" in err and "line 2, field 'format'" in err
+    _jsonl(
+        jobs,
+        [
+            {"prompt": "a lighthouse"},
+            {"prompt": "a lighthouse at dusk", "preset": "quality", "knobs": BLOCKS},
+        ],
+    )
+    assert batch.main(argv) == 0
+    entries = _entries(tmp_path / "out")
+    assert [e["output"][-4:] for e in entries] == [".png", ".png"]
+    assert entries[0]["job"]["frames"] is None and entries[0]["job"]["fps"] is None
+    assert entries[1]["job"]["method"] == "adaspa" and entries[1]["density"] > 0
+    for e in entries:
+        assert Image.open(tmp_path / "out" / e["output"]).size == (32, 32)
+    with pytest.raises(SystemExit):
+        batch.main([*argv, "--format", "mp4"])
+    assert "argument --format: flux is an image family" in capsys.readouterr().err
+
+
 def test_resume_skips_done_jobs_and_redoes_changed_missing_or_altered_ones(tmp_path, capsys):
     jobs_list = [{"prompt": f"a red circle {i}", "name": f"j{i}"} for i in range(5)]
     jobs_list[1]["format"] = "frames"
