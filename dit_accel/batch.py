@@ -41,6 +41,7 @@ import argparse
 import csv
 import datetime
 import functools
+import gc
 import hashlib
 import inspect
 import json
@@ -57,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dit_accel
 from dit_accel import cli
 from dit_accel.cli import UsageError
 
@@ -84,6 +86,7 @@ _SHARD = "manifest.rank{rank}.jsonl"
 _SHARD_GLOB = "manifest.rank*.jsonl"
 _LOCK = ".batch.lock"
 _TMP = re.compile(r"\.tmp-(\d+)")
+_WAIT_TIMEOUT = datetime.timedelta(days=7)
 
 # Output format -> the kind of pipeline that writes it ("frames": a folder of PNG frames).
 FORMATS: dict[str, str] = {
@@ -951,6 +954,15 @@ class _Renderer:
                 disable=not step_bars, leave=False, position=position + 1, desc="steps"
             )
 
+    def reset(self) -> None:
+        """Drop the installation, so that the next accelerated job starts from a fresh one."""
+        accel, self._accel, self._key = self._accel, None, None
+        if accel is not None:
+            try:
+                accel.remove()
+            except Exception:  # the failure being recovered from may have left it half installed
+                dit_accel.remove(self.pipe)
+
     def _target(self, job: Job):
         from dit_accel.pipelines import wrapped
 
@@ -1037,6 +1049,7 @@ def _run_job(renderer: _Renderer, job: Job, out_dir: Path, fps: int, context: di
         "started": _now(),
     }
     t0 = time.perf_counter()
+    out_of_memory = False
     try:
         fmt = job.format or {"video": "mp4", "image": "png"}[renderer.kind]
         if FORMATS[fmt] != renderer.kind:
@@ -1046,11 +1059,14 @@ def _run_job(renderer: _Renderer, job: Job, out_dir: Path, fps: int, context: di
         rel, digest, nbytes = _write_atomic(output, out_dir, job, fmt, renderer.kind, fps)
         info["timings"]["write_s"] = time.perf_counter() - t1
         entry.update(status="done", output=rel, sha256=digest, bytes=nbytes, **info)
-    except torch.cuda.OutOfMemoryError as exc:
-        torch.cuda.empty_cache()
-        entry.update(status="failed", error=_error_text(exc), traceback=traceback.format_exc()[-4000:])
     except Exception as exc:
         entry.update(status="failed", error=_error_text(exc), traceback=traceback.format_exc()[-4000:])
+        out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError)
+    if entry["status"] == "failed":  # out of the except block, the traceback's tensors can be freed
+        renderer.reset()
+        gc.collect()
+        if out_of_memory:
+            torch.cuda.empty_cache()
     entry.setdefault("timings", {})
     entry["timings"]["total_s"] = time.perf_counter() - t0
     entry["finished"] = _now()
@@ -1203,7 +1219,9 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     plan = make_plan(args)
-    state = PartialState(cpu=plan.device == "cpu")
+    # The processes wait for each other at the end: one whose share of the jobs is done may wait for as long
+    # as one clip takes elsewhere, far past torch.distributed's default timeout of 30 minutes.
+    state = PartialState(cpu=plan.device == "cpu", timeout=_WAIT_TIMEOUT)
     rank, world = state.process_index, state.num_processes
     if args.processes is not None and args.processes != world and rank == 0:
         print(f"dit-accel batch: --processes {args.processes}, but launched as {world}", file=sys.stderr)
