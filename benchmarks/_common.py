@@ -60,3 +60,74 @@ def versions() -> dict:
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
     }
+
+
+# Real transformer configs (random weights are built from these; diffusers' defaults fill the rest).
+WAN_1_3B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+# HunyuanVideo 13B: the constructor's defaults are the released config.
+HUNYUAN_VIDEO: dict = {}
+WAN_TINY = {
+    **WAN_1_3B,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "text_dim": 32,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "rope_max_seq_len": 32,
+}
+HUNYUAN_TINY = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "num_refiner_layers": 1,
+    "patch_size": 1,
+    "patch_size_t": 1,
+    "text_embed_dim": 16,
+    "pooled_projection_dim": 8,
+    "rope_axes_dim": (4, 6, 6),
+}
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_ms(fn, device) -> tuple[float, object]:
+    """Wall ms of one ``fn()`` call, the device synchronised before and after; and its result."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a reader, or a killed run, never sees half a file)."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, path)

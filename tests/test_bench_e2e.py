@@ -1,0 +1,196 @@
+"""The end-to-end benchmark (benchmarks/bench_e2e.py): its smoke run on the CPU, the JSON it writes, and the
+composition of a run's time from per-step times."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dit_accel.methods import method_names
+from dit_accel.methods.adaspa import AdaspaSchedule
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_e2e.py"
+SMOKE_ROWS = "stock,dense,adaspa_0.8,rettention_window_0.05,balanced"
+
+
+def _load(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # as `python benchmarks/bench_e2e.py` has it
+    spec = importlib.util.spec_from_file_location("bench_e2e", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    try:
+        bench = _load(mp)
+        out = tmp_path_factory.mktemp("e2e")
+        argv = ["--smoke", "--geometry", "smoke", "--rows", SMOKE_ROWS, "--compile-rows", "dense"]
+        result = bench.main([*argv, "--out-dir", str(out)])["smoke"]
+        yield bench, result, out / "e2e_smoke_cpu.json"
+    finally:
+        mp.undo()
+
+
+def test_segments_and_classify(monkeypatch):
+    bench = _load(monkeypatch)
+    kinds = ["dense", "dense", "fused_search", "sparse", "sparse", "cached_search", "sparse"]
+    assert bench.segments(kinds) == [
+        ("dense", 0, 2),
+        ("fused_search", 2, 3),
+        ("sparse", 3, 5),
+        ("cached_search", 5, 6),
+        ("sparse", 6, 7),
+    ]
+    rec = [{"kind": "dense"}, {"kind": "sparse"}, {"kind": "sparse"}]
+    assert bench.classify(rec, 3) == "sparse"
+    assert bench.classify(rec[:1], 1) == "dense"
+    assert bench.classify([], 3) == "skipped"
+    assert bench.classify(rec[:2], 3) == "partial"
+    assert bench.classify([{"kind": "refresh"}, {"kind": "sparse"}], 2) == "refresh+sparse"
+
+
+def test_json_is_written_and_complete(smoke):
+    _, result, path = smoke
+    on_disk = json.loads(path.read_text())
+    assert on_disk == json.loads(json.dumps(result, default=str))
+    assert {"geometry", "steps", "versions", "device", "knobs", "rows", "checks", "plan"} <= set(on_disk)
+    assert on_disk["geometry"]["calls_per_step"] == 2 and on_disk["steps"] == 3
+    assert {"torch", "triton", "diffusers"} <= set(on_disk["versions"])
+
+
+def test_composition_is_the_sum_over_the_schedule(smoke):
+    _, result, _ = smoke
+    steps, contexts = result["steps"], result["geometry"]["contexts"]
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    assert {r["row"] for r in ok} >= {"stock", "dense", "adaspa_0.8", "stock+taylorseer"}
+    for row in ok:
+        assert len(row["per_step_ms"]) == steps
+        assert math.isclose(row["total_s"], sum(row["per_step_ms"]) / 1e3, rel_tol=1e-9)
+        # every (context, step) is covered by exactly one segment, and the segments sum to the steps
+        per_step = [0.0] * steps
+        covered = {ctx: [0] * steps for ctx in contexts}
+        for seg in row["segments"]:
+            assert seg["kind"] == row["schedule"][seg["context"]][seg["start"]]
+            for s in range(seg["start"], seg["stop"]):
+                per_step[s] += seg["ms_per_call"]
+                covered[seg["context"]][s] += 1
+        assert all(c == [1] * steps for c in covered.values()), row["row"]
+        assert per_step == pytest.approx(row["per_step_ms"], rel=1e-12)
+        kinds = row["step_kinds"]
+        assert sum(k["steps"] for k in kinds.values()) == steps
+        assert sum(k["calls"] for k in kinds.values()) == steps * len(contexts)
+        assert set(kinds) == {k for ctx in contexts for k in row["schedule"][ctx]}
+    stock = next(r for r in ok if r["row"] == "stock" and not r["compiled"])
+    assert stock["speedup"] == 1.0
+
+
+def test_schedules_come_from_the_methods(smoke):
+    _, result, _ = smoke
+    rows = {(r["row"], r["compiled"]): r for r in result["rows"]}
+    adaspa = rows[("adaspa_0.8", False)]
+    assert adaspa["schedule"]["cond"] == list(AdaspaSchedule(3).phases())
+    assert adaspa["schedule_verified"] and adaspa["output_finite"]
+    assert all(s["seen_kind"] == s["kind"] for s in adaspa["timed_segments"])
+    assert adaspa["step_kinds"]["fused_search"]["attention_ms_per_call"] is not None
+    assert rows[("stock", False)]["schedule"]["cond"] == ["dense"] * 3
+    # stock has no dit_accel stats: its attention time is the dense row's (dense calls run the stock op)
+    stock_dense = rows[("stock", False)]["step_kinds"]["dense"]
+    assert stock_dense["attention_source"] == "dense row (eager)"
+    assert (
+        stock_dense["attention_ms_per_call"]
+        == rows[("dense", False)]["step_kinds"]["dense"]["attention_ms_per_call"]
+    )
+    assert rows[("dense", False)]["dense_equals_stock"] is True
+    # the dense steps of a method take the dense row's time
+    window_sources = {s["source"] for s in adaspa["segments"] if s["kind"] == "dense"}
+    assert window_sources == {"dense row"}
+
+
+def test_rettention_row_when_available(smoke):
+    if "rettention" not in method_names():
+        pytest.skip("rettention is not in this checkout")
+    _, result, _ = smoke
+    row = next(r for r in result["rows"] if r["row"] == "rettention_window_0.05" and not r["compiled"])
+    assert row["status"] == "ok" and row["schedule_verified"], row.get("error")
+    assert {"refresh", "corrected"} <= set(row["schedule"]["cond"])
+
+
+def test_rows_this_checkout_lacks_are_skipped_with_a_reason(smoke):
+    _, result, _ = smoke
+    rows = {r["row"]: r for r in result["rows"] if not r["compiled"]}
+    if "rettention" not in method_names():
+        assert rows["rettention_window_0.05"]["status"] == "skipped"
+        assert "rettention" in rows["rettention_window_0.05"]["reason"]
+    try:
+        from dit_accel.pipelines import presets  # noqa: F401
+    except ImportError:
+        assert rows["balanced"]["status"] == "skipped" and "preset" in rows["balanced"]["reason"]
+
+
+def test_compiled_row_records_its_outcome(smoke):
+    _, result, _ = smoke
+    row = next(r for r in result["rows"] if r["row"] == "dense" and r["compiled"])
+    assert row["status"] in ("ok", "failed")
+    assert "graph_breaks" in row
+    if row["status"] == "failed":
+        assert row["error"]
+
+
+def test_step_cache_rows_count_served_steps(smoke):
+    _, result, _ = smoke
+    (cost,) = [c for c in result["cache_costs"] if not c["compiled"]]
+    row = next(r for r in result["rows"] if r["row"] == "stock+taylorseer")
+    # TaylorSeer with interval 2 from step 1 (the smoke config): step 1 is served, steps 0 and 2 computed
+    assert row["schedule"]["cond"] == ["dense", "skipped", "dense"]
+    assert row["per_step_ms"][1] == pytest.approx(2 * cost["served_ms_per_call"])
+    assert row["step_kinds"]["skipped"]["attention_ms_per_call"] == 0.0
+    combo = next(r for r in result["rows"] if r["row"] == "adaspa_0.8+taylorseer")
+    assert combo["status"] == "ok" and "skipped" in combo["schedule"]["cond"]
+
+
+def test_whole_loop_checks_ran(smoke):
+    _, result, _ = smoke
+    checks = {c["row"]: c for c in result["checks"]}
+    assert set(checks) == {"stock", "adaspa_0.8", "adaspa_0.8+taylorseer"}
+    for c in checks.values():
+        assert "error" not in c, c
+        assert c["pipeline_s"] > 0 and c["output_finite"]
+
+
+def test_report_rewrites_the_marked_region(smoke, tmp_path):
+    bench, _, path = smoke
+    doc = tmp_path / "e2e.md"
+    doc.write_text(f"# title\n\nprose\n\n{bench.REPORT_BEGIN}\nold\n{bench.REPORT_END}\n\nafter\n")
+    text = bench.write_report([str(path)], str(doc))
+    body = doc.read_text()
+    assert body.startswith("# title\n\nprose\n") and body.endswith("after\n")
+    assert "old" not in body and text in body
+    assert "| adaspa_0.8 | no |" in text and "stock+taylorseer" in text
+
+
+def test_dense_steps_sweep_speed_column(smoke):
+    _, result, path = smoke
+    sweep_path = BENCH.parent / "sweep_dense_steps.py"
+    spec = importlib.util.spec_from_file_location("sweep_dense_steps", sweep_path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rows, _ = sweep.sweep_rows([0.0, 0.34], [m for m in sweep.METHODS if m["label"] == "adaspa"])
+    assert rows == {
+        "adaspa dense_steps=0": {"method": "adaspa", "dense_steps": 0.0},
+        "adaspa dense_steps=0.34": {"method": "adaspa", "dense_steps": 0.34},
+    }
+    table = [{"method": label, "knobs": knobs} for label, knobs in rows.items()]
+    speed = sweep.speed_column(table, str(path))["rows"]
+    # 0.34 of 3 steps is the measured row's own schedule (1 dense step): the same speedup
+    measured = next(r for r in result["rows"] if r["row"] == "adaspa_0.8" and not r["compiled"])
+    assert speed["adaspa dense_steps=0.34"]["dense_steps_of_run"] == 1
+    assert speed["adaspa dense_steps=0.34"]["speedup"] == pytest.approx(measured["speedup"], rel=1e-9)
+    # no warm-up: a fused search at step 0 and a sparse step the 3-step row never timed
+    assert "no time for ['sparse']" in speed["adaspa dense_steps=0"]["note"]
