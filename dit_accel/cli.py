@@ -6,6 +6,7 @@
     dit-accel render --model ./my_wan_pipeline --prompt "..." --out clip.mp4 --preset fast
     dit-accel render --model ./my_flux_pipeline --prompt "..." --out image.png --preset quality
     dit-accel presets [--family wan] [--markdown]
+    dit-accel batch jobs.jsonl --out-dir renders/ --preset balanced      # dit_accel.batch, docs/batch.md
 
 ``render`` draws with the embedded tiny text-to-video model by default (offline; docs/tiny_model.md), or
 with ``--model``: a pipeline folder written by ``save_pretrained`` or a hub id (passed to diffusers as it is),
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_parser=p)
     p.add_argument("--family", choices=list(FAMILIES), help="only this family")
     p.add_argument("--markdown", action="store_true", help="the markdown table of docs/pipelines.md")
+
+    from dit_accel import batch
+
+    b = sub.add_parser(
+        "batch", help="render every job of a job file: resumable, with a manifest (docs/batch.md)"
+    )
+    batch.add_arguments(b)
     return parser
 
 
@@ -490,6 +498,10 @@ def main(argv=None) -> int:
             return _render(args)
         if args.command == "presets":
             return _presets(args)
+        if args.command == "batch":
+            from dit_accel import batch
+
+            return batch.run(args)
     except UsageError as exc:
         args._parser.error(str(exc))
     raise AssertionError(args.command)
