@@ -13,6 +13,7 @@ from ._diffusers import drop_registry, hook_registry
 from .config import SparseAttentionConfig
 from .kernels.ops import triton_runtime_unavailable_reason
 from .methods import SparseMethod, create_method
+from .parallel import gather_stats, stats_group
 from .processors import Family, Runtime, family_for
 from .processors.base import LayerRecord, SparseAttnProcessorBase, bind, bound_processor, unbind
 from .tracking import TRACKER_HOOK_NAME, StepTracker, install_tracker
@@ -258,12 +259,27 @@ class SparseAttentionHandle:
             for path, proc in inst.processors.items():
                 _set_processor(modules[path], proc)
 
-    def stats(self) -> AttentionStats:
-        """Per-call records of the latest run (see :class:`AttentionStats`); synchronises CUDA when timed."""
+    def stats(self, all_ranks: bool = False, group=None) -> AttentionStats:
+        """Per-call records of the latest run (see :class:`AttentionStats`); synchronises CUDA when timed.
+
+        Under context parallelism each rank records its own calls, over the heads it holds. With
+        ``all_ranks=True`` the records of every rank of ``group`` are gathered (a collective: every rank
+        calls it; the default group is the transformers' context-parallel group, else the default process
+        group) and merged into the whole model's: the ranks must have recorded the same calls; ``density``
+        is the mean over ranks, ``time_ms`` the slowest rank's, ``rank_density`` lists each rank's, and the
+        memory figures are summed over ranks (``ranks``: their number). See
+        :func:`dit_accel.parallel.merge_rank_stats`. Without an initialised process group it is the local
+        stats.
+        """
         records = self.runtime.records
         if any(isinstance(r.time, tuple) for r in records) and torch.cuda.is_available():
             torch.cuda.synchronize()
-        return AttentionStats(self.method.name, [_as_dict(r) for r in records], self.method.memory())
+        stats = AttentionStats(self.method.name, [_as_dict(r) for r in records], self.method.memory())
+        if not all_ranks:
+            return stats
+        if group is None:
+            group = stats_group(self.transformers.values())
+        return gather_stats(stats, group)
 
     def reset(self) -> None:
         """Start a new run now (step counts from 0, cached plans dropped). Pipelines that reset stateful

@@ -36,6 +36,7 @@ import torch
 
 from . import compiled
 from ._diffusers import BaseState, HookRegistry, ModelHook, StateManager, state_context
+from .parallel import unsharded_arguments
 
 __all__ = [
     "ForwardInfo",
@@ -373,6 +374,8 @@ class StepTrackerHook(ModelHook):
         bound = self._signature.bind(module, *args, **kwargs)
         arguments = dict(bound.arguments)
         arguments.update(arguments.pop("kwargs", {}) or {})
+        # Under context parallelism: the whole inputs, also when diffusers' split hook ran first.
+        arguments = unsharded_arguments(module, TRACKER_HOOK_NAME, arguments)
         hidden_states = arguments.get("hidden_states")
         if not isinstance(hidden_states, torch.Tensor):
             raise ValueError(f"{type(module).__name__}.forward was called without hidden_states")

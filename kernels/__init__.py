@@ -2,11 +2,12 @@
 
 Public: :class:`BlockPlan`, :class:`SoftmaxCorrection`, :func:`block_sparse_attention`,
 :func:`dense_attention`, :func:`block_mass`, :func:`refresh_attention`,
-:func:`correction_from_outputs`.
+:func:`correction_from_outputs`, :func:`merge_partial_attention`.
 This package imports only torch and triton; ``xformers_attention`` imports xformers lazily, for its backend.
 """
 
 from .correction import SoftmaxCorrection, correction_from_outputs
+from .merge import merge_partial_attention
 from .ops import block_mass, block_sparse_attention, dense_attention, refresh_attention
 from .plan import BlockPlan
 
@@ -17,5 +18,6 @@ __all__ = [
     "block_sparse_attention",
     "correction_from_outputs",
     "dense_attention",
+    "merge_partial_attention",
     "refresh_attention",
 ]

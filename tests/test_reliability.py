@@ -848,3 +848,66 @@ def test_diffusers_processor_classes_seam():
             if "dispatch_attention_fn" in inspect.getsource(stock.__call__):
                 for name in _diffusers.PROCESSOR_ATTRS:
                     _seam(hasattr(stock, name), f"{stock.__name__} has no class attribute {name}")
+
+
+def test_diffusers_context_parallel_seam():
+    """The context-parallel names of dit_accel/_diffusers.py: the Ulysses exchange, the config's process
+    groups, the split hooks and their gather-back, the hook order (tests/test_context_parallel.py runs them
+    over two processes)."""
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+    from diffusers.hooks.context_parallel import ContextParallelSplitHook
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    fields = {"ring_degree", "ulysses_degree", "ulysses_anything", "ring_anything", "_ulysses_mesh"}
+    fields |= {"_flattened_mesh"}
+    _seam(fields <= set(ContextParallelConfig.__dataclass_fields__), f"ContextParallelConfig lacks {fields}")
+    _seam(
+        "processor._parallel_config = config" in inspect.getsource(diffusers.ModelMixin.enable_parallelism),
+        "enable_parallelism no longer sets the processors' _parallel_config",
+    )
+    cp = ContextParallelConfig(ulysses_degree=2)
+    hook = ContextParallelSplitHook({"x": ContextParallelInput(split_dim=1, expected_dims=3)}, cp)
+    _seam(hook.metadata["x"].split_dim == 1 and hook.parallel_config is cp, "ContextParallelSplitHook")
+
+    model = wan_transformer()
+    order = []
+
+    class _Named(_diffusers.ModelHook):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def pre_forward(self, module, *args, **kwargs):
+            order.append(self.name)
+            return args, kwargs
+
+    registry = _diffusers.HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(_Named("first"), "first")
+    registry.register_hook(hook, "cp_input---")
+    registry.register_hook(_Named("last"), "last")
+    _seam(_diffusers.outer_split_hooks(model, "first") == [hook], "HookRegistry._hook_order changed")
+    _seam(_diffusers.outer_split_hooks(model, "last") == [], "HookRegistry._hook_order changed")
+    registry.remove_hook("cp_input---", recurse=False)
+    _forward(model, TRANSFORMERS["wan"]()[1](1))
+    _seam(order == ["last", "first"], f"the hook registered last no longer runs first ({order})")
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        x = torch.randn(2, 6, 4, 8)
+        y = _diffusers.seq_all_to_all(x, dist.group.WORLD, gather_sequence=True)
+        _seam(torch.equal(y, x), "SeqAllToAllDim over one rank is not the identity")
+        _seam(torch.equal(_diffusers.seq_all_to_all(y, dist.group.WORLD, False), x), "SeqAllToAllDim inverse")
+        mesh = dist.device_mesh.init_device_mesh("cpu", (1, 1), mesh_dim_names=("ring", "ulysses"))
+        # a degree of 1 is refused; setup checks only that the degrees fit the world size it is given
+        config = ContextParallelConfig(ulysses_degree=2)
+        config.setup(0, 2, torch.device("cpu"), mesh)
+        _seam(_diffusers.ulysses_group(config) is not None, "ContextParallelConfig._ulysses_mesh")
+        _seam(_diffusers.context_parallel_group(config) is not None, "ContextParallelConfig._flattened_mesh")
+        split = ContextParallelSplitHook({"x": ContextParallelInput(split_dim=1, expected_dims=3)}, config)
+        t = torch.randn(1, 4, 3)
+        _seam(torch.equal(_diffusers.unshard_input(split, "x", t), t), "EquipartitionSharder.unshard")
+        flat = t[0]
+        _seam(_diffusers.unshard_input(split, "x", flat) is flat, "ContextParallelInput.expected_dims")
+    finally:
+        dist.destroy_process_group()

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .. import compiled
+from .. import compiled, parallel
 from .._diffusers import PROCESSOR_ATTRS
 from ..config import SparseAttentionConfig
 from ..kernels import BlockPlan
@@ -398,11 +398,33 @@ class SparseAttnProcessorBase:
     ) -> torch.Tensor:
         """Attention of q, k, v ([B, S, H, D] for "bshd", [B, H, S, D] for "bhsd") by the handle's method.
 
-        ``text_len=None`` takes the text length and position from the forward (Flux single blocks).
+        ``text_len=None`` takes the text length and position from the forward (Flux single blocks). Under
+        diffusers' context parallelism q, k, v are this rank's sequence shard (:mod:`dit_accel.parallel`).
         """
         if self._parallel_config is not None:
-            _log_once(f"{type(self).__name__}: context parallelism is not supported; running stock attention")
-            return dense_fn()
+            return parallel.attend(
+                self, q, k, v, layout=layout, dense_fn=dense_fn, kv_len=kv_len, text_len=text_len,
+                text_position=text_position, attention_mask=attention_mask,
+            )  # fmt: skip
+        return self._run_method(
+            q, k, v, layout=layout, dense_fn=dense_fn, kv_len=kv_len, text_len=text_len,
+            text_position=text_position, attention_mask=attention_mask,
+        )  # fmt: skip
+
+    def _run_method(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layout: str,
+        dense_fn: Callable[[], torch.Tensor],
+        kv_len: torch.Tensor | None,
+        text_len: int | None,
+        text_position: str | None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The handle's method on q, k, v holding every token of the sequence (see :meth:`_attend`)."""
         if attention_mask is not None:
             _log_once(
                 f"{type(self).__name__}: an attention mask the method cannot express was passed; "
