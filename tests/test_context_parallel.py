@@ -7,8 +7,8 @@ Two real processes over gloo (``torch.multiprocessing`` spawn): the tiny Wan tra
 own ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))``, with dit_accel applied (dense, window,
 radial, adaspa, rettention; reference backend), gives the single-process output of the same method at
 every step, and ``handle.stats(all_ranks=True)`` gives the single-process stats; the same for Flux (text
-first, single blocks, dit_accel applied before ``enable_parallelism``). Ring attention falls back to
-diffusers' ring attention with the same output.
+first, single blocks, dit_accel applied before ``enable_parallelism``), also with regional
+``torch.compile``.
 """
 
 from __future__ import annotations
@@ -371,6 +371,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         stats = handle.stats(all_ranks=True)
         _same_stats(stats, ref_handle.stats(), "flux window")
         report["flux"] = {"kinds": [r["kind"] for r in stats.records], "tracker_grid": handle.tracker._grid}
+
+        # the same under regional torch.compile: the exchange and the regrouping trace into the blocks' graphs
+        handle.reset()
+        torch._dynamo.reset()
+        cp_model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            _close(_run(cp_model, fx, 3), _run(ref_model, fx, 3), "flux window, compiled blocks")
+        _same_stats(handle.stats(all_ranks=True), ref_handle.stats(), "flux window, compiled blocks")
         if rank == 0:
             with open(os.path.join(out_dir, "report.json"), "w") as f:
                 json.dump(report, f)
