@@ -79,6 +79,8 @@ def _unsupported(cp) -> str | None:
 
 
 def _fallback(processor, dense_fn: Callable[[], torch.Tensor], reason: str) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # logging would break the graph; the eager calls log it
+        return dense_fn()
     _log_once(
         f"{type(processor).__name__}: dit_accel does not run its method under {reason}; diffusers' stock "
         "context-parallel attention runs those calls. dit_accel runs its methods under Ulysses "
@@ -193,6 +195,8 @@ def attend(
 
 
 def _warn_head_coupling(processor) -> None:
+    if torch.compiler.is_compiling():
+        return
     pattern = getattr(processor.runtime.method, "pattern", None)
     knobs = pattern.knobs() if pattern is not None else {}
     if knobs.get("head_adaptive"):
