@@ -8,7 +8,7 @@ own ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))``, with dit_ac
 radial, adaspa, rettention; reference backend), gives the single-process output of the same method at
 every step, and ``handle.stats(all_ranks=True)`` gives the single-process stats; the same for Flux (text
 first, single blocks, dit_accel applied before ``enable_parallelism``), also with regional
-``torch.compile``.
+``torch.compile``, and for Qwen-Image (text first).
 """
 
 from __future__ import annotations
@@ -257,6 +257,25 @@ def _flux_inputs(batch=2, height=6, width=8, text=10):
     }
 
 
+def _qwen():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    ).eval()  # fmt: skip
+
+
+def _qwen_inputs(height=8, width=8, text=10):
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, height * width, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, text, 16, generator=g),
+        "img_shapes": [[(1, height, width)]],
+    }
+
+
 def _run(model, x, steps=STEPS):
     outs = []
     for i in range(steps):
@@ -372,13 +391,24 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         _same_stats(stats, ref_handle.stats(), "flux window")
         report["flux"] = {"kinds": [r["kind"] for r in stats.records], "tracker_grid": handle.tracker._grid}
 
-        # the same under regional torch.compile: the exchange and the regrouping trace into the blocks' graphs
+        # Flux under regional torch.compile: the exchange and the regrouping trace into the blocks' graphs
         handle.reset()
         torch._dynamo.reset()
         cp_model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
         with torch._dynamo.config.patch(error_on_recompile=True):
             _close(_run(cp_model, fx, 3), _run(ref_model, fx, 3), "flux window, compiled blocks")
         _same_stats(handle.stats(all_ranks=True), ref_handle.stats(), "flux window, compiled blocks")
+
+        # Qwen-Image: text first, sharded inside the model (transformer_blocks.0)
+        qx = _qwen_inputs()
+        ref_model, cp_model = _qwen(), _qwen()
+        ref_handle = dit_accel.apply(ref_model, method="window", **knobs)
+        _enable_ulysses(cp_model)
+        handle = dit_accel.apply(cp_model, method="window", **knobs)
+        _close(_run(cp_model, qx, 3), _run(ref_model, qx, 3), "qwenimage window")
+        stats = handle.stats(all_ranks=True)
+        _same_stats(stats, ref_handle.stats(), "qwenimage window")
+        report["qwenimage"] = {"kinds": [r["kind"] for r in stats.records]}
         if rank == 0:
             with open(os.path.join(out_dir, "report.json"), "w") as f:
                 json.dump(report, f)
@@ -408,4 +438,5 @@ def test_two_ranks_ulysses_equals_one_process(tmp_path):
             assert min(row["density"]) < 1, (name, row)
     assert {"fused_search", "cached_search", "sparse"} <= set(report["wan"]["adaspa"]["kinds"])
     assert {"refresh", "corrected"} & set(report["wan"]["rettention"]["kinds"])
-    assert "sparse" in report["flux"]["kinds"]
+    for family in ("flux", "qwenimage"):
+        assert "sparse" in report[family]["kinds"], (family, report[family])
