@@ -29,6 +29,9 @@ GPU (after ``source benchmarks/gpu_env.sh``; N = the machine's GPUs, 2, 4 or 8):
 
     torchrun --standalone --nproc_per_node N benchmarks/bench_parallel.py
 
+About 8 minutes on 2 H200s with the default rows (most of it the 1-GPU pass: 12 visited steps, two calls
+each, of 6-12 s); ``--rows`` splits a run (each launch writes its own ``--out``).
+
 CPU smoke run of the same code (two processes over gloo, the tiny Wan, fp32, torch kernels):
 
     torchrun --standalone --nproc_per_node 2 benchmarks/bench_parallel.py --smoke --out /tmp/smoke.json
@@ -191,19 +194,18 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------------
     def schedules(self) -> dict[str, dict | str]:
-        """Per row: its schedule {context: [kind per step]} (probed on rank 0), or why it is skipped."""
-        out: dict[str, dict | str] = {}
-        if self.rank == 0:
-            for row in self.rows:
-                try:
-                    knobs = row_knobs(row, self.family)
-                except Skip as e:
-                    out[row["name"]] = str(e)
-                    continue
-                out[row["name"]] = probe_schedule(self.family, knobs, self.steps, self.contexts)
-        box = [out]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        """Per row: its schedule {context: [kind per step]}, or why it is skipped (probed across ranks)."""
+        mine: dict[str, dict | str] = {}
+        for row in self.rows[self.rank :: self.world]:
+            try:
+                knobs = row_knobs(row, self.family)
+            except Skip as e:
+                mine[row["name"]] = str(e)
+                continue
+            mine[row["name"]] = probe_schedule(self.family, knobs, self.steps, self.contexts)
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        return {name: schedule for part in gathered for name, schedule in part.items()}
 
     def run(self) -> dict:
         schedules = self.schedules()

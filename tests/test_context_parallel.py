@@ -440,3 +440,34 @@ def test_two_ranks_ulysses_equals_one_process(tmp_path):
     assert {"refresh", "corrected"} & set(report["wan"]["rettention"]["kinds"])
     for family in ("flux", "qwenimage"):
         assert "sparse" in report[family]["kinds"], (family, report[family])
+
+
+def test_bench_parallel_smoke_two_processes(tmp_path):
+    """benchmarks/bench_parallel.py on the CPU: two processes (torchrun, gloo), 1 and 2 ranks, every row's
+    2-rank outputs checked against its 1-rank outputs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_parallel.py"
+    out = tmp_path / "parallel.json"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
+    rows = "stock,dense,window_0.1,adaspa_0.8_uniform"
+    proc = subprocess.run(
+        [*launch, str(script), "--smoke", "--steps", "4", "--rows", rows, "--out", str(out)],
+        cwd=tmp_path,  # not the repository root, whose kernels/ folder diffusers would import
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["world_size"] == WORLD and list(result["rows"]) == rows.split(",")
+    for name, row in result["rows"].items():
+        assert row["check"]["ok"], (name, row)
+        assert row["gpus_1"]["estimate_s"] > 0 and row["gpus_2"]["estimate_s"] > 0, (name, row)
+        assert row["speedup"]["cp"] > 0, (name, row)
+    assert set(result["rows"]["adaspa_0.8_uniform"]["gpus_2"]["forward_ms"]) == {
+        "dense", "fused_search", "sparse", "cached_search",
+    }  # fmt: skip
