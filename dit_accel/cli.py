@@ -6,6 +6,7 @@
     dit-accel render --model ./my_wan_pipeline --prompt "..." --out clip.mp4 --preset fast
     dit-accel render --model ./my_flux_pipeline --prompt "..." --out image.png --preset quality
     dit-accel presets [--family wan] [--markdown]
+    dit-accel demo [--port N] [--model PATH] [--device auto|cpu|cuda]
 
 ``render`` draws with the embedded tiny text-to-video model by default (offline; docs/tiny_model.md), or
 with ``--model``: a pipeline folder written by ``save_pretrained`` or a hub id (passed to diffusers as it is),
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_parser=p)
     p.add_argument("--family", choices=list(FAMILIES), help="only this family")
     p.add_argument("--markdown", action="store_true", help="the markdown table of docs/pipelines.md")
+
+    from dit_accel.demo.launch import add_arguments as demo_arguments
+
+    d = sub.add_parser("demo", help="the Gradio demo: dense and accelerated side by side (docs/demo.md)")
+    d.set_defaults(_parser=d)
+    demo_arguments(d)
     return parser
 
 
@@ -490,6 +497,10 @@ def main(argv=None) -> int:
             return _render(args)
         if args.command == "presets":
             return _presets(args)
+        if args.command == "demo":
+            from dit_accel.demo.launch import run as demo
+
+            return demo(args)
     except UsageError as exc:
         args._parser.error(str(exc))
     raise AssertionError(args.command)
