@@ -10,8 +10,8 @@ attention pattern it used.
 "Generate" renders accelerated; "Compare with dense" renders stock attention and accelerated with the same
 seed and shows both with wall times, speedup, PSNR/SSIM and density. Below them, the block plan of a chosen
 layer, head and step, and the density of every layer over the steps, drawn from the run's stats and saved
-plans. One job runs at a time (the others queue); Stop ends the running job at its next step. Every request is
-checked first: a bad one gets a message in the status line and the app keeps serving.
+plans. One job runs at a time (the others queue); Stop ends the session's running job at its next step.
+Every request is checked first: a bad one gets a message in the status line and the app keeps serving.
 
 Offline by design: analytics off, no share link, bound to 127.0.0.1 unless another host is asked for, the
 page's fonts and scripts served by Gradio itself, models loaded only from the package or a local folder.
@@ -54,6 +54,7 @@ _CSS = """
 #numbers table { width: 100%; }
 #numbers td, #numbers th { padding: 4px 8px; }
 .dit-header p { margin-bottom: 0; }
+.dit-hint p { font-size: 0.85em; opacity: 0.75; margin: -0.4em 0 0 0; }
 """
 
 
@@ -103,7 +104,7 @@ def numbers_markdown(result: Result) -> str:
 def _status(result: Result, compare: bool) -> str:
     r = result.request
     what = "Compared with dense" if compare else "Generated"
-    return f"✅ {what}: {r.geometry}, {r.steps} steps, seed {r.seed}, on {result.device}; {result.settings}."
+    return f"**{what}**: {r.geometry}, {r.steps} steps, seed {r.seed}, on {result.device}; {result.settings}."
 
 
 def _knob_help() -> str:
@@ -165,14 +166,16 @@ def build_app(engine: Engine, defaults: dict | None = None) -> gr.Blocks:
                         info="dense, quality, balanced, fast",
                     )
                 with gr.Row():
-                    seed = gr.Number(value=d["seed"], label="Seed", precision=0, elem_id="seed")
-                    steps = gr.Number(value=d["steps"], label="Steps", precision=0, elem_id="steps")
-                with gr.Row():
-                    frames = gr.Number(
-                        value=d["frames"], label="Frames (4k + 1)", precision=0, elem_id="frames"
-                    )
-                    height = gr.Number(value=d["height"], label="Height", precision=0, elem_id="height")
-                    width = gr.Number(value=d["width"], label="Width", precision=0, elem_id="width")
+                    small = dict(precision=0, min_width=70)
+                    steps = gr.Number(value=d["steps"], label="Steps", elem_id="steps", **small)
+                    frames = gr.Number(value=d["frames"], label="Frames", elem_id="frames", **small)
+                    height = gr.Number(value=d["height"], label="Height", elem_id="height", **small)
+                    width = gr.Number(value=d["width"], label="Width", elem_id="width", **small)
+                    seed = gr.Number(value=d["seed"], label="Seed", elem_id="seed", **small)
+                gr.Markdown(
+                    "Frames 4k + 1; height and width multiples of 16 for the embedded model.",
+                    elem_classes=["dit-hint"],
+                )
                 with gr.Accordion("Advanced: method and knobs", open=False):
                     with gr.Row():
                         method = gr.Dropdown(
@@ -208,9 +211,11 @@ def build_app(engine: Engine, defaults: dict | None = None) -> gr.Blocks:
                     )
                     gr.Markdown(_knob_help())
                 with gr.Row():
-                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                    compare_btn = gr.Button("Compare with dense", variant="secondary", elem_id="compare")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate", min_width=80)
+                    compare_btn = gr.Button(
+                        "Compare with dense", variant="secondary", elem_id="compare", scale=2, min_width=170
+                    )
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", min_width=60)
                 status = gr.Markdown(
                     "Type a prompt, then Generate or Compare with dense.", label="status", elem_id="status"
                 )
@@ -241,6 +246,8 @@ def build_app(engine: Engine, defaults: dict | None = None) -> gr.Blocks:
                     type="pil",
                     format="png",
                     interactive=False,
+                    show_label=False,
+                    buttons=["download", "fullscreen"],
                 )
                 with gr.Row():
                     layer = gr.Slider(0, 5, value=0, step=1, label="Layer", elem_id="layer")
@@ -260,6 +267,8 @@ def build_app(engine: Engine, defaults: dict | None = None) -> gr.Blocks:
                     type="pil",
                     format="png",
                     interactive=False,
+                    show_label=False,
+                    buttons=["download", "fullscreen"],
                 )
 
         fields = [prompt, model, preset, method, base, sparsity, density, dense_steps, refresh_every]
@@ -275,7 +284,7 @@ def build_app(engine: Engine, defaults: dict | None = None) -> gr.Blocks:
             except RequestError as exc:
                 return _message(f"{ERROR_PREFIX} {exc}")
             except Cancelled as exc:
-                return _message(f"⏹ Stopped ({exc}).")
+                return _message(f"**Stopped** ({exc}).")
             except Exception as exc:  # the page gets one line; the server log gets the traceback
                 logger.exception("dit_accel demo: rendering failed")
                 return _message(f"{ERROR_PREFIX} rendering failed: {type(exc).__name__}: {exc}")
@@ -326,15 +335,16 @@ def build_app(engine: Engine, defaults: dict | None = None) -> gr.Blocks:
 
         def stop(request: gr.Request = None):
             stopped = engine.cancel(getattr(request, "session_hash", None))
-            return "⏹ Stopping at the next step…" if stopped else "Nothing is running."
+            return "**Stopping** at the next step…" if stopped else "Nothing is running."
 
         render = dict(concurrency_id="render", concurrency_limit=1, show_progress="full")
-        gen_event = generate_btn.click(endpoint(False), fields, outputs, api_name="generate", **render)
-        cmp_event = compare_btn.click(endpoint(True), fields, outputs, api_name="compare", **render)
+        generate_btn.click(endpoint(False), fields, outputs, api_name="generate", **render)
+        compare_btn.click(endpoint(True), fields, outputs, api_name="compare", **render)
         prompt.submit(endpoint(False), fields, outputs, api_visibility="private", **render)
-        stop_btn.click(
-            stop, None, [status], cancels=[gen_event, cmp_event], queue=False, api_visibility="private"
-        )
+        # Stop sets the engine's flag (outside the queue, so it is not stuck behind the job it stops): the job
+        # ends at its next step and reports it. Gradio's own ``cancels=`` is not used: it lets a running
+        # function finish anyway, and marks every output of the cancelled event "Error" on the page.
+        stop_btn.click(stop, None, [status], queue=False, api_visibility="private")
         for slider in (layer, head, step):
             slider.release(
                 redraw,

@@ -279,7 +279,7 @@ class RunView:
         shared = " (one plan for every head)" if masks.shape[1] == 1 else ""
         frame_lines = _frame_lines(geometry)
         kept = mask.sum()
-        title = f"{where}, head {h}{shared}"
+        title = f"Attention pattern: {where}, head {h}{shared}"
         subtitle = (
             f"{kind}; plan set at step {set_at}; {kept} of {mask.size} blocks computed "
             f"({kept / mask.size:.0%}); {geometry.get('block_q')}-token blocks; context {self.context}"
