@@ -129,7 +129,8 @@ def build_app(engine: Engine, defaults: dict | None = None) -> gr.Blocks:
         if engine.model == "embedded"
         else f"the pipeline in `{engine.model}`"
     )
-    with gr.Blocks(analytics_enabled=False, title="dit_accel demo") as blocks:
+    # Gradio copies every returned file into its cache: files older than an hour go, checked hourly.
+    with gr.Blocks(analytics_enabled=False, title="dit_accel demo", delete_cache=(3600, 3600)) as blocks:
         gr.Markdown(
             "## dit_accel: sparse attention for diffusion transformers\n"
             f"Renders with {model_line} on **{engine.device}**. *Generate* renders with sparse attention; "

@@ -43,5 +43,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # RequestError included
         args._parser.error(str(exc))
     print(f"dit_accel demo: {engine.model} on {engine.device}; clips in {engine.out_dir}")
-    launch(engine, host=args.host, port=args.port)
+    try:
+        blocks, url = launch(engine, host=args.host, port=args.port, block=False, quiet=True)
+    except OSError as exc:  # the port is taken, or the host is not an address of this machine
+        args._parser.error(f"cannot serve on {args.host}:{args.port or 'a free port'}: {exc}")
+    print(f"dit_accel demo: serving on {url} (Ctrl+C stops it)", flush=True)
+    blocks.block_thread()
     return 0
