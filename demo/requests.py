@@ -197,9 +197,9 @@ def parse_request(
     Raises:
         RequestError: the first field that cannot work.
     """
-    prompt = (prompt or "").strip() if isinstance(prompt, str) or prompt is None else None
-    if prompt is None:
-        raise RequestError("prompt: expected text")
+    if prompt is not None and not isinstance(prompt, str):
+        raise RequestError(f"prompt: expected text, got {type(prompt).__name__}")
+    prompt = (prompt or "").strip()
     if not prompt:
         raise RequestError(
             "Type a prompt first (the examples below the prompt box are ones the embedded model knows)."
