@@ -209,6 +209,10 @@ ROWS: list[dict] = [
     {"name": "adaspa_0.8", "method": "adaspa", "sparsity": 0.8},
     {"name": "adaspa_0.9", "method": "adaspa", "sparsity": 0.9},
     {"name": "rettention_window_0.05", "method": "rettention", "base": "window", "density": 0.05},
+    {"name": "rettention_window_0.1", "method": "rettention", "base": "window", "density": 0.1},
+    {"name": "rettention_radial", "method": "rettention", "base": "radial"},
+    {"name": "rettention_adaspa_0.95", "method": "rettention", "base": "adaspa", "sparsity": 0.95},
+    {"name": "rettention_adaspa_0.9", "method": "rettention", "base": "adaspa", "sparsity": 0.9},
     {"name": "balanced", "preset": "balanced"},
     {"name": "fast", "preset": "fast"},
 ]
@@ -321,33 +325,21 @@ class Skip(Exception):
     """A row that cannot run in this checkout (unknown method, no presets yet): recorded with its reason."""
 
 
-def _preset_knobs(name: str) -> dict:
-    """Knobs of preset ``name`` from ``dit_accel.pipelines.presets`` (``get_preset(name)`` or ``PRESETS``)."""
+def _preset_knobs(name: str, family: str) -> dict:
+    """Method and knobs of the family's preset ``name`` (``dit_accel.pipelines.presets``)."""
+    from dit_accel.pipelines.presets import get_preset
+
     try:
-        from dit_accel.pipelines import presets
-    except ImportError as e:
-        raise Skip(f"preset {name!r}: dit_accel.pipelines.presets is not available ({e})") from None
-    getter = getattr(presets, "get_preset", None)
-    table = getattr(presets, "PRESETS", None)
-    if callable(getter):
-        value = getter(name)
-    elif isinstance(table, dict) and name in table:
-        value = table[name]
-    else:
-        raise Skip(f"preset {name!r} not found in dit_accel.pipelines.presets")
-    for attr in ("config", "knobs"):
-        value = getattr(value, attr, value)
-    if isinstance(value, dit_accel.SparseAttentionConfig):
-        return {"config": value}
-    if isinstance(value, dict):
-        return dict(value)
-    raise Skip(f"preset {name!r}: cannot read knobs from a {type(value).__name__}")
+        preset = get_preset(family, name)
+    except ValueError as e:
+        raise Skip(str(e)) from None
+    return {"method": preset.method, **dict(preset.knobs)}
 
 
-def row_knobs(row: dict) -> dict | None:
+def row_knobs(row: dict, family: str) -> dict | None:
     """dit_accel.apply knobs of a row (None: stock). Raises Skip for what this checkout lacks."""
     if row.get("preset"):
-        return _preset_knobs(row["preset"])
+        return _preset_knobs(row["preset"], family)
     knobs = {k: v for k, v in row.items() if k not in META_KEYS}
     if not knobs:
         return None
@@ -621,9 +613,9 @@ class Runner:
         key = (name, cache)
         if key not in self._probes:
             cfg = cache_config(cache, self.smoke)[0] if cache else None
-            self._probes[key] = probe_schedule(
-                self.geom["family"], row_knobs(_row(name)), self.steps, self.contexts, cfg
-            )
+            family = self.geom["family"]
+            knobs = row_knobs(_row(name), family)
+            self._probes[key] = probe_schedule(family, knobs, self.steps, self.contexts, cfg)
         return self._probes[key]
 
     def _visits(self, kinds: list[str], share_dense: bool) -> list[tuple[str, int, int]]:
@@ -765,7 +757,7 @@ class Runner:
             torch.cuda.empty_cache()
 
     def _time_row(self, row, compiled, schedule, res) -> None:
-        knobs = row_knobs(row)
+        knobs = row_knobs(row, self.geom["family"])
         timing = knobs is not None and not compiled
         handle = install(self.model, knobs, block=self.geom["block"], backend=self.backend, timing=timing)
         if handle is not None:
@@ -1061,7 +1053,8 @@ class Runner:
             cfg = cache_config(cache, self.smoke)[0] if cache else None
             # As the row was timed: cache first, then dit_accel (on the pipeline, as users apply it).
             install(self.model, None, block=self.geom["block"], backend=self.backend, timing=False, cache=cfg)
-            install(pipe, row_knobs(_row(base)), block=self.geom["block"], backend=self.backend, timing=True)
+            knobs = row_knobs(_row(base), self.geom["family"])
+            install(pipe, knobs, block=self.geom["block"], backend=self.backend, timing=True)
             text = self.inputs
             g = torch.Generator(device="cpu").manual_seed(0)
             seconds, out = timed_ms(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
+from ._diffusers import drop_registry, hook_registry
 from .config import SparseAttentionConfig
+from .kernels.ops import triton_runtime_unavailable_reason
 from .methods import SparseMethod, create_method
 from .processors import Family, Runtime, family_for
-from .processors.base import LayerRecord
+from .processors.base import LayerRecord, SparseAttnProcessorBase, bind, bound_processor, unbind
 from .tracking import TRACKER_HOOK_NAME, StepTracker, install_tracker
 
 __all__ = ["AttentionStats", "SparseAttentionHandle", "apply", "attn_processors", "remove"]
@@ -136,13 +139,32 @@ def _fmt_bytes(n: int) -> str:
     return f"{n:.2f} GiB"
 
 
+_MISSING = object()
+
+
 class _Installed:
-    def __init__(self, family: Family, had_registry: bool, had_forward: bool):
+    """What one transformer held before :func:`apply`, and what dit_accel put there."""
+
+    def __init__(self, family: Family, had_registry: bool, forward_before):
         self.family = family
         self.had_registry = had_registry
-        self.had_forward = had_forward
+        self.forward_before = forward_before
+        self.forward_installed = None
+        self.hook = None
+        self.modules: dict[str, torch.nn.Module] = {}
         self.originals: dict[str, object] = {}
         self.processors: dict[str, object] = {}
+
+    def serves(self, path: str) -> bool:
+        """Whether the layer at ``path`` still runs dit_accel's processor (directly or through a detached one,
+        as diffusers' IP-adapter loaders leave)."""
+        current = getattr(self.modules[path], "processor", None)
+        proc = self.processors[path]
+        return current is proc or (
+            isinstance(current, SparseAttnProcessorBase)
+            and current.runtime is None
+            and bound_processor(self.modules[path]) is proc
+        )
 
 
 class SparseAttentionHandle:
@@ -165,6 +187,12 @@ class SparseAttentionHandle:
         self._installed: dict[str, _Installed] = {}
         self._removed = False
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "cannot pickle or copy a dit_accel handle or a model it is applied to: call "
+            "dit_accel.remove(...) first, and dit_accel.apply(...) again on the loaded or copied model"
+        )
+
     def __repr__(self) -> str:
         return (
             f"SparseAttentionHandle(method={self.method.name!r}, transformers={list(self.transformers)}, "
@@ -178,7 +206,7 @@ class SparseAttentionHandle:
 
     def _build(self, name: str, transformer: torch.nn.Module, family: Family) -> _Installed:
         inst = _Installed(
-            family, "_diffusers_hook" in transformer.__dict__, "forward" in transformer.__dict__
+            family, hook_registry(transformer) is not None, transformer.__dict__.get("forward", _MISSING)
         )
         candidates = [
             (path, module)
@@ -197,13 +225,32 @@ class SparseAttentionHandle:
         for i, (path, module) in enumerate(chosen):
             stock = module.processor
             cls = family.processors[type(stock).__name__]
+            proc = cls(self.runtime, f"{name}.{path}", i, len(chosen), stock)
+            inst.modules[path] = module
             inst.originals[path] = stock
-            inst.processors[path] = cls(self.runtime, f"{name}.{path}", i, len(chosen), stock)
+            inst.processors[path] = proc
+            bind(module, proc)
         self.transformers[name] = transformer
         self._installed[name] = inst
-        install_tracker(transformer, self.tracker, name, family.geometry)
+        inst.hook = install_tracker(transformer, self.tracker, name, family.geometry)
+        inst.forward_installed = transformer.__dict__.get("forward")
         setattr(transformer, _HANDLE_ATTR, self)
         return inst
+
+    def _check_layers(self) -> None:
+        for name, inst in self._installed.items():
+            replaced = {
+                type(getattr(inst.modules[p], "processor", None)).__name__
+                for p in inst.processors
+                if not inst.serves(p)
+            }
+            if replaced:
+                n = sum(not inst.serves(p) for p in inst.processors)
+                _log_skipped(
+                    f"{name}: {n} of {len(inst.processors)} layers dit_accel replaced run other processors "
+                    f"now ({sorted(replaced)}, e.g. an IP-adapter's set after dit_accel.apply); apply again "
+                    "to accelerate them"
+                )
 
     def _activate(self) -> None:
         for name, inst in self._installed.items():
@@ -224,29 +271,64 @@ class SparseAttentionHandle:
         self.tracker.reset()
 
     def remove(self) -> None:
-        """Restore the original processors and hooks of every transformer of this handle."""
+        """Restore what every transformer of this handle held before :func:`apply`.
+
+        Processors that something else set after ``apply`` (an IP-adapter's) stay; so do hooks and
+        ``forward`` wrappers installed after it (accelerate's offload hook): only what dit_accel added goes.
+        """
         if self._removed:
             return
         for name, inst in self._installed.items():
             transformer = self.transformers[name]
-            modules = dict(transformer.named_modules())
             for path, original in inst.originals.items():
-                if modules.get(path) is not None:
-                    _set_processor(modules[path], original)
-            registry = getattr(transformer, "_diffusers_hook", None)
-            if registry is not None:
-                registry.remove_hook(TRACKER_HOOK_NAME, recurse=False)
-                if not registry.hooks:
-                    if not inst.had_forward:
-                        transformer.__dict__.pop("forward", None)
-                    if not inst.had_registry:
-                        del transformer._diffusers_hook
+                module = inst.modules[path]
+                if inst.serves(path):
+                    _set_processor(module, original)
+                elif hasattr(module, "processor"):
+                    _log_skipped(
+                        f"{name}.{path}: keeping {type(module.processor).__name__}, set after dit_accel.apply"
+                    )
+                unbind(module, inst.processors[path])
+            if inst.hook is not None:
+                _remove_tracker(transformer, inst)
             if getattr(transformer, _HANDLE_ATTR, None) is self:
                 delattr(transformer, _HANDLE_ATTR)
         if not isinstance(self.target, torch.nn.Module) and getattr(self.target, _HANDLE_ATTR, None) is self:
             delattr(self.target, _HANDLE_ATTR)
         self.method.new_run()
         self._removed = True
+
+
+def _remove_tracker(transformer: torch.nn.Module, inst: _Installed) -> None:
+    """Take the step-tracker hook out of the transformer's forward chain, keeping what others added since."""
+    inst.hook.deactivate()
+    registry = hook_registry(transformer)
+    if registry is None:
+        return
+    if registry.get_hook(TRACKER_HOOK_NAME) is inst.hook:
+        current = transformer.__dict__.get("forward", _MISSING)
+        registry.remove_hook(TRACKER_HOOK_NAME, recurse=False)
+        below = transformer.__dict__.get("forward", _MISSING)
+        if current is not inst.forward_installed and current is not _MISSING:
+            # Someone wrapped the forward after apply. diffusers' remove_hook just put back the forward from
+            # before apply: keep theirs, and point it past ours where we know how (accelerate's
+            # add_hook_to_module calls the wrapped forward through _old_forward). Other wrappers call the
+            # hook's forward, now a pass-through.
+            transformer.forward = current
+            if getattr(transformer, "_old_forward", None) is inst.forward_installed and below is not _MISSING:
+                transformer._old_forward = below
+    if registry.hooks:
+        return
+    forward = transformer.__dict__.get("forward", _MISSING)
+    if (
+        inst.forward_before is _MISSING
+        and inspect.ismethod(forward)
+        and forward.__self__ is transformer
+        and forward.__func__ is type(transformer).forward
+    ):
+        del transformer.__dict__["forward"]
+    if not inst.had_registry:
+        drop_registry(transformer)
 
 
 def _as_dict(r: LayerRecord) -> dict:
@@ -292,16 +374,29 @@ def _check_dense_layers(config: SparseAttentionConfig, handle: SparseAttentionHa
             )
 
 
+def _check_backend(config: SparseAttentionConfig) -> None:
+    """Refuse ``backend="triton"`` before any model runs where Triton cannot run at all."""
+    if config.backend == "triton":
+        reason = triton_runtime_unavailable_reason()
+        if reason is not None:
+            raise ValueError(
+                f"backend='triton' cannot run here: {reason}. Allowed here: ['auto', 'torch'] ('auto' runs "
+                "Triton where it can, else the torch reference, and logs why)"
+            )
+
+
 def _new_handle(target, config, knobs) -> SparseAttentionHandle:
     config = SparseAttentionConfig.from_knobs(config, **knobs)
     components = _transformers(target)
     families = [(name, tr, family_for(tr)) for name, tr in components]
+    _check_backend(config)
     method = create_method(config)
     config = method.configure(config, tuple(dict.fromkeys(family for _, _, family in families)))
     for h in _existing_handles(target):
         h.remove()
     tracker = StepTracker(target if _is_pipeline(target) else None)
     handle = SparseAttentionHandle(target, config, method, tracker)
+    tracker.add_run_start(handle._check_layers)
     try:
         for name, tr, family in families:
             handle._build(name, tr, family)

@@ -6,6 +6,7 @@
     dit-accel render --model ./my_wan_pipeline --prompt "..." --out clip.mp4 --preset fast
     dit-accel render --model ./my_flux_pipeline --prompt "..." --out image.png --preset quality
     dit-accel presets [--family wan] [--markdown]
+    dit-accel batch jobs.jsonl --out-dir renders/ --preset balanced      # dit_accel.batch, docs/batch.md
     dit-accel demo [--port N] [--model PATH] [--device auto|cpu|cuda]
 
 ``render`` draws with the embedded tiny text-to-video model by default (offline; docs/tiny_model.md), or
@@ -114,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_parser=p)
     p.add_argument("--family", choices=list(FAMILIES), help="only this family")
     p.add_argument("--markdown", action="store_true", help="the markdown table of docs/pipelines.md")
+
+    from dit_accel import batch
+
+    b = sub.add_parser(
+        "batch", help="render every job of a job file: resumable, with a manifest (docs/batch.md)"
+    )
+    batch.add_arguments(b)
 
     from dit_accel.demo.launch import add_arguments as demo_arguments
 
@@ -497,6 +505,10 @@ def main(argv=None) -> int:
             return _render(args)
         if args.command == "presets":
             return _presets(args)
+        if args.command == "batch":
+            from dit_accel import batch
+
+            return batch.run(args)
         if args.command == "demo":
             from dit_accel.demo.launch import run as demo
 

@@ -123,6 +123,7 @@ class SparseAttentionConfig:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         if self.dense_backend not in _DENSE_BACKENDS:
             raise ValueError(f"dense_backend must be one of {_DENSE_BACKENDS}, got {self.dense_backend!r}")
+        _check_options(self.options)
         object.__setattr__(self, "options", dict(self.options))
 
     @classmethod
@@ -133,6 +134,7 @@ class SparseAttentionConfig:
             raise TypeError(f"config must be a {cls.__name__}, got {type(base).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in knobs.items() if k in names}
+        _check_options(fields.get("options", {}))
         options = {
             **base.options,
             **fields.pop("options", {}),
@@ -161,3 +163,11 @@ class SparseAttentionConfig:
 
     def is_dense_layer(self, layer_index: int, num_layers: int) -> bool:
         return any(i == layer_index or i + num_layers == layer_index for i in self.dense_layers or ())
+
+
+def _check_options(options) -> None:
+    if not isinstance(options, Mapping):
+        raise ValueError(
+            "options must be a mapping of method option names to values (e.g. {'density': 0.1}), got "
+            f"{type(options).__name__}: {options!r}"
+        )

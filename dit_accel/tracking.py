@@ -17,6 +17,11 @@ Step index rules, in order:
 The number of steps comes from ``cache_context(num_inference_steps=...)``, else from the pipeline's scheduler
 (distinct consecutive timesteps from its begin index) when the tracker knows the pipeline, else from the
 previous run of the same context. Several transformers may share one tracker (Wan 2.2): one step count.
+
+Gradient checkpointing re-runs each block's forward during backward, outside any transformer forward. A
+forward run with grad enabled on a transformer with gradient checkpointing on is *recorded*
+(:attr:`StepTracker.recording`): each processor keeps what its call saw, and the recomputation replays it
+(see ``dit_accel.processors.base``).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+
+from . import compiled
+from ._diffusers import BaseState, HookRegistry, ModelHook, StateManager, state_context
 
 __all__ = [
     "ForwardInfo",
@@ -37,6 +43,7 @@ __all__ = [
     "StepTracker",
     "StepTrackerHook",
     "TRACKER_HOOK_NAME",
+    "in_backward",
     "install_tracker",
 ]
 
@@ -148,6 +155,11 @@ class StepTracker:
         self._previous_counts: dict[str, int] = {}
         self._grid = None
         self._listeners: list[Callable[[int], None]] = []
+        self._run_start: list[Callable[[], None]] = []
+        self.recording = False
+        # Bumped by every tracked forward under torch.compile; the attention ops read it, which keeps them
+        # after their forward's bookkeeping in a compiled graph (dit_accel.compiled).
+        self.order = torch.zeros((), dtype=torch.int64)
 
     @property
     def pipeline(self):
@@ -157,6 +169,10 @@ class StepTracker:
         """Call ``fn(run)`` whenever a new run starts."""
         self._listeners.append(fn)
 
+    def add_run_start(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` at the first transformer forward of every run."""
+        self._run_start.append(fn)
+
     def reset(self) -> None:
         """Start a new run: step counts restart from 0 and run-scoped method state is dropped."""
         for name, st in self._contexts.items():
@@ -164,6 +180,7 @@ class StepTracker:
         self._contexts.clear()
         self._grid = None
         self.current = None
+        self.recording = False
         self.run += 1
         for fn in self._listeners:
             fn(self.run)
@@ -189,9 +206,18 @@ class StepTracker:
         return "batched" if _halves_equal(hidden_states) else "none"
 
     def begin(
-        self, component: str, context, timestep, hidden_states: torch.Tensor, geometry: Geometry
+        self,
+        component: str,
+        context,
+        timestep,
+        hidden_states: torch.Tensor,
+        geometry: Geometry,
+        recording: bool = False,
     ) -> ForwardInfo:
-        """Record the start of a transformer forward and return what its processors will see."""
+        """Record the start of a transformer forward and return what its processors will see.
+
+        ``recording``: the forward's attention calls may be recomputed in backward (gradient checkpointing).
+        """
         name = getattr(context, "name", context) if context is not None else DEFAULT_CONTEXT
         if self._grid is not None and geometry.grid != self._grid:
             self.reset()
@@ -222,6 +248,9 @@ class StepTracker:
             elif st.direction == 0:
                 st.direction = direction
         if st is None:
+            if not self._contexts:
+                for fn in self._run_start:
+                    fn()
             st = _ContextState(step, t, self._num_steps(name, context))
             self._contexts[name] = st
         elif getattr(context, "num_inference_steps", None) is not None:
@@ -241,10 +270,22 @@ class StepTracker:
             timestep=t,
         )
         self.current = info
+        self.recording = recording
         return info
 
     def end(self) -> None:
         self.current = None
+        self.recording = False
+
+
+def in_backward() -> bool:
+    """Whether this thread is running an autograd backward pass (where checkpointed blocks recompute).
+
+    torch has no public query for this; ``torch._C._current_graph_task_id`` (torch 2.x) is -1 outside a
+    backward pass. Without it every untracked call is taken for a recomputation.
+    """
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is None or graph_task_id() != -1
 
 
 class _ContextSink(StateManager):
@@ -255,7 +296,7 @@ class _ContextSink(StateManager):
 
     @property
     def current(self):
-        return self._context
+        return state_context(self)
 
 
 class StepTrackerHook(ModelHook):
@@ -276,13 +317,59 @@ class StepTrackerHook(ModelHook):
         self.geometry_fn = geometry_fn
         self.context_sink = _ContextSink()
         self._signature = None
+        self._names: tuple[str, ...] = ()
+        self.active = True
+        self.slot = compiled.register(self)
 
     def initialize_hook(self, module):
         self._signature = inspect.signature(type(module).forward)
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self._names = tuple(
+            n for n, p in self._signature.parameters.items() if p.kind in positional and n != "self"
+        )
         return module
 
-    @torch.compiler.disable
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"cannot pickle or copy a transformer with dit_accel applied ({self.component}): call "
+            "dit_accel.remove(...) on it first, and dit_accel.apply(...) again on the loaded or copied model"
+        )
+
+    def deactivate(self) -> None:
+        """Make the hook a pass-through (for a forward that someone else wrapped after it was registered)."""
+        self.active = False
+
     def pre_forward(self, module, *args, **kwargs):
+        if not self.active:
+            return args, kwargs
+        if torch.compiler.is_compiling():
+            # Geometry is shape arithmetic (static in a compiled graph); the bookkeeping runs in an opaque op.
+            arguments = dict(zip(self._names, args))
+            arguments.update(kwargs)
+            geometry = self.geometry_fn(module, arguments)
+            compiled.track(
+                self,
+                arguments.get("hidden_states"),
+                arguments.get("timestep"),
+                geometry.grid,
+                geometry.text_len,
+                geometry.text_position,
+            )
+            return args, kwargs
+        return self._pre_forward(module, *args, **kwargs)
+
+    def begin(self, hidden_states, timestep, grid, text_len: int, text_position) -> None:
+        """The bookkeeping of one forward from its geometry (the compiled path's entry)."""
+        self.tracker.begin(
+            self.component,
+            self.context_sink.current,
+            timestep,
+            hidden_states,
+            Geometry(grid, text_len, text_position),
+        )
+
+    @torch.compiler.disable
+    def _pre_forward(self, module, *args, **kwargs):
         bound = self._signature.bind(module, *args, **kwargs)
         arguments = dict(bound.arguments)
         arguments.update(arguments.pop("kwargs", {}) or {})
@@ -290,17 +377,25 @@ class StepTrackerHook(ModelHook):
         if not isinstance(hidden_states, torch.Tensor):
             raise ValueError(f"{type(module).__name__}.forward was called without hidden_states")
         geometry = self.geometry_fn(module, arguments)
+        recording = torch.is_grad_enabled() and bool(getattr(module, "is_gradient_checkpointing", False))
         self.tracker.begin(
-            self.component, self.context_sink.current, arguments.get("timestep"), hidden_states, geometry
+            self.component,
+            self.context_sink.current,
+            arguments.get("timestep"),
+            hidden_states,
+            geometry,
+            recording=recording,
         )
         return args, kwargs
 
     def post_forward(self, module, output):
-        self.tracker.end()
+        if self.active and not torch.compiler.is_compiling():
+            self.tracker.end()
         return output
 
     def reset_state(self, module):
-        self.tracker.reset()
+        if self.active:
+            self.tracker.reset()
         return module
 
 

@@ -7,6 +7,9 @@ attention through ``torch.ops.aten``) and ``"xformers"`` (``xformers.ops.fmha``,
 ``xformers_attention.py`` only), both with the log-sum-exp; its ``"auto"`` picks from a table of
 measured results.
 
+The Triton kernels have no backward: for inputs that require grad (grad mode on), ``"triton"`` refuses the
+call, naming the ways out, and ``"auto"`` takes the reference, whose gradients are exact.
+
 The Triton kernels are registered as ``torch.library`` custom ops (``dit_accel::sparse_attention`` and
 ``dit_accel::block_mass``) so ``torch.compile(fullgraph=True)`` traces through callers.
 """
@@ -16,13 +19,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import os
 
 import torch
 
 from . import reference
 from .correction import RESIDUAL_DTYPES, SoftmaxCorrection
-from .plan import BlockPlan, num_blocks
+from .plan import BlockPlan, _check_block_size, num_blocks
 
 logger = logging.getLogger("dit_accel")
 
@@ -88,20 +92,47 @@ def _check_inputs(q, k, v, layout: str, kv_len, scale):
             f"q has dtype {qh.dtype}; supported: float16, bfloat16 (float32 on the torch backend)"
         )
     if kv_len is not None:
-        if isinstance(kv_len, int):
-            kv_len = torch.full((qh.shape[0],), kv_len, dtype=torch.int32, device=qh.device)
-        elif isinstance(kv_len, (list, tuple)):
-            kv_len = torch.tensor(kv_len, dtype=torch.int32, device=qh.device)
-        if not isinstance(kv_len, torch.Tensor) or kv_len.shape != (qh.shape[0],):
-            raise ValueError(f"kv_len must be an int tensor of shape [B]=[{qh.shape[0]}]")
-        if kv_len.dtype.is_floating_point:
-            raise ValueError(f"kv_len must be an integer tensor, got {kv_len.dtype}")
-        if kv_len.device != qh.device:
-            raise ValueError(f"kv_len is on {kv_len.device}, q is on {qh.device}")
-        kv_len = kv_len.to(torch.int32)
+        kv_len = _check_kv_len(kv_len, qh.shape[0], kh.shape[2], qh.device)
     if scale is None:
         scale = 1.0 / math.sqrt(qh.shape[3])
     return qh, kh, vh, kv_len, float(scale)
+
+
+def _check_kv_len(kv_len, batch: int, k_len: int, device) -> torch.Tensor:
+    """kv_len as int32 [B]. Values past k_len mean every key (they are clamped to k_len); negative values
+    are refused (checked on the host: one synchronisation for a GPU tensor, skipped under torch.compile)."""
+    expected = f"an int, a list of B={batch} ints or an integer tensor of shape [B]=[{batch}]"
+    if isinstance(kv_len, bool) or (isinstance(kv_len, torch.Tensor) and kv_len.dtype == torch.bool):
+        raise ValueError(f"kv_len must be {expected}; a bool (mask) is not a length, got {kv_len!r}")
+    if isinstance(kv_len, numbers.Integral):
+        if kv_len < 0:
+            raise ValueError(f"kv_len must be >= 0 (valid keys per batch element), got {kv_len}")
+        return torch.full((batch,), min(int(kv_len), k_len), dtype=torch.int32, device=device)
+    if isinstance(kv_len, (list, tuple)):
+        if len(kv_len) != batch or any(
+            isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in kv_len
+        ):
+            raise ValueError(f"kv_len must be {expected}, got {kv_len!r}")
+        if any(x < 0 for x in kv_len):
+            raise ValueError(f"kv_len must be >= 0 (valid keys per batch element), got {list(kv_len)}")
+        return torch.tensor([min(int(x), k_len) for x in kv_len], dtype=torch.int32, device=device)
+    if not isinstance(kv_len, torch.Tensor):
+        raise ValueError(f"kv_len must be {expected}, got {type(kv_len).__name__}")
+    if kv_len.dtype.is_floating_point or kv_len.dtype.is_complex:
+        raise ValueError(f"kv_len must be an integer tensor, got {kv_len.dtype}")
+    if tuple(kv_len.shape) != (batch,):
+        raise ValueError(f"kv_len must be {expected}, got shape {tuple(kv_len.shape)}")
+    if kv_len.device != device:
+        raise ValueError(f"kv_len is on {kv_len.device}, q is on {device}")
+    if not torch.compiler.is_compiling() and bool((kv_len < 0).any()):
+        b = int(torch.nonzero(kv_len < 0)[0])
+        raise ValueError(
+            f"kv_len must be >= 0 (valid keys per batch element), got kv_len[{b}] = {int(kv_len[b])}"
+        )
+    if kv_len.dtype != torch.int32:
+        # int64 values past 2^31 would wrap; anything past k_len means every key anyway.
+        kv_len = kv_len.clamp(max=k_len).to(torch.int32)
+    return kv_len
 
 
 def _check_plan(plan: BlockPlan, qh: torch.Tensor, kh: torch.Tensor) -> None:
@@ -125,7 +156,28 @@ def _check_plan(plan: BlockPlan, qh: torch.Tensor, kh: torch.Tensor) -> None:
         raise ValueError(f"plan is on {plan.device}, q is on {qh.device}")
 
 
-def _triton_unavailable_reason(qh: torch.Tensor, block_sizes=()) -> str | None:
+def triton_runtime_unavailable_reason() -> str | None:
+    """Why this process cannot run the Triton kernels on any device (None: it can, on CUDA or under
+    ``TRITON_INTERPRET=1``). Used to refuse ``backend="triton"`` before any model runs."""
+    if _TRITON_IMPORT_ERROR is not None:
+        return f"triton could not be imported ({_TRITON_IMPORT_ERROR})"
+    if not (torch.cuda.is_available() or _interpret()):
+        return "no CUDA device is available (the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    return None
+
+
+_NO_BACKWARD = (
+    "inputs require grad and the Triton kernels have no backward. For training through sparse attention "
+    "use backend='torch' (exact gradients through the same plan; memory grows with the score matrix), "
+    "method='dense' for stock attention, or run inference under torch.no_grad()"
+)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _triton_unavailable_reason(qh: torch.Tensor, block_sizes=(), grad: bool = False) -> str | None:
     if _TRITON_IMPORT_ERROR is not None:
         return f"triton could not be imported ({_TRITON_IMPORT_ERROR})"
     if not (qh.is_cuda or _interpret()):
@@ -135,21 +187,23 @@ def _triton_unavailable_reason(qh: torch.Tensor, block_sizes=()) -> str | None:
     for b in block_sizes:
         if b < 16 or b & (b - 1):
             return f"block size {b} is not a power of two >= 16"
+    if grad:
+        return _NO_BACKWARD
     return None
 
 
-def _pick(backend: str, qh: torch.Tensor, op: str, block_sizes=()) -> str:
+def _pick(backend: str, qh: torch.Tensor, op: str, block_sizes=(), grad: bool = False) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    reason = _triton_unavailable_reason(qh, block_sizes)
+    reason = _triton_unavailable_reason(qh, block_sizes, grad)
     if backend == "triton":
         if reason is not None:
             raise RuntimeError(f"{op}: backend='triton' cannot run: {reason}")
         return "triton"
     if reason is not None:
-        if qh.is_cuda:
+        if qh.is_cuda or grad:
             _warn_once(f"{op}: falling back to the torch reference: {reason}")
         return "torch"
     return "triton"
@@ -289,7 +343,8 @@ def block_sparse_attention(
         plan: BlockPlan with B and H equal to q's or 1 (broadcast); ceil(S_q / block_q) query blocks and
             ceil(S_k / block_k) key blocks. Triton needs power-of-two block sizes >= 16.
         scale: softmax scale, default 1/sqrt(D).
-        kv_len: optional int [B]: keys at or past kv_len[b] are ignored.
+        kv_len: optional valid key count per batch element (an int, a list or an integer tensor [B],
+            values >= 0): keys at or past kv_len[b] are ignored; values past S_k mean every key.
         layout: "bshd" or "bhsd".
         backend: "auto", "triton" or "torch".
         correction: statistics from :func:`refresh_attention` with the same plan; the output becomes
@@ -305,7 +360,8 @@ def block_sparse_attention(
     _check_plan(plan, qh, kh)
     if correction is not None:
         _check_correction(correction, qh)
-    if _pick(backend, qh, "block_sparse_attention", (plan.block_q, plan.block_k)) == "torch":
+    grad = _needs_grad(qh, kh, vh, *((correction.rho, correction.residual) if correction is not None else ()))
+    if _pick(backend, qh, "block_sparse_attention", (plan.block_q, plan.block_k), grad) == "torch":
         if correction is None:
             out, lse = reference.attention_reference(qh, kh, vh, plan, scale, kv_len)
         else:
@@ -390,7 +446,8 @@ def refresh_attention(
     residual_dtype = residual_dtype or qh.dtype
     if residual_dtype not in RESIDUAL_DTYPES:
         raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype}")
-    if _pick(backend, qh, "refresh_attention", (plan.block_q, plan.block_k)) == "torch":
+    grad = _needs_grad(qh, kh, vh)
+    if _pick(backend, qh, "refresh_attention", (plan.block_q, plan.block_k), grad) == "torch":
         out, lse, rho, resid, r_scale = reference.refresh_reference(
             qh, kh, vh, plan, scale, kv_len, residual_dtype
         )
@@ -527,7 +584,7 @@ def _pick_dense(backend: str, qh, kh, vh, kv_len, scale: float, needs_lse: bool)
             if reason is not None:
                 raise RuntimeError(f"dense_attention: backend={backend!r} cannot run: {reason}")
             return backend
-        return _pick(backend, qh, "dense_attention")
+        return _pick(backend, qh, "dense_attention", grad=_needs_grad(qh, kh, vh))
     if qh.is_cuda:
         index = qh.device.index if qh.device.index is not None else torch.cuda.current_device()
         order = _dense_auto_order(
@@ -538,7 +595,7 @@ def _pick_dense(backend: str, qh, kh, vh, kv_len, scale: float, needs_lse: bool)
         )
         if chosen is not None:
             return chosen
-    return _pick("auto", qh, "dense_attention")
+    return _pick("auto", qh, "dense_attention", grad=_needs_grad(qh, kh, vh))
 
 
 def dense_attention(
@@ -618,8 +675,7 @@ def block_mass(
         raise ValueError(f"lse is on {lse.device}, q is on {qh.device}")
     if lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32, got {lse.dtype}")
-    if block_q <= 0 or block_k <= 0:
-        raise ValueError(f"block sizes must be positive, got {block_q}, {block_k}")
+    block_q, block_k = _check_block_size("block_q", block_q), _check_block_size("block_k", block_k)
     if _pick(backend, qh, "block_mass", (block_q, block_k)) == "torch":
         return reference.block_mass_reference(qh, kh, lse, block_q, block_k, scale, kv_len)
     return _block_mass_op(qh, kh, lse, block_q, block_k, scale, kv_len)

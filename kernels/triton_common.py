@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side: folded into the softmax scale
+# Inside @triton.jit code a global must be a constexpr (the interpreter accepts plain floats; the compiler not).
+LOG2E_C = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -21,6 +21,7 @@ import triton.language as tl
 from .triton_common import (
     INTERPRET,
     LOG2E,
+    LOG2E_C,
     cfg,
     dot_f32,
     head_dim_pad,
@@ -85,7 +86,7 @@ def _query_tile(
         q = q.to(tl.float32)
     lse = tl.load(lse_base + offs_m * stride_ls, mask=offs_m < seq_q, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    return q, lse * LOG2E
+    return q, lse * LOG2E_C
 
 
 @triton.jit

@@ -5,6 +5,7 @@ and the knob checks (CPU, torch reference kernels)."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -332,3 +333,30 @@ def test_registered_by_name_with_defaults():
     assert {"base", "density", "refresh_every", "ramp", "clamp"} <= set(
         dit_accel.methods.method_knobs("rettention")
     )
+
+
+def test_refresh_paths_agree_and_auto_picks_by_density():
+    model, inputs = TRANSFORMERS["wan"]()
+    x = inputs(1)
+    outs = {}
+    for path in ("fused", "split"):
+        dit_accel.apply(
+            model,
+            method="rettention",
+            per_frame=False,
+            density=0.3,
+            dense_steps=0,
+            refresh_every=4,
+            refresh=path,
+            **BLOCKS,
+        )
+        outs[path] = _drive(model, x, steps=(0, 1, 2), num_steps=4)
+    for a, b in zip(outs["fused"], outs["split"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+    correction = rettention.Correction()
+    entry = SimpleNamespace(plan=None, density=None)
+    for device, density, path in (("cuda", 0.08, "split"), ("cuda", 0.35, "fused"), ("cpu", 0.08, "fused")):
+        plan = SimpleNamespace(density=lambda d=density: d)
+        call = SimpleNamespace(device=torch.device(device), entry=entry)
+        assert correction._refresh_path(plan, call) == path

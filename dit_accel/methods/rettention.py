@@ -56,7 +56,13 @@ STATE_DTYPES = {
     "fp16": torch.float16,
     "fp8": torch.float8_e4m3fn,
 }
-REFRESH_PATHS = ("fused", "split")
+REFRESH_PATHS = ("auto", "fused", "split")
+# "auto" on a GPU: the two-pass refresh (cuDNN dense with LSE + our sparse pass) below this plan density, the
+# one-pass refresh kernel above it. Measured at Wan-1.3B 480p on an H200
+# (benchmarks/results/rettention_nvidia_h200.json): per-frame window at density 0.082: two-pass 1.22x one
+# cuDNN attention, one-pass 1.40x; radial at 0.345: two-pass 1.49x, one-pass 1.33x. The two-pass cost grows
+# with the density (about 1.1 + 1.1 d), the one-pass cost does not: they cross near d = 0.2.
+AUTO_SPLIT_BELOW = 0.2
 # Base pattern -> the knobs it takes (RettentionMethod's arguments passed on to it).
 BASES = {
     "window": ("density", "per_frame"),
@@ -85,7 +91,9 @@ class Correction:
             end); None: every sparse layer. The others run their base pattern uncorrected.
         state_dtype: storage of R: "auto" (the activation dtype, then float8 when the budget needs it),
             "fp32", "bf16", "fp16" or "fp8".
-        refresh: "fused" (one pass, the refresh kernel) or "split" (a dense and a sparse pass).
+        refresh: "fused" (one pass, the refresh kernel), "split" (a dense and a sparse pass) or "auto" (the
+            default: on a GPU "split" for plans sparser than ``AUTO_SPLIT_BELOW``, which measured faster
+            there, else "fused"; on the CPU "fused").
     """
 
     name = "rettention"
@@ -97,7 +105,7 @@ class Correction:
         clamp: bool = True,
         corrected_layers: tuple[int, ...] | None = None,
         state_dtype: str = "auto",
-        refresh: str = "fused",
+        refresh: str = "auto",
     ):
         if refresh_every is not None and (
             isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1
@@ -221,7 +229,7 @@ class Correction:
         call.label = "refresh"
         if placement is None:
             return call.run_dense()
-        if self.refresh == "split":
+        if self._refresh_path(plan, call) == "split":
             out, lse = call.run_dense(return_lse=True)
             self._store_from_dense(method, plan, out, lse, call, placement)
             return out
@@ -229,6 +237,14 @@ class Correction:
         method.cache.store(call.entry, "correction", corr, placement)
         call.entry.state["corrected_plan"] = id(plan)
         return out
+
+    def _refresh_path(self, plan: BlockPlan, call: AttentionCall) -> str:
+        if self.refresh != "auto":
+            return self.refresh
+        if call.device.type != "cuda":
+            return "fused"
+        density = call.entry.density if call.entry.plan is plan and call.entry.density is not None else None
+        return "split" if (density if density is not None else plan.density()) < AUTO_SPLIT_BELOW else "fused"
 
     def _store_from_dense(self, method, plan, out, lse, call: AttentionCall, placement) -> None:
         out_sparse, lse_sparse = call.run_sparse(plan, return_lse=True)
@@ -299,7 +315,7 @@ class RettentionMethod(ComposedMethod):
         clamp: bool = True,
         corrected_layers: tuple[int, ...] | None = None,
         state_dtype: str = "auto",
-        refresh: str = "fused",
+        refresh: str = "auto",
         density: float | None = None,
         per_frame: bool | None = None,
         decay: float | None = None,

@@ -4,24 +4,40 @@ A family module (``wan.py``, ``flux.py``, ...) defines processors that mirror th
 line for line around the attention op and replace that op with ``self._attend(q, k, v, ...)``, passing the
 stock op as a closure for dense calls. It also states which attention modules it replaces and how to read the
 latent grid and text length from the transformer's forward arguments (:class:`Family`).
+
+Two things diffusers does to processors outside a transformer forward are handled here:
+
+- Gradient checkpointing recomputes each block in backward. A forward the step tracker records (grad enabled,
+  checkpointing on) leaves, per processor, the :class:`ForwardInfo` it saw, a copy of its cache entry as it
+  was before the call and the plans it ran; the recomputation pops the latest record, runs the method again
+  from that state with those plans, and adds nothing to the stats. Methods must therefore replace the
+  tensors in ``entry.state`` rather than edit them in place.
+- Loading or unloading an IP-adapter rebuilds processors as ``type(processor)()``. A processor built
+  without arguments is *detached*: it serves the layer through the dit_accel processor bound to that
+  attention module (so the layer stays accelerated), or through the family's stock processor when none is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .. import compiled
+from .._diffusers import PROCESSOR_ATTRS
 from ..config import SparseAttentionConfig
+from ..kernels import BlockPlan
 from ..methods.base import AttentionCall, SparseMethod
-from ..tracking import Geometry, StepTracker
+from ..tracking import ForwardInfo, Geometry, StepTracker, in_backward
 
-__all__ = ["Family", "LayerRecord", "Runtime", "SparseAttnProcessorBase"]
+__all__ = ["Family", "LayerRecord", "Runtime", "SparseAttnProcessorBase", "bind", "bound_processor", "unbind"]
 
 logger = logging.getLogger("dit_accel")
 
@@ -106,15 +122,42 @@ class Runtime:
         text_position: str | None,
     ) -> torch.Tensor:
         info = self.tracker.current
+        capture = None
         if info is None:
-            raise RuntimeError(
-                f"{type(processor).__name__} ({processor.layer}) was called outside a tracked transformer "
-                "forward: the dit_accel step tracker hook is missing from the transformer. Install the "
-                "processors with dit_accel.apply(...) or dit_accel.attn_processors(transformer)."
-            )
+            recomputing = in_backward()
+            capture = processor._take_capture(q) if recomputing else None
+            if capture is None and recomputing:
+                raise RuntimeError(
+                    f"{type(processor).__name__} ({processor.layer}): a checkpointed block is "
+                    "recomputed in backward for a forward dit_accel did not record. dit_accel records "
+                    "forwards run with grad enabled on a transformer with enable_gradient_checkpointing() "
+                    "on, and replays each once: checkpointing applied by other means, or a second backward "
+                    "through the same graph (retain_graph=True), is not supported. Use diffusers' "
+                    "enable_gradient_checkpointing(), or dit_accel.remove(...) before training."
+                )
+            if capture is None:
+                raise RuntimeError(
+                    f"{type(processor).__name__} ({processor.layer}) was called outside a tracked "
+                    "transformer forward: the dit_accel step tracker hook is missing from the transformer. "
+                    "Install the processors with dit_accel.apply(...) or "
+                    "dit_accel.attn_processors(transformer)."
+                )
+            info = capture.info
+        device_type = q.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The stock op (scaled_dot_product_attention) runs in the autocast dtype; so do the kernels.
+            dtype = torch.get_autocast_dtype(device_type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if text_len is None:
             text_len, text_position = info.text_len, info.text_position
-        call = AttentionCall(
+        record = replay = None
+        if capture is not None:
+            replay = list(capture.plans)
+        elif self.tracker.recording:
+            record = []
+        call = _Call(
+            record=record,
+            replay=replay,
             layer=processor.layer,
             layer_index=processor.layer_index,
             num_layers=processor.num_layers,
@@ -130,7 +173,18 @@ class Runtime:
             config=self.config,
         )
         method = self.method
+        if capture is not None:
+            call.entry = capture.entry
+            out = method.attention(q, k, v, call)
+            if replay:
+                raise RuntimeError(
+                    f"{processor.layer}: the checkpoint recomputation ran {len(capture.plans) - len(replay)} "
+                    f"plan passes, the forward ran {len(capture.plans)}: the method "
+                    f"{type(method).__name__} did not repeat its forward from the recorded state"
+                )
+            return out
         call.entry = method.cache.entry(info.context, processor.layer, method.plan_key(call))
+        before = dataclasses.replace(call.entry, state=dict(call.entry.state)) if record is not None else None
         timer = None
         if self.config.timing:
             if q.is_cuda:
@@ -144,6 +198,8 @@ class Runtime:
                 timer[1].record()
             else:
                 timer = (time.perf_counter() - timer) * 1e3
+        if record is not None:
+            processor._keep_capture(_Capture(info, before, tuple(record), tuple(q.shape)))
         self._record(call, timer)
         return out
 
@@ -164,34 +220,165 @@ class Runtime:
         )
 
 
+@dataclass(frozen=True)
+class _Capture:
+    """What one recorded attention call saw: replayed by its checkpoint recomputation."""
+
+    info: ForwardInfo
+    entry: object
+    plans: tuple[BlockPlan, ...]
+    q_shape: tuple[int, ...]
+
+
+class _Call(AttentionCall):
+    """An :class:`AttentionCall` that records the plans it runs (sparse and refresh passes, in order), or
+    replays recorded ones in that order."""
+
+    def __init__(self, *, record: list | None, replay: list | None, **kwargs):
+        super().__init__(**kwargs)
+        self._record_plans = record
+        self._replay_plans = replay
+
+    def _plan(self, plan: BlockPlan) -> BlockPlan:
+        if self._replay_plans is not None:
+            if not self._replay_plans:
+                raise RuntimeError(
+                    f"{self.layer}: the checkpoint recomputation ran more plan passes than the forward"
+                )
+            return self._replay_plans.pop(0)
+        if self._record_plans is not None:
+            self._record_plans.append(plan)
+        return plan
+
+    def run_sparse(self, plan: BlockPlan, *args, **kwargs):
+        return super().run_sparse(self._plan(plan), *args, **kwargs)
+
+    def run_refresh(self, plan: BlockPlan, *args, **kwargs):
+        return super().run_refresh(self._plan(plan), *args, **kwargs)
+
+
+# attention module -> the dit_accel processor installed for it (detached processors serve through it).
+_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# Recorded calls kept per processor, so forwards whose backward never comes (grad on, no backward) do not pile
+# up.
+_MAX_CAPTURES = 8
+
+
+def bind(module: torch.nn.Module, processor: SparseAttnProcessorBase) -> None:
+    """Make ``processor`` the one that detached processors on ``module`` serve through."""
+    _BOUND[module] = processor
+
+
+def unbind(module: torch.nn.Module, processor: SparseAttnProcessorBase) -> None:
+    if _BOUND.get(module) is processor:
+        del _BOUND[module]
+
+
+def bound_processor(module: torch.nn.Module) -> SparseAttnProcessorBase | None:
+    return _BOUND.get(module)
+
+
 class SparseAttnProcessorBase:
     """Base of the dit_accel processors: one instance per replaced attention layer.
 
     Args:
-        runtime: the handle's :class:`Runtime`.
+        runtime: the handle's :class:`Runtime`. None (a processor built without arguments, as diffusers does
+            when it loads or unloads an IP-adapter): a detached processor (see the module docstring).
         layer: unique layer name.
         layer_index, num_layers: position among the replaced layers of the transformer.
         stock: the processor this one replaces; it serves the calls this one does not handle (e.g. a
-            cross-attention call of a module whose self-attention is replaced).
+            cross-attention call of a module whose self-attention is replaced). Default: a new
+            ``stock_class()``.
     """
 
     _attention_backend = None
     _parallel_config = None
+    stock_class: Callable[[], object] | None = None
 
-    def __init__(self, runtime: Runtime, layer: str, layer_index: int, num_layers: int, stock):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is None:
+            return
+
+        # Detached processors serve through the bound one. functools.wraps keeps the family's signature,
+        # which diffusers reads to decide which keyword arguments (rotary embeddings, masks) to pass.
+        @functools.wraps(call)
+        def __call__(self, attn, *args, **kwargs):
+            if self.runtime is None:
+                return self._detached_call(attn, *args, **kwargs)
+            return call(self, attn, *args, **kwargs)
+
+        cls.__call__ = __call__
+
+    def __init__(
+        self,
+        runtime: Runtime | None = None,
+        layer: str | None = None,
+        layer_index: int = 0,
+        num_layers: int = 1,
+        stock=None,
+    ):
+        if runtime is not None and (layer is None or stock is None):
+            raise TypeError(f"{type(self).__name__} with a runtime needs its layer name and stock processor")
         self.runtime = runtime
         self.layer = layer
         self.layer_index = layer_index
         self.num_layers = num_layers
-        self.stock = stock
-        self._attention_backend = getattr(stock, "_attention_backend", None)
-        self._parallel_config = getattr(stock, "_parallel_config", None)
+        self.stock = stock if stock is not None else type(self).stock_class()
+        self._captures: list[_Capture] = []
+        self.slot = compiled.register(self)
+        if runtime is not None:
+            for name in PROCESSOR_ATTRS:
+                setattr(self, name, getattr(stock, name, None))
 
     def __repr__(self) -> str:
+        if self.runtime is None:
+            return f"{type(self).__name__}(detached)"
         return f"{type(self).__name__}(layer={self.layer!r}, method={self.runtime.method.name!r})"
 
+    def __reduce_ex__(self, protocol):
+        if self.runtime is None:
+            return super().__reduce_ex__(protocol)
+        raise TypeError(
+            f"cannot pickle or copy a transformer with dit_accel applied ({type(self).__name__} on "
+            f"{self.layer}): call dit_accel.remove(...) on it first, and dit_accel.apply(...) again on the "
+            "loaded or copied model"
+        )
+
+    def _detached_call(self, attn, *args, **kwargs):
+        live = _BOUND.get(attn)
+        if live is not None:
+            for name in PROCESSOR_ATTRS:
+                if name in self.__dict__:
+                    setattr(live, name, self.__dict__[name])
+            return live(attn, *args, **kwargs)
+        _log_once(
+            f"{type(self).__name__} was built without a dit_accel handle (as diffusers does when it loads or "
+            f"unloads an IP-adapter) on a layer dit_accel does not manage: it runs the stock "
+            f"{type(self.stock).__name__}"
+        )
+        return self._run_stock(attn, *args, **kwargs)
+
+    def _keep_capture(self, capture: _Capture) -> None:
+        self._captures.append(capture)
+        del self._captures[:-_MAX_CAPTURES]
+
+    def _take_capture(self, q: torch.Tensor) -> _Capture | None:
+        if not self._captures:
+            return None
+        capture = self._captures.pop()
+        if capture.q_shape != tuple(q.shape):
+            raise RuntimeError(
+                f"{self.layer}: a checkpoint recomputation has q of shape {tuple(q.shape)}, the latest "
+                f"recorded forward had {capture.q_shape}; recomputations must follow their forwards in "
+                "reverse order"
+            )
+        return capture
+
     def _run_stock(self, *args, **kwargs):
-        for name in ("_attention_backend", "_parallel_config"):
+        for name in PROCESSOR_ATTRS:
             if hasattr(self.stock, name):
                 setattr(self.stock, name, getattr(self, name))
         return self.stock(*args, **kwargs)
@@ -222,6 +409,11 @@ class SparseAttnProcessorBase:
                 "running stock attention for those calls"
             )
             return dense_fn()
+        if torch.compiler.is_compiling():
+            # One opaque node: the method's per-call Python stays out of the graph (dit_accel.compiled).
+            return compiled.attend(
+                self, q, k, v, layout=layout, kv_len=kv_len, text_len=text_len, text_position=text_position
+            )
         return self.runtime.attend(
             self,
             q,

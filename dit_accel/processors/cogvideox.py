@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
+from .._diffusers import apply_rotary_emb
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase
 
@@ -19,6 +20,8 @@ __all__ = ["FAMILY", "CogVideoXSparseAttnProcessor"]
 
 class CogVideoXSparseAttnProcessor(SparseAttnProcessorBase):
     """Replaces ``(Fused)CogVideoXAttnProcessor2_0`` on ``transformer_blocks.*.attn1``."""
+
+    stock_class = CogVideoXAttnProcessor2_0
 
     def __call__(
         self,

@@ -9,10 +9,9 @@ text length, which the step tracker supplies (the length of the transformer's ``
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
+from .._diffusers import apply_rotary_emb, dispatch_attention_fn, flux_qkv_projections
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase
 
@@ -22,6 +21,8 @@ __all__ = ["FAMILY", "FluxSparseAttnProcessor"]
 class FluxSparseAttnProcessor(SparseAttnProcessorBase):
     """Replaces ``FluxAttnProcessor`` on ``(single_)transformer_blocks.*.attn``."""
 
+    stock_class = FluxAttnProcessor
+
     def __call__(
         self,
         attn,
@@ -30,7 +31,7 @@ class FluxSparseAttnProcessor(SparseAttnProcessorBase):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        query, key, value, encoder_query, encoder_key, encoder_value = flux_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
 

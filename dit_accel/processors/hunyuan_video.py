@@ -8,9 +8,9 @@ per batch element) instead of a dense mask. RoPE covers the video part only.
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
+from .._diffusers import apply_rotary_emb, dispatch_attention_fn
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase, prefix_lengths
 
@@ -20,6 +20,8 @@ __all__ = ["FAMILY", "HunyuanVideoSparseAttnProcessor"]
 class HunyuanVideoSparseAttnProcessor(SparseAttnProcessorBase):
     """Replaces ``HunyuanVideoAttnProcessor2_0`` on ``transformer_blocks.*.attn`` and
     ``single_transformer_blocks.*.attn``."""
+
+    stock_class = HunyuanVideoAttnProcessor2_0
 
     def __call__(
         self,

@@ -8,9 +8,9 @@ tokens, so the grid comes from its ``num_frames``, ``height`` and ``width`` argu
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
 
+from .._diffusers import dispatch_attention_fn, ltx_apply_rotary_emb
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase
 
@@ -19,6 +19,8 @@ __all__ = ["FAMILY", "LTXSparseAttnProcessor"]
 
 class LTXSparseAttnProcessor(SparseAttnProcessorBase):
     """Replaces ``LTXVideoAttnProcessor`` on ``transformer_blocks.*.attn1``."""
+
+    stock_class = LTXVideoAttnProcessor
 
     def __call__(
         self,
@@ -46,8 +48,8 @@ class LTXSparseAttnProcessor(SparseAttnProcessorBase):
         key = attn.norm_k(key)
 
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb)
-            key = apply_rotary_emb(key, image_rotary_emb)
+            query = ltx_apply_rotary_emb(query, image_rotary_emb)
+            key = ltx_apply_rotary_emb(key, image_rotary_emb)
 
         query = query.unflatten(2, (attn.heads, -1))
         key = key.unflatten(2, (attn.heads, -1))

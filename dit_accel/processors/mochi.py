@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase, prefix_lengths
@@ -30,6 +31,8 @@ def _apply_rotary_emb(x, freqs_cos, freqs_sin):
 
 class MochiSparseAttnProcessor(SparseAttnProcessorBase):
     """Replaces ``MochiAttnProcessor2_0`` on ``transformer_blocks.*.attn1``."""
+
+    stock_class = MochiAttnProcessor2_0
 
     def __call__(
         self,

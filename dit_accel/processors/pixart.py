@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase
@@ -17,6 +18,8 @@ __all__ = ["FAMILY", "PixArtSparseAttnProcessor"]
 
 class PixArtSparseAttnProcessor(SparseAttnProcessorBase):
     """Replaces ``AttnProcessor2_0`` on ``transformer_blocks.*.attn1``."""
+
+    stock_class = AttnProcessor2_0
 
     def __call__(
         self,

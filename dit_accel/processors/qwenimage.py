@@ -10,9 +10,9 @@ padding would sit between the valid text and the image; the sparse path then att
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
+from .._diffusers import apply_rotary_emb_qwen, dispatch_attention_fn
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase, prefix_lengths
 
@@ -21,6 +21,8 @@ __all__ = ["FAMILY", "QwenImageSparseAttnProcessor"]
 
 class QwenImageSparseAttnProcessor(SparseAttnProcessorBase):
     """Replaces ``QwenDoubleStreamAttnProcessor2_0`` on ``transformer_blocks.*.attn``."""
+
+    stock_class = QwenDoubleStreamAttnProcessor2_0
 
     def __call__(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase
@@ -18,6 +19,8 @@ __all__ = ["FAMILY", "SD3SparseAttnProcessor"]
 
 class SD3SparseAttnProcessor(SparseAttnProcessorBase):
     """Replaces ``JointAttnProcessor2_0`` on ``transformer_blocks.*.attn`` and ``.attn2``."""
+
+    stock_class = JointAttnProcessor2_0
 
     def __call__(
         self,

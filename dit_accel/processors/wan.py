@@ -8,9 +8,9 @@ holds video tokens only, frame-major.
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+from .._diffusers import dispatch_attention_fn, wan_qkv_projections
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase
 
@@ -30,6 +30,8 @@ def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freq
 class WanSparseAttnProcessor(SparseAttnProcessorBase):
     """Replaces ``WanAttnProcessor`` on ``blocks.*.attn1``."""
 
+    stock_class = WanAttnProcessor
+
     def __call__(
         self,
         attn,
@@ -41,7 +43,7 @@ class WanSparseAttnProcessor(SparseAttnProcessorBase):
         if encoder_hidden_states is not None or attn.add_k_proj is not None:
             return self._run_stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key, value = wan_qkv_projections(attn, hidden_states, None)
 
         query = attn.norm_q(query)
         key = attn.norm_k(key)
