@@ -7,6 +7,7 @@
     dit-accel render --model ./my_flux_pipeline --prompt "..." --out image.png --preset quality
     dit-accel presets [--family wan] [--markdown]
     dit-accel batch jobs.jsonl --out-dir renders/ --preset balanced      # dit_accel.batch, docs/batch.md
+    dit-accel demo [--port N] [--model PATH] [--device auto|cpu|cuda]
 
 ``render`` draws with the embedded tiny text-to-video model by default (offline; docs/tiny_model.md), or
 with ``--model``: a pipeline folder written by ``save_pretrained`` or a hub id (passed to diffusers as it is),
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "batch", help="render every job of a job file: resumable, with a manifest (docs/batch.md)"
     )
     batch.add_arguments(b)
+
+    from dit_accel.demo.launch import add_arguments as demo_arguments
+
+    d = sub.add_parser("demo", help="the Gradio demo: dense and accelerated side by side (docs/demo.md)")
+    d.set_defaults(_parser=d)
+    demo_arguments(d)
     return parser
 
 
@@ -502,6 +509,10 @@ def main(argv=None) -> int:
             from dit_accel import batch
 
             return batch.run(args)
+        if args.command == "demo":
+            from dit_accel.demo.launch import run as demo
+
+            return demo(args)
     except UsageError as exc:
         args._parser.error(str(exc))
     raise AssertionError(args.command)

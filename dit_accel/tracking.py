@@ -83,7 +83,8 @@ class ForwardInfo:
         cfg: CFG batch layout: "separate" (this call is one branch, named by ``context``), "batched" (first
             half of the batch is the unconditional branch, second half the conditional one), "none".
         grid, text_len, text_position: see :class:`Geometry`.
-        timestep: the largest timestep value of the call (None when the model takes none).
+        timestep: the largest timestep value of the call (None when the model takes none, or when the
+            pipeline passes the step index, as Wan's does: then the value is not read from the device).
     """
 
     component: str
@@ -223,9 +224,11 @@ class StepTracker:
         if self._grid is not None and geometry.grid != self._grid:
             self.reset()
         self._grid = geometry.grid
-        t = _fingerprint(timestep)
         st = self._contexts.get(name)
         explicit = getattr(context, "step_index", None)
+        # Reading the timestep is a host-device sync per forward (it stalls the launch queue, which costs more
+        # than the attention saves on small grids); a step index given by the pipeline makes it unnecessary.
+        t = None if explicit is not None else _fingerprint(timestep)
         if explicit is not None:
             step = int(explicit)
             if st is not None and step < st.step:

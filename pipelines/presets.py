@@ -180,11 +180,13 @@ class Preset:
 _RADIAL = "benchmarks/results/radial_nvidia_h200.json"
 _ADASPA = "benchmarks/results/adaspa_nvidia_h200.json"
 _TINY = "docs/quality_tiny.json"
+_E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200.json"
 _WAN13 = "Wan2.1-1.3B 480p 81f, 32,760 tokens"
 _WAN14 = "Wan2.1-14B 720p 81f, 75,600 tokens"
 _EMBEDDED = "embedded model 49x192x256, 2,496 tokens"
 _COMPOSED = "H200 bf16, 50 steps composed from per-step transformer forwards (random weights, real config)"
 _CLIP = "H200 bf16, whole 30-step render, median over 24 prompts"
+_E2E = "H200 bf16, 50 steps with CFG, steady-state step times composed over the schedule (bench_e2e)"
 
 
 def _embedded_speed(row: str, speedup: float) -> Speed:
@@ -238,6 +240,7 @@ _ROWS: tuple[Preset, ...] = (
         {"sparsity": 0.8},
         speed=(
             Speed(1.48, _WAN13, _COMPOSED, Source(_ADASPA, "forward/per_sparsity/s0.8/composed_speedup")),
+            Speed(1.60, _WAN14, _E2E, Source(_E2E14, "rows[row=adaspa_0.8]/speedup")),
             _embedded_speed("adaspa", 0.78),
         ),
         quality=Quality(26.76, 0.930, 0.233, "adaspa"),

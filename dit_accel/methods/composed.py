@@ -150,6 +150,7 @@ class ComposedMethod(SparseMethod):
         self._save_path = None
         self._history: dict[tuple[str, str], tuple[Hashable, list]] = {}
         self._plans: OrderedDict[tuple, tuple[BlockPlan, float]] = OrderedDict()
+        self._densities: dict[int, float] = {}  # id(shared static plan) -> its density
         self._schedules: dict[tuple, Schedule] = {}
         # Validate the schedule knobs up front.
         Schedule(
@@ -187,6 +188,7 @@ class ComposedMethod(SparseMethod):
         self.loaded = load_patterns(config.patterns) if config.patterns is not None else None
         self._save_path = config.save_patterns
         self._plans.clear()
+        self._densities.clear()
         self._schedules.clear()
         return dataclasses.replace(config, **fields) if fields else config
 
@@ -212,8 +214,8 @@ class ComposedMethod(SparseMethod):
             knobs.update(self.correction.knobs())
         return knobs
 
-    def _set_plan(self, call: AttentionCall, plan: BlockPlan) -> None:
-        call.entry.set_plan(plan, call.step)
+    def _set_plan(self, call: AttentionCall, plan: BlockPlan, density: float | None = None) -> None:
+        call.entry.set_plan(plan, call.step, density)
         if self._save_path is not None:
             key, history = self._history.setdefault((call.context, call.layer), (call.entry.key, []))
             if not history or history[-1][1] is not plan:
@@ -308,8 +310,10 @@ class ComposedMethod(SparseMethod):
             hit = (plan.to(device) if device is not None else plan), plan.density()
             self.plan_builds += 1
             self._plans[key] = hit
+            self._densities[id(hit[0])] = hit[1]
             while len(self._plans) > MAX_CACHED_PLANS:
-                self._plans.popitem(last=False)
+                evicted, _ = self._plans.popitem(last=False)[1]
+                self._densities.pop(id(evicted), None)
         else:
             self._plans.move_to_end(key)
         return hit
@@ -333,7 +337,7 @@ class ComposedMethod(SparseMethod):
             plan = self.plan_for(q, k, call)
             if plan is None:
                 return None
-            self._set_plan(call, plan)
+            self._set_plan(call, plan, self._densities.get(id(plan)))
         return entry.plan
 
     # --- attention ---------------------------------------------------------------------------------

@@ -95,8 +95,9 @@ class CacheEntry:
     context: str = ""
     layer: str = ""
 
-    def set_plan(self, plan: BlockPlan, step: int | None) -> None:
-        self.plan, self.density, self.step = plan, plan.density(), step
+    def set_plan(self, plan: BlockPlan, step: int | None, density: float | None = None) -> None:
+        """Make ``plan`` current; pass ``density`` when known (reading it from the plan syncs the device)."""
+        self.plan, self.density, self.step = plan, plan.density() if density is None else density, step
 
 
 @dataclass(frozen=True)
