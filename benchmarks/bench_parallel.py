@@ -370,7 +370,9 @@ def main(argv=None) -> dict:
             parser.error("needs at least 2 processes (torchrun --nproc_per_node N, N >= 2)")
         if args.smoke:
             torch.set_num_threads(1)
-        return Bench(args).run()
+        result = Bench(args).run()
+        dist.barrier()  # no rank tears its connections down while another still uses them
+        return result
     finally:
         dist.destroy_process_group()
 

@@ -8,7 +8,9 @@ order (below), runs the handle's method on those heads exactly as a single-GPU c
 :class:`dit_accel.methods.AttentionCall` has H/P heads: static plans broadcast over heads, searched plans,
 cached LSEs and re-ttention's corrections are per local head and stay on their rank), and exchanges the
 output back to [B, S/P, H, D]. Dense steps and dense layers run the stock attention op (the
-dispatcher's backend) on the exchanged tensors, as diffusers' own Ulysses attention does.
+dispatcher's backend) on the exchanged tensors, as diffusers' own Ulysses attention does. What couples heads
+differs from one GPU: adaspa's head-adaptive tiers rank the heads of one rank (logged once;
+``head_adaptive=False`` gives the single-GPU plans).
 
 Token order. The all-to-all returns the sequence rank-major: rank 0's tokens, then rank 1's. For Wan and LTX
 (one stream, sharded contiguously) that is the model's order. Where the processor joins a text stream and

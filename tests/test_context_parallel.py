@@ -412,6 +412,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         if rank == 0:
             with open(os.path.join(out_dir, "report.json"), "w") as f:
                 json.dump(report, f)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -178,6 +178,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         if rank == 0:
             with open(os.path.join(out_dir, "errors.json"), "w") as f:
                 json.dump({"world": world, "errors": errors}, f)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
