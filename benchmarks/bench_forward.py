@@ -25,27 +25,12 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import bench, gpu_tag, versions
+from _common import WAN_1_3B, bench, gpu_tag, versions
 from diffusers import WanTransformer3DModel
 
 import dit_accel
 from dit_accel.methods import SparseMethod
 
-WAN_1_3B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
 WAN_TINY = {
     **WAN_1_3B,
     "num_attention_heads": 2,
