@@ -378,11 +378,8 @@ def block_sparse_attention(
                 rho_offset,
                 clamp_rho,
             )
-    elif correction is None:
-        out, lse = _sparse_attention_op(
-            qh, kh, vh, plan.kv_indices, plan.kv_counts, plan.block_q, plan.block_k, scale, kv_len
-        )
     else:
+        corr = correction.tensors() if correction is not None else {}
         out, lse = _sparse_attention_op(
             qh,
             kh,
@@ -393,9 +390,9 @@ def block_sparse_attention(
             plan.block_k,
             scale,
             kv_len,
-            correction.rho,
-            correction.residual,
-            correction.residual_scale,
+            corr.get("rho"),
+            corr.get("residual"),
+            corr.get("residual_scale"),
             float(rho_offset),
             bool(clamp_rho),
         )

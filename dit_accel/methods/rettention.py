@@ -266,9 +266,10 @@ class Correction:
         if refresh:
             return self._refresh(method, plan, call)
         corr = method.cache.get(entry, "correction", call.device)
-        following = method.cache.next_host_entry(entry, "correction")
-        if following is not None:
-            method.cache.prefetch(following, "correction", call.device)
+        if method.cache.offloaded:  # only then is a later layer's correction in host memory
+            following = method.cache.next_host_entry(entry, "correction")
+            if following is not None:
+                method.cache.prefetch(following, "correction", call.device)
         if corr is not None and entry.state.get("corrected_plan") != id(plan):
             corr = None  # statistics of another plan: renew them
             entry.state.pop("refreshed_at", None)
