@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import dit_accel
 
@@ -293,6 +294,7 @@ def quality_table(
     *,
     seed: int = 0,
     call_kwargs: dict | None = None,
+    on_prompt=None,
 ) -> list[dict]:
     """One row per method: PSNR/SSIM against dense averaged over ``prompts`` (each rendered dense once, same
     seed), adherence of dense and of the method, render seconds and attention density.
@@ -300,21 +302,24 @@ def quality_table(
     Args:
         methods: label -> knobs for :func:`dit_accel.apply` (``{"window 25%": {"method": "window",
             "density": 0.25}}``).
+        on_prompt: called with the rows over the prompts done so far after each prompt (a long run that is
+            stopped keeps what it finished).
     """
     dense = {}
+    dense_runs: list[dict] = []
     per_method: dict[str, list[dict]] = {label: [] for label in methods}
-    for prompt in prompts:
+    rows: list[dict] = []
+    for prompt in tqdm(prompts, desc="quality", unit="prompt", disable=on_prompt is None):
         for label, knobs in methods.items():
             r = compare(pipe, prompt, seed=seed, dense=dense.get(prompt), call_kwargs=call_kwargs, **knobs)
             if prompt not in dense:
                 dense[prompt] = r["dense_frames"]
-                per_method.setdefault("_dense", []).append(r)
+                dense_runs.append(r)
             per_method[label].append(r)
-    rows = []
-    dense_runs = per_method.pop("_dense", [])
-    rows.append(_row("dense (reference)", {}, dense_runs, dense_side=True))
-    for label, runs in per_method.items():
-        rows.append(_row(label, methods[label], runs))
+        rows = [_row("dense (reference)", {}, dense_runs, dense_side=True)]
+        rows += [_row(label, methods[label], runs) for label, runs in per_method.items()]
+        if on_prompt is not None:
+            on_prompt(rows)
     return rows
 
 
@@ -406,20 +411,37 @@ def main(argv=None) -> int:
     for spec in args.methods:
         name, knobs = parse_method_spec(spec)
         methods[spec] = {"method": name, **knobs}
-    rows = quality_table(pipe, prompts, methods, seed=args.seed, call_kwargs=call_kwargs)
     geometry = f"{call_kwargs['num_frames']}x{call_kwargs['height']}x{call_kwargs['width']}"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    text = (
-        f"Embedded tiny model, {geometry}, {call_kwargs['num_inference_steps']} steps, guidance "
-        f"{args.guidance}, seed {args.seed}, {len(prompts)} held-out prompts, {device}.\n\n"
-        + format_table(rows)
-    )
-    print(text)
-    if args.out:
+
+    def text_of(rows):
+        done = rows[0]["prompts"]
+        return (
+            f"Embedded tiny model, {geometry}, {call_kwargs['num_inference_steps']} steps, guidance "
+            f"{args.guidance}, seed {args.seed}, {done} held-out prompts, {device}.\n\n" + format_table(rows)
+        )
+
+    def write(rows):
+        # rewritten after every prompt: a stopped run leaves the table over the prompts it finished
         with open(args.out, "w") as f:
-            f.write(text + "\n")
+            f.write(text_of(rows) + "\n")
         with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
-            json.dump({"call": call_kwargs, "seed": args.seed, "device": device, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "call": call_kwargs,
+                    "seed": args.seed,
+                    "device": device,
+                    "prompts_asked": len(prompts),
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
+
+    rows = quality_table(
+        pipe, prompts, methods, seed=args.seed, call_kwargs=call_kwargs, on_prompt=write if args.out else None
+    )
+    print(text_of(rows))
     return 0
 
 
