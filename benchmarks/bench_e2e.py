@@ -204,6 +204,12 @@ ROWS: list[dict] = [
     {"name": "stock", "note": "diffusers' default attention (no dit_accel)"},
     {"name": "no_attention", "method": "no_attention", "note": "attention replaced by a no-op: the floor"},
     {"name": "dense", "method": "dense", "note": "dit_accel processors, every call dense: our overhead"},
+    {
+        "name": "dense_xformers",
+        "method": "dense",
+        "dense_backend": "xformers",
+        "note": "every call dense on xformers' fmha: a dense baseline of its own (fails where xformers cannot run)",
+    },
     {"name": "window_0.1", "method": "window", "density": 0.1, "dense_steps": 0.2},
     {"name": "radial", "method": "radial", "note": "family defaults"},
     {"name": "adaspa_0.8", "method": "adaspa", "sparsity": 0.8},
@@ -1091,9 +1097,11 @@ class Runner:
 
 
 def _shares_dense(row: dict) -> bool:
-    """Whether a row's dense steps are the ``dense`` row's: dit_accel rows (their dense steps run the stock
-    op through dit_accel's processors), not stock and not the dense row itself."""
-    return row["name"] not in ("stock", "dense") and (bool(row.get("preset")) or "method" in row)
+    """Whether a row's dense steps are the ``dense`` row's: dit_accel rows whose dense steps run the stock op
+    through dit_accel's processors; not stock, not the dense row itself, not a row with its own dense backend."""
+    if row["name"] in ("stock", "dense") or row.get("dense_backend", "stock") != "stock":
+        return False
+    return bool(row.get("preset")) or "method" in row
 
 
 def _row(name: str) -> dict:

@@ -478,15 +478,16 @@ _DENSE_BACKENDS = ("auto", "cudnn", "xformers", "triton", "torch")
 # a logged reason. A backend is listed only where a benchmark on that device timed it at that band:
 # re-measure with benchmarks/bench_dense.py and edit the rows by hand.
 _DENSE_TABLE: dict[tuple[int, str, str, bool, bool], tuple[str, ...]] = {
-    # benchmarks/results/kernels_nvidia_h200.json, cogvideox5b_49f (S 17,776, D 64): our dense loop
-    # 9.15 ms (its LSE is free) vs cuDNN 9.41 ms with LSE, 9.49 ms without.
+    # benchmarks/results/dense_nvidia_h200.json (bench_dense.py; every path checked against the fp32
+    # reference before timing; xformers could not load its extension there, so it has no row yet).
+    # cogvideox5b_49f (S 17,776, D 64): our dense loop 8.93 ms, 8.98 ms with LSE; cuDNN 9.24 / 9.25 ms.
     (9, "d<=64", "s>8k", True, False): ("triton", "cudnn"),
     (9, "d<=64", "s>8k", False, False): ("triton", "cudnn"),
-    # same file, flux_1024 (S 4,608, D 128): cuDNN 0.437 ms with LSE, 0.435 ms without; ours 0.565 ms.
+    # flux_1024 (S 4,608, D 128): cuDNN 0.430 ms, 0.426 ms with LSE; ours 0.553 / 0.556 ms.
     (9, "d65-128", "s<=8k", True, False): ("cudnn", "triton"),
     (9, "d65-128", "s<=8k", False, False): ("cudnn", "triton"),
-    # same file, pixart_2k (S 16,384, D 72): cuDNN 3.50 ms with or without LSE, ours 4.33 ms;
-    # wan1.3b_480p_81f, wan14b_720p_81f, hunyuan_720p_129f (S 32,760-119,056, D 128): cuDNN 10-13% faster.
+    # pixart_2k (S 16,384, D 72): cuDNN 3.43 / 3.46 ms, ours 4.39 / 4.32 ms; wan1.3b_480p_81f,
+    # wan14b_720p_81f, hunyuan_720p_129f (S 32,760-119,056, D 128): cuDNN 10-13% faster than ours.
     (9, "d65-128", "s>8k", True, False): ("cudnn", "triton"),
     (9, "d65-128", "s>8k", False, False): ("cudnn", "triton"),
 }
