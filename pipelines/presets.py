@@ -70,7 +70,7 @@ class Source:
     """Where a number comes from: a JSON file of the repository and a key path in it.
 
     ``key`` is "/"-separated; a part ``name[field=value]`` selects the list item of ``name`` whose ``field``
-    equals ``value`` (``rows[method=radial]/psnr``).
+    equals ``value`` (``rows[method=radial]/psnr``); ``name[f=a,g=b]`` needs every condition.
     """
 
     path: str
@@ -84,10 +84,12 @@ class Source:
             if name:
                 node = node[name]
             if selector:
-                fld, _, value = selector.rstrip("]").partition("=")
-                matches = [item for item in node if str(item.get(fld)) == value]
+                conditions = [c.partition("=")[::2] for c in selector.rstrip("]").split(",")]
+                matches = [item for item in node if all(str(item.get(f)) == v for f, v in conditions)]
                 if len(matches) != 1:
-                    raise KeyError(f"{self.path}: {len(matches)} items with {fld}={value!r} at {part!r}")
+                    raise KeyError(
+                        f"{self.path}: {len(matches)} items match {selector.rstrip(']')!r} at {part!r}"
+                    )
                 node = matches[0]
         return float(node)
 
@@ -178,15 +180,17 @@ class Preset:
 # ---------------------------------------------------------------------------------------------- the table
 
 _RADIAL = "benchmarks/results/radial_nvidia_h200.json"
-_ADASPA = "benchmarks/results/adaspa_nvidia_h200.json"
 _TINY = "docs/quality_tiny.json"
-_E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200.json"
+_E2E13 = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200.json"
+_E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_adaspa.json"
 _WAN13 = "Wan2.1-1.3B 480p 81f, 32,760 tokens"
 _WAN14 = "Wan2.1-14B 720p 81f, 75,600 tokens"
 _EMBEDDED = "embedded model 49x192x256, 2,496 tokens"
 _COMPOSED = "H200 bf16, 50 steps composed from per-step transformer forwards (random weights, real config)"
 _CLIP = "H200 bf16, whole 30-step render, median over 24 prompts"
 _E2E = "H200 bf16, 50 steps with CFG, steady-state step times composed over the schedule (bench_e2e)"
+_E2E_COMPILED = _E2E + ", transformer.compile_repeated_blocks(), against eager stock"
+_WAN13_COMPILED = _WAN13 + ", compiled"
 
 
 def _embedded_speed(row: str, speedup: float) -> Speed:
@@ -216,12 +220,8 @@ _ROWS: tuple[Preset, ...] = (
         "radial",
         {},
         speed=(
-            Speed(
-                1.35,
-                _WAN13,
-                _COMPOSED,
-                Source(_RADIAL, "shapes/wan1.3b_480p_81f/composed_50_steps/12_of_50/speedup"),
-            ),
+            Speed(1.34, _WAN13, _E2E, Source(_E2E13, "rows[row=radial,compiled=False]/speedup")),
+            Speed(1.69, _WAN13_COMPILED, _E2E_COMPILED, Source(_E2E13, "rows[row=radial,compiled=True]/speedup")),
             Speed(
                 1.50,
                 _WAN14,
@@ -239,7 +239,8 @@ _ROWS: tuple[Preset, ...] = (
         "adaspa",
         {"sparsity": 0.8},
         speed=(
-            Speed(1.48, _WAN13, _COMPOSED, Source(_ADASPA, "forward/per_sparsity/s0.8/composed_speedup")),
+            Speed(1.46, _WAN13, _E2E, Source(_E2E13, "rows[row=balanced,compiled=False]/speedup")),
+            Speed(1.89, _WAN13_COMPILED, _E2E_COMPILED, Source(_E2E13, "rows[row=balanced,compiled=True]/speedup")),
             Speed(1.60, _WAN14, _E2E, Source(_E2E14, "rows[row=adaspa_0.8]/speedup")),
             _embedded_speed("adaspa", 0.78),
         ),
@@ -252,7 +253,7 @@ _ROWS: tuple[Preset, ...] = (
         "adaspa",
         {"sparsity": 0.9},
         speed=(
-            Speed(1.61, _WAN13, _COMPOSED, Source(_ADASPA, "forward/per_sparsity/s0.9/composed_speedup")),
+            Speed(1.57, _WAN13, _E2E, Source(_E2E13, "rows[row=fast,compiled=False]/speedup")),
             _embedded_speed("adaspa:sparsity=0.9", 0.77),
         ),
         quality=Quality(23.24, 0.854, 0.138, "adaspa:sparsity=0.9"),
