@@ -164,12 +164,15 @@ def frame_metrics(dense, frames) -> dict:
 
 def attention_density(records: list[dict]) -> dict:
     """From :class:`dit_accel.AttentionStats` records: ``density`` (mean over the sparse calls, 1.0 when
-    none), ``overall_density`` (mean over every call, dense calls counting 1.0), ``sparse_calls`` and
-    ``calls``."""
+    none), ``plan_density`` (mean over the calls that ran only a plan's blocks, kinds ``sparse`` and
+    ``corrected``: without searches and refreshes, which compute every block; None when there were none),
+    ``overall_density`` (mean over every call, dense calls counting 1.0), ``sparse_calls`` and ``calls``."""
     sparse = [r for r in records if r["kind"] != "dense" and not math.isnan(r["density"])]
+    planned = [r["density"] for r in sparse if r["kind"] in ("sparse", "corrected")]
     every = [1.0 if r["kind"] == "dense" else r["density"] for r in records if not math.isnan(r["density"])]
     return {
         "density": sum(r["density"] for r in sparse) / len(sparse) if sparse else 1.0,
+        "plan_density": sum(planned) / len(planned) if planned else None,
         "overall_density": sum(every) / len(every) if every else 1.0,
         "sparse_calls": len(sparse),
         "calls": len(records),
@@ -245,6 +248,7 @@ def compare(
         "seconds_dense": seconds_dense,
         "seconds": seconds,
         "density": density["density"],
+        "plan_density": density["plan_density"],
         "sparse_calls": density["sparse_calls"],
         "dense_frames": dense,
         "frames": frames,
@@ -344,6 +348,7 @@ def _row(label, knobs, runs, dense_side=False):
         # median: the first render of a method includes compiling its kernels
         "seconds": statistics.median([r[sec_key] for r in runs]) if runs else None,
         "density": 1.0 if dense_side else _mean([r["density"] for r in runs]),
+        "plan_density": None if dense_side else _mean([r.get("plan_density") for r in runs]),
     }
 
 
@@ -359,8 +364,8 @@ def format_table(rows: list[dict]) -> str:
 
     lines = [
         "| method | knobs | prompts | PSNR dB (mean / worst frame) | SSIM | adherence | density "
-        "| s / clip (median) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| plan density | s / clip (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         knobs = ", ".join(f"{k}={v}" for k, v in r["knobs"].items()) or "-"
@@ -368,7 +373,7 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['method']} | {knobs} | {r['prompts']} "
             f"| {num(r['psnr'], '.2f')} / {num(r['psnr_min_frame'], '.2f')}"
             f" | {num(r['ssim'], '.4f')} | {num(r['adherence'], '.3f')} | {num(r['density'], '.3f')}"
-            f" | {num(r['seconds'], '.2f')} |"
+            f" | {num(r.get('plan_density'), '.3f')} | {num(r['seconds'], '.2f')} |"
         )
     return "\n".join(lines)
 

@@ -218,6 +218,8 @@ def test_quality_table_window_differs_and_pipeline_is_restored(random_pipe):
     assert rows[1]["psnr"] == math.inf and rows[1]["identical_frames"] == 9 and rows[1]["ssim"] == 1.0
     assert math.isfinite(rows[2]["psnr"]) and 0 < rows[2]["ssim"] < 1 and rows[2]["identical_frames"] == 0
     assert rows[2]["density"] == pytest.approx(1 / 3)
+    assert rows[2]["plan_density"] == pytest.approx(1 / 3)  # every call of window is a plain sparse one
+    assert rows[1]["plan_density"] is None and rows[0]["plan_density"] is None
     assert {k: type(v).__name__ for k, v in random_pipe.transformer.attn_processors.items()} == stock
     assert "| window |" in format_table(rows)
     assert parse_method_spec("window:density=0.25,dense_layers=(0, 1)") == (
@@ -481,3 +483,20 @@ def test_embedded_weights_render_on_cpu():
     assert adherence.score_clip(out[0], "a large red circle moving right on a black background")["correct"][
         "colour"
     ]
+
+
+def test_attention_density_separates_plan_calls_from_full_passes():
+    from dit_accel.pipelines.quality import attention_density
+
+    records = [
+        {"kind": "dense", "density": 1.0},
+        {"kind": "refresh", "density": 1.0},
+        {"kind": "corrected", "density": 0.1},
+        {"kind": "corrected", "density": 0.2},
+        {"kind": "fused_search", "density": 1.0},
+    ]
+    d = attention_density(records)
+    assert d["plan_density"] == pytest.approx(0.15)
+    assert d["density"] == pytest.approx((1.0 + 0.1 + 0.2 + 1.0) / 4)
+    assert d["sparse_calls"] == 4 and d["calls"] == 5
+    assert attention_density([{"kind": "dense", "density": 1.0}])["plan_density"] is None
