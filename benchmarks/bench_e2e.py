@@ -88,6 +88,7 @@ from _common import (  # noqa: E402
 
 import dit_accel  # noqa: E402
 from dit_accel.methods import SparseMethod, method_names  # noqa: E402
+from dit_accel.pipelines.quality import STEP_CACHES, step_cache_config  # noqa: E402
 
 logger = logging.getLogger("dit_accel.bench_e2e")
 
@@ -208,7 +209,7 @@ ROWS: list[dict] = [
         "name": "dense_xformers",
         "method": "dense",
         "dense_backend": "xformers",
-        "note": "every call dense on xformers' fmha: a dense baseline of its own (fails where xformers cannot run)",
+        "note": "every call dense on xformers' fmha: a dense baseline of its own (fails where it cannot run)",
     },
     {"name": "window_0.1", "method": "window", "density": 0.1, "dense_steps": 0.2},
     {"name": "radial", "method": "radial", "note": "family defaults"},
@@ -225,16 +226,10 @@ ROWS: list[dict] = [
 # Rows that are never compiled (they measure something compile does not change).
 EAGER_ONLY = ("no_attention",)
 
-# The step cache composed with rows. TaylorSeer's computed steps depend only on its config, so the probe
-# reads the exact schedule; lite mode predicts the output projection and skips every block on the other steps.
-CACHES: dict[str, dict] = {
-    "taylorseer": {
-        "cache_interval": 5,
-        "disable_cache_before_step": 3,
-        "max_order": 1,
-        "use_lite_mode": True,
-    },
-}
+# The step cache composed with rows: the quality harness's settings, so its quality rows are of this cache.
+# TaylorSeer's computed steps depend only on its config, so the probe reads the exact schedule; lite mode
+# predicts the output projection and skips every block on the other steps.
+CACHES: dict[str, dict] = STEP_CACHES
 SMOKE_CACHE_KNOBS = {"cache_interval": 2, "disable_cache_before_step": 1}
 CACHE_BASES = ("stock", "balanced", "adaspa_0.8", "adaspa_0.9", "radial", "rettention_window_0.05")
 
@@ -358,12 +353,8 @@ def row_knobs(row: dict, family: str) -> dict | None:
 
 
 def cache_config(name: str, smoke: bool, **overrides):
-    from diffusers.hooks import TaylorSeerCacheConfig
-
     knobs = {**CACHES[name], **(SMOKE_CACHE_KNOBS if smoke else {}), **overrides}
-    if name == "taylorseer":
-        return TaylorSeerCacheConfig(**knobs), knobs
-    raise ValueError(f"unknown step cache {name!r}")
+    return step_cache_config(name, **knobs), knobs
 
 
 def install(
@@ -1098,7 +1089,7 @@ class Runner:
 
 def _shares_dense(row: dict) -> bool:
     """Whether a row's dense steps are the ``dense`` row's: dit_accel rows whose dense steps run the stock op
-    through dit_accel's processors; not stock, not the dense row itself, not a row with its own dense backend."""
+    through dit_accel's processors; not stock, not the dense row, not a row with its own dense backend."""
     if row["name"] in ("stock", "dense") or row.get("dense_backend", "stock") != "stock":
         return False
     return bool(row.get("preset")) or "method" in row

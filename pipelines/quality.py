@@ -196,6 +196,27 @@ def _summary(values: torch.Tensor) -> float:
     return float(values.mean())
 
 
+# diffusers step caches the harness can compose with a method (spec suffix "+taylorseer"), with the settings
+# benchmarks/bench_e2e.py times: TaylorSeer in lite mode, computing steps 0-2 and then every 5th.
+STEP_CACHES: dict[str, dict] = {
+    "taylorseer": {
+        "cache_interval": 5,
+        "disable_cache_before_step": 3,
+        "max_order": 1,
+        "use_lite_mode": True,
+    },
+}
+
+
+def step_cache_config(name: str, **overrides):
+    """The diffusers config object of a step cache in :data:`STEP_CACHES` (``overrides`` replace settings)."""
+    if name not in STEP_CACHES:
+        raise ValueError(f"step_cache must be one of {sorted(STEP_CACHES)}, got {name!r}")
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    return TaylorSeerCacheConfig(**{**STEP_CACHES[name], **overrides})
+
+
 def compare(
     pipe,
     prompt: str,
@@ -204,6 +225,7 @@ def compare(
     seed: int = 0,
     dense=None,
     call_kwargs: dict | None = None,
+    step_cache: str | None = None,
     **knobs,
 ) -> dict:
     """Render ``prompt`` dense and with a dit_accel configuration; compare the raw frames.
@@ -218,6 +240,8 @@ def compare(
         seed: seed of the CPU generator of both renders.
         dense: frames of an earlier dense render of the same prompt, seed and call_kwargs, to skip rendering.
         call_kwargs: pipeline call arguments besides prompt/generator/output_type.
+        step_cache: a diffusers step cache (:data:`STEP_CACHES`) enabled on the transformer after the
+            dit_accel installation, for the accelerated render only; disabled again afterwards.
 
     Returns:
         dict with ``psnr`` and ``ssim`` (lists, one per frame), ``psnr_mean`` (inf when every frame is
@@ -231,11 +255,16 @@ def compare(
     seconds_dense = None
     if dense is None:
         dense, seconds_dense = _timed_render(pipe, prompt, seed, call_kwargs)
+    cache = step_cache_config(step_cache) if step_cache is not None else None
     handle = dit_accel.apply(pipe, config, **knobs)
     try:
+        if cache is not None:
+            pipe.transformer.enable_cache(cache)
         frames, seconds = _timed_render(pipe, prompt, seed, call_kwargs)
         records = handle.stats().records
     finally:
+        if cache is not None:
+            pipe.transformer.disable_cache()
         dit_accel.remove(pipe)
     metrics = frame_metrics(dense, frames)
     density = attention_density(records)
@@ -258,10 +287,15 @@ def compare(
 def parse_method_spec(spec: str) -> tuple[str, dict]:
     """``"window:density=0.25,dense_steps=0.25"`` -> ("window", {"density": 0.25, "dense_steps": 0.25}).
 
-    Values are Python literals where they parse (``dense_layers=(0,)``), else strings.
+    Values are Python literals where they parse (``dense_layers=(0,)``), else strings. A suffix naming a step
+    cache composes it: ``"adaspa:sparsity=0.9+taylorseer"`` -> ("adaspa", {"sparsity": 0.9, "step_cache":
+    "taylorseer"}).
     """
-    name, _, rest = spec.partition(":")
     knobs = {}
+    head, plus, tail = spec.rpartition("+")
+    if plus and tail.strip() in STEP_CACHES:
+        spec, knobs["step_cache"] = head, tail.strip()
+    name, _, rest = spec.partition(":")
     for item in filter(None, _split_top(rest)):
         key, sep, value = item.partition("=")
         if not sep:

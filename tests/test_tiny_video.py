@@ -228,6 +228,32 @@ def test_quality_table_window_differs_and_pipeline_is_restored(random_pipe):
     )
 
 
+def test_quality_with_a_step_cache_skips_steps_and_leaves_no_hook(random_pipe):
+    assert parse_method_spec("adaspa:sparsity=0.9+taylorseer") == (
+        "adaspa",
+        {"step_cache": "taylorseer", "sparsity": 0.9},
+    )
+    assert parse_method_spec("dense+taylorseer") == ("dense", {"step_cache": "taylorseer"})
+    call = {**CALL, "num_inference_steps": 6}
+    plain = compare(random_pipe, "a red circle moving left", call_kwargs=call, method="dense")
+    cached = compare(
+        random_pipe,
+        "a red circle moving left",
+        call_kwargs=call,
+        dense=plain["dense_frames"],
+        method="dense",
+        step_cache="taylorseer",
+    )
+    assert plain["psnr_mean"] == math.inf  # dense through dit_accel is the stock op
+    # TaylorSeer computes steps 0-2 and 5 of 6 (interval 5 from step 3): the others are predicted, so the
+    # frames differ from dense
+    assert math.isfinite(cached["psnr_mean"])
+    assert cached["sparse_calls"] == 0
+    assert getattr(random_pipe.transformer, "_cache_config", None) is None
+    with pytest.raises(ValueError, match="step_cache must be one of"):
+        compare(random_pipe, "a red circle", call_kwargs=CALL, method="dense", step_cache="fastercache")
+
+
 # ---------------------------------------------------------------- training script and loader
 
 
