@@ -221,7 +221,9 @@ _ROWS: tuple[Preset, ...] = (
         {},
         speed=(
             Speed(1.34, _WAN13, _E2E, Source(_E2E13, "rows[row=radial,compiled=False]/speedup")),
-            Speed(1.69, _WAN13_COMPILED, _E2E_COMPILED, Source(_E2E13, "rows[row=radial,compiled=True]/speedup")),
+            Speed(
+                1.69, _WAN13_COMPILED, _E2E_COMPILED, Source(_E2E13, "rows[row=radial,compiled=True]/speedup")
+            ),
             Speed(
                 1.50,
                 _WAN14,
@@ -240,7 +242,12 @@ _ROWS: tuple[Preset, ...] = (
         {"sparsity": 0.8},
         speed=(
             Speed(1.46, _WAN13, _E2E, Source(_E2E13, "rows[row=balanced,compiled=False]/speedup")),
-            Speed(1.89, _WAN13_COMPILED, _E2E_COMPILED, Source(_E2E13, "rows[row=balanced,compiled=True]/speedup")),
+            Speed(
+                1.89,
+                _WAN13_COMPILED,
+                _E2E_COMPILED,
+                Source(_E2E13, "rows[row=balanced,compiled=True]/speedup"),
+            ),
             Speed(1.60, _WAN14, _E2E, Source(_E2E14, "rows[row=adaspa_0.8]/speedup")),
             _embedded_speed("adaspa", 0.78),
         ),
