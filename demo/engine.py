@@ -59,6 +59,7 @@ class Result:
         seconds, seconds_dense: wall time of each render (CUDA-synchronised).
         psnr, ssim: per frame, accelerated against dense; psnr_mean (inf when identical), ssim_mean.
         density: mean fraction of blocks computed by the sparse calls (1.0 without any);
+            plan_density over the calls that ran only a plan's blocks (None without any);
             overall_density counts dense calls as 1.0; sparse_calls of calls.
         settings: what ran (preset, method, knobs); view: the run's stats and saved plans for the pictures.
     """
@@ -70,6 +71,7 @@ class Result:
     video: Path
     seconds: float
     density: float
+    plan_density: float | None
     overall_density: float
     sparse_calls: int
     calls: int

@@ -1012,6 +1012,7 @@ class _Renderer:
             density = quality.attention_density(records)
             info.update(
                 density=density["density"],
+                plan_density=density["plan_density"],
                 overall_density=density["overall_density"],
                 sparse_calls=density["sparse_calls"],
                 attention_calls=density["calls"],

@@ -257,7 +257,8 @@ class Comparison:
             first call includes compiling dit_accel's kernels.
         speedup: seconds_dense / seconds.
         density: mean fraction of blocks computed by the sparse attention calls (1.0 when there were none);
-            overall_density counts the dense calls as 1.0.
+            overall_density counts the dense calls as 1.0; plan_density averages only the calls that ran
+            nothing but a plan's blocks (no search or refresh; None when there were none).
         sparse_calls, calls: attention calls of the accelerated render.
         settings: the method and knobs compared; family.
         stats: the accelerated render's :class:`dit_accel.AttentionStats`.
@@ -272,6 +273,7 @@ class Comparison:
     seconds_dense: float
     seconds: float
     density: float
+    plan_density: float | None
     overall_density: float
     sparse_calls: int
     calls: int

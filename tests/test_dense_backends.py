@@ -47,7 +47,11 @@ def _measurements():
     (kernels_<gpu>.json) for the same GPU.
     """
     found: dict[tuple, list] = {}
-    dense = sorted(RESULTS.glob("dense_*.json"))
+    dense = [
+        p
+        for p in sorted(RESULTS.glob("dense_*.json"))
+        if json.loads(p.read_text())["benchmark"] == "bench_dense"
+    ]
     for path in dense:
         report = json.loads(path.read_text())
         major = report["capability"][0]
