@@ -382,3 +382,17 @@ def test_forward_benchmark_smoke(tmp_path, monkeypatch):
     assert result["correct"] and result["checks"]["dense_equals_stock"]
     assert set(result["ms"]) == {"stock", "dit_accel_dense", "window", "no_attention"}
     assert 0.0 < result["window_density"] < 1.0
+
+
+def test_window_logs_when_whole_blocks_move_its_density(caplog):
+    from dit_accel.methods import window
+
+    window._log_once.cache_clear()
+    pipe = wan_pipeline()
+    with caplog.at_level(logging.WARNING, logger="dit_accel"):
+        dit_accel.apply(pipe, method="window", density=0.34, block_q=16, block_k=16)
+        run_wan(pipe, steps=1)  # 45 tokens, 3 key blocks: the diagonal block alone is 1/3, close to 0.34
+        assert "keeps" not in caplog.text
+        dit_accel.apply(pipe, method="window", density=0.1, block_q=16, block_k=16)
+        run_wan(pipe, steps=1)  # still the diagonal block: 3.3x the density asked for
+    assert "window: density 0.1 keeps 0.333 of the key blocks at 45 tokens with 16-token blocks" in caplog.text

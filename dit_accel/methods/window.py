@@ -11,7 +11,8 @@ blocks centred on the block that holds token j*s + pos, clipped to frame j's blo
 or whose sequence is not the grid's tokens plus the text, falls back to the band (logged once).
 
 Every query keeps all text key blocks and text query blocks keep every key block (DESIGN.md §4). At
-density >= 1 the plan is full.
+density >= 1 the plan is full. Windows are whole blocks: where that makes the kept share of the keys differ
+from ``density`` by more than 1.5x either way (short sequences, large blocks), a warning says so once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ logger = logging.getLogger("dit_accel")
 @functools.cache
 def _log_once(msg: str) -> None:
     logger.warning(msg)
+
+
+def _band_halfwidth(density: float, n_kblocks: int) -> int:
+    return max(0, round((density * n_kblocks - 1) / 2))
+
+
+def _frame_blocks(density: float, frame_tokens: int, block_k: int) -> int:
+    return max(1, round(density * frame_tokens / block_k))
 
 
 def _add_text(mask, q_len, k_len, block_q, block_k, text_len, text_position):
@@ -60,7 +69,7 @@ def window_block_mask(
     n_qb, n_kb = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
     if density >= 1.0:
         return torch.ones(n_qb, n_kb, dtype=torch.bool, device=device)
-    w = max(0, round((density * n_kb - 1) / 2))
+    w = _band_halfwidth(density, n_kb)
     centre = ((torch.arange(n_qb, device=device) * block_q + block_q // 2) // block_k).clamp(max=n_kb - 1)
     cols = torch.arange(n_kb, device=device)
     mask = (cols[None, :] - centre[:, None]).abs() <= w
@@ -86,7 +95,7 @@ def frame_window_block_mask(
     n_qb, n_kb = num_blocks(seq, block_q), num_blocks(seq, block_k)
     if density >= 1.0:
         return torch.ones(n_qb, n_kb, dtype=torch.bool, device=device)
-    n_f = max(1, round(density * s / block_k))
+    n_f = _frame_blocks(density, s, block_k)
     centre = (torch.arange(n_qb) * block_q + block_q // 2).clamp(start, start + n_video - 1)
     pos = (centre - start) % s  # [n_qb] in-frame position of each query block's centre
     cols = torch.arange(n_kb)
@@ -130,16 +139,31 @@ class WindowPattern(Pattern):
             grid = call.grid
             text = call.text_len or 0
             if grid is not None and call.q_len == call.k_len == grid[0] * grid[1] * grid[2] + text:
+                frame_tokens = grid[1] * grid[2]
+                self._check_rounding(
+                    min(1.0, _frame_blocks(self.density, frame_tokens, bk) * bk / frame_tokens), call
+                )
                 mask = frame_window_block_mask(grid, bq, bk, self.density, text, call.text_position)
                 return BlockPlan.from_block_mask(mask[None, None], bq, bk)
             _log_once(
                 f"window per_frame: {call.layer} attends {call.q_len} tokens without a matching latent grid "
                 f"({call.grid}); using the band instead"
             )
+        n_kb = num_blocks(call.k_len, bk)
+        self._check_rounding(min(1.0, (2 * _band_halfwidth(self.density, n_kb) + 1) / n_kb), call)
         mask = window_block_mask(
             call.q_len, call.k_len, bq, bk, self.density, call.text_len, call.text_position
         )
         return BlockPlan.from_block_mask(mask[None, None], bq, bk)
+
+    def _check_rounding(self, kept: float, call: AttentionCall) -> None:
+        """Log once when whole blocks make the window keep a share of the keys far from ``density``."""
+        if self.density < 1.0 and not self.density / 1.5 <= kept <= self.density * 1.5:
+            _log_once(
+                f"window: density {self.density:g} keeps {kept:.3f} of the key blocks at {call.k_len} tokens "
+                f"with {call.block_k}-token blocks (whole blocks); smaller blocks (block_k) follow the "
+                "density more closely"
+            )
 
 
 class WindowMethod(ComposedMethod):
