@@ -395,4 +395,5 @@ def test_window_logs_when_whole_blocks_move_its_density(caplog):
         assert "keeps" not in caplog.text
         dit_accel.apply(pipe, method="window", density=0.1, block_q=16, block_k=16)
         run_wan(pipe, steps=1)  # still the diagonal block: 3.3x the density asked for
-    assert "window: density 0.1 keeps 0.333 of the key blocks at 45 tokens with 16-token blocks" in caplog.text
+    expected = "window: density 0.1 keeps 0.333 of the key blocks at 45 tokens with 16-token blocks"
+    assert expected in caplog.text
