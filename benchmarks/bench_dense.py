@@ -42,7 +42,12 @@ import torch
 from _common import bench, gpu_tag, rel_err, versions
 from bench_kernels import CONFIGS
 
-SMOKE_CONFIGS = {"tiny_d64": (1, 2, 49, 64), "tiny_d72": (2, 1, 37, 72)}
+SMOKE_CONFIGS = {"tiny_d64": (1, 2, 49, 64), "tiny_d72": (2, 1, 37, 72), "tiny_d64_kvlen": (1, 2, 49, 64)}
+# Shapes whose last keys are padding, passed as kv_len (valid keys) to dense_attention and as a boolean key
+# mask to SDPA (``sdpa_mask``: the stock processor's call). HunyuanVideo 720p: 256 text tokens of which
+# 64 are valid, so the last 192 keys are masked.
+KV_PAD = {"hunyuan_720p_129f_kvlen": 192, "tiny_d64_kvlen": 5}
+KV_CONFIGS = {"hunyuan_720p_129f_kvlen": (1, 24, 119056, 128)}
 BACKENDS = ("cudnn", "xformers", "triton")
 OUT_TOL = 2e-2
 LSE_TOL = 1e-2
@@ -85,8 +90,12 @@ def run_config(name, batch, heads, seq, d, smoke, rep_ms, log) -> dict:
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D) views, no copies
     scale = d**-0.5
     rows = check_rows(seq).to(dev)
-    ref_out, ref_lse = attention_reference(qh[:, :, rows], kh, vh, None, scale)
+    pad = KV_PAD.get(name, 0)
+    kv_len = torch.full((batch,), seq - pad, dtype=torch.int32, device=dev) if pad else None
+    ref_out, ref_lse = attention_reference(qh[:, :, rows], kh, vh, None, scale, kv_len)
     res = {"config": name, "B": batch, "H": heads, "S": seq, "D": d, "check_rows": int(rows.numel())}
+    if pad:
+        res["kv_len"] = seq - pad
 
     paths = {}
     if not smoke:
@@ -97,20 +106,29 @@ def run_config(name, batch, heads, seq, d, smoke, rep_ms, log) -> dict:
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return F.scaled_dot_product_attention(qh, kh, vh), None
 
-        flex = torch.compile(flex_attention, dynamic=False)
-        paths["sdpa_cudnn"] = (sdpa_cudnn, False)
-        paths["flex"] = (lambda: (flex(qh, kh, vh), None), False)
+        if pad:
+            mask = (torch.arange(seq, device=dev) < seq - pad).expand(batch, 1, 1, seq)
+            paths["sdpa_mask"] = (
+                lambda: (F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), None),
+                False,
+            )
+        else:
+            flex = torch.compile(flex_attention, dynamic=False)
+            paths["sdpa_cudnn"] = (sdpa_cudnn, False)
+            paths["flex"] = (lambda: (flex(qh, kh, vh), None), False)
     for backend in BACKENDS:
         for lse in (False, True):
 
             def run(b=backend, lse=lse):
-                r = dense_attention(q, k, v, backend=b, return_lse=lse)
+                r = dense_attention(q, k, v, backend=b, return_lse=lse, kv_len=kv_len)
                 return (r[0].transpose(1, 2), r[1]) if lse else (r.transpose(1, 2), None)
 
             paths[backend + ("+lse" if lse else "")] = (run, lse)
     if smoke:
         paths["torch+lse"] = (
-            lambda: (lambda r: (r[0].transpose(1, 2), r[1]))(dense_attention(q, k, v, backend="torch")),
+            lambda: (lambda r: (r[0].transpose(1, 2), r[1]))(
+                dense_attention(q, k, v, backend="torch", kv_len=kv_len)
+            ),
             True,
         )
 
@@ -144,21 +162,21 @@ def run_config(name, batch, heads, seq, d, smoke, rep_ms, log) -> dict:
     for lse in (False, True):
         tag = "lse" if lse else "no_lse"
         res["xformers_op"][tag] = xa.fw_op_name(qh, kh, vh, scale, lse) if xa._fmha()[0] else None
-        res["auto"][tag] = ops._pick_dense("auto", qh, kh, vh, None, scale, lse)
+        res["auto"][tag] = ops._pick_dense("auto", qh, kh, vh, kv_len, scale, lse)
         timed = [
             (res["paths"][b + ("+lse" if lse else "")].get("ms"), b)
             for b in BACKENDS
             if res["paths"][b + ("+lse" if lse else "")].get("ms") is not None
         ]
         res["measured_order"][tag] = [b for _, b in sorted(timed)]
-        res["table_key"][tag] = list(ops._dense_table_key(major, d, seq, lse, False))
+        res["table_key"][tag] = list(ops._dense_table_key(major, d, seq, lse, bool(pad)))
     log(f"  auto {res['auto']}; measured {res['measured_order']}; xformers op {res['xformers_op']}")
     return res
 
 
 def markdown(report: dict) -> str:
     """The dense table of docs/kernels.md: ms (TF/s) per path, '-' where a path failed or could not run."""
-    cols = ["sdpa_cudnn", "cudnn", "cudnn+lse", "xformers", "xformers+lse", "triton+lse", "flex"]
+    cols = ["sdpa_cudnn", "sdpa_mask", "cudnn", "cudnn+lse", "xformers", "xformers+lse", "triton+lse", "flex"]
     lines = [
         "| config | B,H,S,D | " + " | ".join(cols) + " | auto (no LSE / LSE) |",
         "|---|---|" + "---|" * len(cols) + "---|",
@@ -191,7 +209,7 @@ def main(argv=None) -> dict:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     elif not torch.cuda.is_available():
         ap.error("needs a CUDA device (use --smoke on CPU)")
-    table = SMOKE_CONFIGS if smoke else CONFIGS
+    table = SMOKE_CONFIGS if smoke else {**CONFIGS, **KV_CONFIGS}
     names = args.configs.split(",") if args.configs else list(table)
     results = Path(tempfile.gettempdir()) if smoke else Path(__file__).parent / "results"
     out_path = args.out or results / f"dense_{'smoke' if smoke else gpu_tag()}.json"

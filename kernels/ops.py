@@ -490,6 +490,10 @@ _DENSE_TABLE: dict[tuple[int, str, str, bool, bool], tuple[str, ...]] = {
     # wan14b_720p_81f, hunyuan_720p_129f (S 32,760-119,056, D 128): cuDNN 10-13% faster than ours.
     (9, "d65-128", "s>8k", True, False): ("cudnn", "triton"),
     (9, "d65-128", "s>8k", False, False): ("cudnn", "triton"),
+    # hunyuan_720p_129f_kvlen (S 119,056, D 128, the last 192 keys padding): cuDNN on the valid key prefix
+    # against our loop's masked tail.
+    (9, "d65-128", "s>8k", True, True): ("cudnn", "triton"),
+    (9, "d65-128", "s>8k", False, True): ("cudnn", "triton"),
 }
 
 
@@ -530,8 +534,8 @@ def _cudnn_unavailable_reason(qh: torch.Tensor, kv_len) -> str | None:
         return f"tensors are on {qh.device}"
     if qh.dtype not in _HALF:
         return f"dtype {qh.dtype}"
-    if kv_len is not None:
-        return "kv_len needs a mask, which the cuDNN path would materialise"
+    if kv_len is not None and torch.compiler.is_compiling():
+        return "kv_len under torch.compile (the cuDNN path reads the lengths on the host)"
     if qh.shape[3] % 8 or qh.shape[3] > 128:
         return f"head_dim {qh.shape[3]}"
     if not torch.backends.cudnn.is_available():
@@ -539,7 +543,28 @@ def _cudnn_unavailable_reason(qh: torch.Tensor, kv_len) -> str | None:
     return None
 
 
-def _cudnn_attention(qh, kh, vh, scale, return_lse: bool):
+def _cudnn_attention(qh, kh, vh, scale, return_lse: bool, kv_len: torch.Tensor | None = None):
+    """cuDNN attention; ``kv_len`` runs it on each batch element's valid key prefix (the keys past it are
+    sliced off, never masked), one call for all elements when their lengths agree. Reading the lengths
+    syncs with the host once per call."""
+    if kv_len is not None:
+        lengths = kv_len.tolist()
+        if len(set(lengths)) == 1:
+            n = lengths[0]
+            if n > 0:
+                return _cudnn_call(qh, kh[:, :, :n], vh[:, :, :n], scale, return_lse)
+        parts = [
+            _cudnn_call(qh[b : b + 1], kh[b : b + 1, :, :n], vh[b : b + 1, :, :n], scale, return_lse)
+            if n > 0
+            else _no_keys(qh[b : b + 1], vh, return_lse)
+            for b, n in enumerate(lengths)
+        ]
+        out = torch.cat([o for o, _ in parts])
+        return out, (torch.cat([lse for _, lse in parts]) if return_lse else None)
+    return _cudnn_call(qh, kh, vh, scale, return_lse)
+
+
+def _cudnn_call(qh, kh, vh, scale, return_lse: bool):
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         qh, kh, vh, None, return_lse, 0.0, False, False, scale=scale
     )
@@ -549,6 +574,14 @@ def _cudnn_attention(qh, kh, vh, scale, return_lse: bool):
     if lse.dim() == 4:
         lse = lse.squeeze(-1)
     return res[0], lse.float()
+
+
+def _no_keys(qh, vh, return_lse: bool):
+    """A batch element with no valid key: output 0, lse -inf (as the kernels write it)."""
+    b, h, s, _ = qh.shape
+    out = qh.new_zeros(b, h, s, vh.shape[3])
+    lse = torch.full((b, h, s), float("-inf"), device=qh.device) if return_lse else None
+    return out, lse
 
 
 def _dense_unavailable_reason(backend: str, qh, kh, vh, kv_len, scale: float, needs_lse: bool):
@@ -628,7 +661,7 @@ def dense_attention(
     qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
     chosen = _pick_dense(backend, qh, kh, vh, kv_len, scale, return_lse)
     if chosen == "cudnn":
-        out, lse = _cudnn_attention(qh, kh, vh, scale, return_lse)
+        out, lse = _cudnn_attention(qh, kh, vh, scale, return_lse, kv_len)
     elif chosen == "xformers":
         from .xformers_attention import xformers_attention
 

@@ -57,7 +57,7 @@ def _measurements():
         major = report["capability"][0]
         for c in report["configs"]:
             for tag, lse in (("no_lse", False), ("lse", True)):
-                key = ops._dense_table_key(major, c["D"], c["S"], lse, False)
+                key = ops._dense_table_key(major, c["D"], c["S"], lse, c.get("kv_len") is not None)
                 found.setdefault(key, []).append((c["config"], c["measured_order"][tag]))
     if not any(p.name == "dense_nvidia_h200.json" for p in dense):
         report = json.loads((RESULTS / "kernels_nvidia_h200.json").read_text())
@@ -93,7 +93,8 @@ def test_every_table_row_is_measured_and_leads_with_the_measured_fastest():
         pytest.param((9, 72, 16384, False, False), ("cudnn", "triton"), id="h200-d72"),
         pytest.param((9, 64, 17776, True, False), ("triton", "cudnn"), id="h200-d64-lse"),
         pytest.param((9, 64, 4096, True, False), (), id="h200-d64-short-unmeasured"),
-        pytest.param((9, 128, 32760, True, True), (), id="kv_len-unmeasured"),
+        pytest.param((9, 128, 32760, True, True), ("cudnn", "triton"), id="h200-d128-kv_len"),
+        pytest.param((9, 64, 32760, True, True), (), id="d64-kv_len-unmeasured"),
         pytest.param((9, 256, 32760, True, False), (), id="d256-unmeasured"),
         pytest.param((8, 128, 32760, True, False), (), id="other-device-unmeasured"),
     ],
@@ -216,6 +217,48 @@ def test_gpu_xformers_matches_the_reference(s, d, layout):
     kv_len = torch.tensor([s, s // 2], device=DEVICE)
     with pytest.raises(RuntimeError, match="kv_len"):
         dense_attention(q, k, v, layout=layout, backend="xformers", kv_len=kv_len)
+
+
+@pytest.mark.parametrize("lengths", [[40, 40], [40, 23], [0, 17], [0, 0], [99, 5]])
+@pytest.mark.parametrize("lse", [False, True])
+def test_cudnn_kv_len_runs_on_the_valid_key_prefix(monkeypatch, lengths, lse):
+    """cuDNN has no kv_len: dense_attention slices each batch element's keys to its valid prefix (one call
+    when the lengths agree). The cuDNN call itself is replaced by the reference, which sees no kv_len: any
+    key past the prefix that reached it would change the output."""
+    calls = []
+
+    def fake_cudnn(qh, kh, vh, scale, return_lse):
+        calls.append(kh.shape[2])
+        out, lse_ = attention_reference(qh, kh, vh, None, scale)
+        return out.to(qh.dtype), (lse_ if return_lse else None)
+
+    monkeypatch.setattr(ops, "_cudnn_call", fake_cudnn)
+    monkeypatch.setattr(ops, "_cudnn_unavailable_reason", lambda qh, kv_len: None)
+    q, k, v = _qkv(2, 40, 3, 32, seed=4)
+    kv_len = torch.tensor(lengths)
+    res = dense_attention(q, k, v, backend="cudnn", kv_len=kv_len, return_lse=lse)
+    ref, ref_lse = dense_attention(q, k, v, backend="torch", kv_len=kv_len)
+    out = res[0] if lse else res
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    if lse:
+        torch.testing.assert_close(res[1], ref_lse, atol=1e-4, rtol=1e-4)
+    valid = [min(n, 40) for n in lengths]
+    assert calls == ([valid[0]] if len(set(valid)) == 1 and valid[0] > 0 else [n for n in valid if n > 0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lse", [False, True])
+def test_gpu_cudnn_kv_len_matches_the_reference(lse):
+    q, k, v = _qkv(2, 3001, 4, 128, torch.bfloat16, seed=6)
+    kv_len = torch.tensor([2809, 1500], device=q.device)
+    ref, ref_lse = dense_attention(q.float(), k.float(), v.float(), backend="torch", kv_len=kv_len)
+    for backend in ("cudnn", "auto"):
+        res = dense_attention(q, k, v, backend=backend, kv_len=kv_len, return_lse=lse)
+        out = res[0] if lse else res
+        err = (out.float() - ref).norm() / ref.norm()
+        assert err < 1e-2, f"{backend}: out rel err {err:.2e}"
+        if lse:
+            assert (res[1] - ref_lse).abs().max() < 1e-2, backend
 
 
 @pytest.mark.gpu
