@@ -44,7 +44,8 @@ GPU commands (after ``source benchmarks/gpu_env.sh``; the plan with its time est
 ``--plan-only`` prints it and exits, on any machine):
 
     python benchmarks/bench_e2e.py --geometry wan1.3b_480p_81f                       # about 7 min
-    python benchmarks/bench_e2e.py --geometry wan14b_720p_81f,hunyuan_720p_129f      # about 8 min
+    python benchmarks/bench_e2e.py --geometry wan14b_720p_81f                        # about 8 min
+    python benchmarks/bench_e2e.py --geometry hunyuan_720p_129f --rows stock,dense_auto,quality,balanced
     python benchmarks/bench_e2e.py --report benchmarks/results/e2e_*.json --report-out docs/e2e.md
 
 CPU smoke run of the same code on tiny models and 3 steps (fp32, torch kernels, ``eager`` compile backend):
@@ -157,7 +158,7 @@ GEOMETRIES: dict[str, dict] = {
             "custom": 5500,
         },
         "compile_estimate_s": 120,
-        "default_rows": ("stock", "dense", "radial", "adaspa_0.8", "balanced"),
+        "default_rows": ("stock", "dense", "dense_auto", "radial", "quality", "balanced", "fast"),
         "default_compiled": (),
         "step_cache": False,  # the step-cache target is Wan-14B's; --step-cache on adds it
         "check_rows": (),
@@ -211,6 +212,12 @@ ROWS: list[dict] = [
         "dense_backend": "xformers",
         "note": "every call dense on xformers' fmha: a dense baseline of its own (fails where it cannot run)",
     },
+    {
+        "name": "dense_auto",
+        "method": "dense",
+        "dense_backend": "auto",
+        "note": "every call dense on dense_attention(backend='auto'): the measured fastest dense kernel",
+    },
     {"name": "window_0.1", "method": "window", "density": 0.1, "dense_steps": 0.2},
     {"name": "radial", "method": "radial", "note": "family defaults"},
     {"name": "adaspa_0.8", "method": "adaspa", "sparsity": 0.8},
@@ -220,6 +227,7 @@ ROWS: list[dict] = [
     {"name": "rettention_radial", "method": "rettention", "base": "radial"},
     {"name": "rettention_adaspa_0.95", "method": "rettention", "base": "adaspa", "sparsity": 0.95},
     {"name": "rettention_adaspa_0.9", "method": "rettention", "base": "adaspa", "sparsity": 0.9},
+    {"name": "quality", "preset": "quality"},
     {"name": "balanced", "preset": "balanced"},
     {"name": "fast", "preset": "fast"},
 ]
@@ -591,7 +599,9 @@ class Runner:
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                 planned.append((row, compiled, None, f"probe failed: {type(e).__name__}: {e}"))
                 continue
-            visits = self._visits(schedule["cond"], _shares_dense(row) and compiled in shared_dense)
+            visits = self._visits(
+                schedule["cond"], _shares_dense(row, self.geom["family"]) and compiled in shared_dense
+            )
             ms = sum(
                 (self.warmup + self.repeats) * est.get(_estimate_key(k), est["dense"]) for k, _, _ in visits
             )
@@ -765,7 +775,9 @@ class Runner:
                 "block": handle.config.block_q,
             }
         dense_ref = self.results.get(("dense", compiled))
-        share = dense_ref is not None and _shares_dense(row) and not self.args.no_share_dense
+        share = (
+            dense_ref is not None and _shares_dense(row, self.geom["family"]) and not self.args.no_share_dense
+        )
         visits = self._visits(schedule["cond"], share)
         timed = []
         verified = True
@@ -1087,12 +1099,17 @@ class Runner:
         self.flush()
 
 
-def _shares_dense(row: dict) -> bool:
+def _shares_dense(row: dict, family: str) -> bool:
     """Whether a row's dense steps are the ``dense`` row's: dit_accel rows whose dense steps run the stock op
-    through dit_accel's processors; not stock, not the dense row, not a row with its own dense backend."""
-    if row["name"] in ("stock", "dense") or row.get("dense_backend", "stock") != "stock":
+    through dit_accel's processors; not stock, not the dense row, not a row (or preset) with its own dense
+    backend."""
+    if row["name"] in ("stock", "dense"):
         return False
-    return bool(row.get("preset")) or "method" in row
+    try:
+        knobs = row_knobs(row, family)
+    except Skip:
+        return False
+    return knobs is not None and knobs.get("dense_backend", "stock") == "stock"
 
 
 def _row(name: str) -> dict:

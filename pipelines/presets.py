@@ -191,6 +191,13 @@ _CLIP = "H200 bf16, whole 30-step render, median over 24 prompts"
 _E2E = "H200 bf16, 50 steps with CFG, steady-state step times composed over the schedule (bench_e2e)"
 _E2E_COMPILED = _E2E + ", transformer.compile_repeated_blocks(), against eager stock"
 _WAN13_COMPILED = _WAN13 + ", compiled"
+_HUNYUAN = "HunyuanVideo 720p 129f, 119,056 tokens"
+_E2E_HY_AUTO = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_dense_auto.json"
+_E2E_ONE_CALL = "H200 bf16, 50 steps, one call per step (embedded guidance), step times composed (bench_e2e)"
+_HUNYUAN_ADASPA_NOTE = (
+    "adaspa at the Wan sparsities; with stock dense steps adaspa 0.8 measured 2.16x at HunyuanVideo 720p "
+    "(docs/e2e.md); with the dense steps on cuDNN without the key mask, as here, not measured yet"
+)
 
 
 def _embedded_speed(row: str, speedup: float) -> Speed:
@@ -266,9 +273,36 @@ _ROWS: tuple[Preset, ...] = (
         quality=Quality(23.24, 0.854, 0.138, "adaspa:sparsity=0.9"),
         note="as balanced, half the blocks",
     ),
+    # HunyuanVideo's stock attention passes a key mask (padded text), which sends SDPA to a slower kernel
+    # than cuDNN's (443 against 304 ms, dense_kvlen_nvidia_h200.json); its sparse presets run their dense
+    # steps on dense_attention(backend="auto"), which runs cuDNN on the valid key prefix: a dense step
+    # 22.8 s against stock's 31.3 s (e2e, row dense_auto).
+    Preset("hunyuan_video", "dense", "dense"),
+    Preset(
+        "hunyuan_video",
+        "quality",
+        "radial",
+        {"dense_backend": "auto"},
+        speed=(Speed(2.27, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_AUTO, "rows[row=quality]/speedup")),),
+        note="radial with HunyuanVideo's defaults (docs/radial.md); dense steps on cuDNN, no key mask",
+    ),
+    Preset(
+        "hunyuan_video",
+        "balanced",
+        "adaspa",
+        {"sparsity": 0.8, "dense_backend": "auto"},
+        note=_HUNYUAN_ADASPA_NOTE,
+    ),
+    Preset(
+        "hunyuan_video",
+        "fast",
+        "adaspa",
+        {"sparsity": 0.9, "dense_backend": "auto"},
+        note=_HUNYUAN_ADASPA_NOTE,
+    ),
     *(
         row
-        for family in ("hunyuan_video", "cogvideox", "ltx", "mochi")
+        for family in ("cogvideox", "ltx", "mochi")
         for row in (
             Preset(family, "dense", "dense"),
             Preset(family, "quality", "radial", {}, note=_VIDEO_NOTE),
@@ -289,15 +323,18 @@ _ROWS: tuple[Preset, ...] = (
 )
 
 
+def _method_config(p: Preset) -> tuple:
+    """A row's method and knobs, less ``dense_backend`` (which kernel runs the same dense math)."""
+    return p.method, tuple(sorted((k, v) for k, v in p.knobs.items() if k != "dense_backend"))
+
+
 def _attach_embedded_quality(rows: tuple[Preset, ...]) -> tuple[Preset, ...]:
     """Rows of other families whose method configuration equals a Wan row measured on the embedded model
-    carry that quality too (the speed stays the family's own: none yet)."""
-    by_config = {
-        (p.method, tuple(sorted(p.knobs.items()))): p.quality for p in rows if p.family == "wan" and p.quality
-    }
+    carry that quality too (the speed stays the family's own)."""
+    by_config = {_method_config(p): p.quality for p in rows if p.family == "wan" and p.quality}
     out = []
     for p in rows:
-        q = by_config.get((p.method, tuple(sorted(p.knobs.items()))))
+        q = by_config.get(_method_config(p))
         if p.quality is None and q is not None and p.method != "radial":  # radial's knobs are per family
             p = dataclasses.replace(p, quality=q)
         out.append(p)
