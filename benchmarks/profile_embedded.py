@@ -1,0 +1,207 @@
+"""Where a clip's time goes on the embedded model (2,496 tokens, 6 layers, 30 steps with CFG: 360 attention
+calls), dense against each sparse method, and what one attention call costs the host.
+
+1. **Renders.** The embedded pipeline at its GPU geometry (49 x 192 x 256), one prompt, per configuration
+   (``stock``: no dit_accel; ``dense``: every call through dit_accel's processors on the stock op; then
+   sparse methods): two untimed renders, then ``--repeats`` timed ones (median), then one under
+   ``torch.profiler``: the host's busiest ops (self CPU time), how many kernels were launched, how many
+   host synchronisations happened (``aten::_local_scalar_dense``: ``.item()``, ``bool(tensor)``), and
+   the GPU's busy time against the wall.
+2. **One attention call.** At the model's attention shape (1, 6, 2,496, 64; bf16): cuDNN SDPA, our
+   ``dense_attention(backend="triton")`` and ``block_sparse_attention`` at plan densities 1.0 / 0.5 / 0.25:
+   the host time to issue a call (100 calls, no synchronisation between them, divided by 100) and the
+   device time per call (the same 100 calls, synchronised at the end). This part runs first.
+
+The JSON is written after each part and each configuration, so a run cut short keeps what finished.
+
+    source benchmarks/gpu_env.sh && python3 benchmarks/profile_embedded.py --out PATH.json     # about 2.5 min
+
+CPU smoke run (the CPU geometry, 2 steps; no profiler table for the GPU):
+
+    python benchmarks/profile_embedded.py --smoke --out /tmp/profile_smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import gpu_tag, versions  # noqa: E402
+
+CONFIGS = {
+    "stock": None,
+    "dense": {"method": "dense"},
+    "balanced": {"method": "adaspa", "sparsity": 0.8},
+    "radial": {"method": "radial"},
+    "window_0.25_no_warmup": {"method": "window", "density": 0.25, "dense_steps": 0},
+}
+SYNC_OPS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+LAUNCH_OPS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_renders(pipe, call_kwargs, device, repeats: int, top: int, log, out: dict, save) -> None:
+    """Fills ``out`` per configuration and calls ``save()`` after each: a run cut short keeps what ran."""
+    import dit_accel
+    from dit_accel.pipelines.quality import render_frames
+
+    for name, knobs in CONFIGS.items():
+        handle = dit_accel.apply(pipe.transformer, **knobs) if knobs else None
+        try:
+            for _ in range(2):
+                render_frames(pipe, "a red ball moves left", 0, **call_kwargs)
+            times = []
+            for _ in range(repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                render_frames(pipe, "a red ball moves left", 0, **call_kwargs)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            row = {"knobs": knobs, "seconds": statistics.median(times), "all_seconds": times}
+            if device.type == "cuda":
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    render_frames(pipe, "a red ball moves left", 0, **call_kwargs)
+                    _sync(device)
+                    row["profiled_wall_s"] = time.perf_counter() - t0
+                events = prof.key_averages()
+                counts = Counter({e.key: e.count for e in events})
+                row["host_syncs"] = {k: counts[k] for k in SYNC_OPS if counts[k]}
+                row["kernel_launches"] = sum(counts[k] for k in LAUNCH_OPS)
+                row["gpu_busy_s"] = (
+                    sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+                )
+                busiest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+                row["host_top"] = [
+                    {"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                    for e in busiest
+                ]
+            out[name] = row
+            save()
+            log(
+                f"{name}: {row['seconds']:.3f} s per clip"
+                + (
+                    f", {row['kernel_launches']} launches, syncs {row['host_syncs']}, "
+                    f"GPU busy {row['gpu_busy_s']:.3f} s"
+                    if "kernel_launches" in row
+                    else ""
+                )
+            )
+        finally:
+            if handle is not None:
+                dit_accel.remove(pipe.transformer)
+
+
+def one_call(device, dtype, heads: int, seq: int, d: int, log) -> dict:
+    import torch.nn.functional as F
+
+    from dit_accel.kernels import BlockPlan, block_sparse_attention, dense_attention
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, seq, heads, d, device=device, dtype=dtype, generator=g) for _ in range(3))
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    block = 128 if device.type == "cuda" else 16
+    nb = -(-seq // block)
+    paths = {"sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh)}
+    if device.type == "cuda":
+        paths["dense_triton"] = lambda: dense_attention(q, k, v, backend="triton", return_lse=False)
+    for density in (1.0, 0.5, 0.25):
+        keep = max(1, round(density * nb))
+        idx = torch.arange(nb, device=device)
+        mask = ((idx[None, :] - idx[:, None]) % nb < keep)[None, None].expand(1, heads, nb, nb)
+        plan = BlockPlan.from_block_mask(mask, block, block)
+        paths[f"sparse_{density}"] = lambda plan=plan: block_sparse_attention(q, k, v, plan)
+    res = {"shape": [1, heads, seq, d]}
+    n = 100 if device.type == "cuda" else 3
+    for name, fn in paths.items():
+        for _ in range(3):
+            fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n
+        _sync(device)
+        total = (time.perf_counter() - t0) / n
+        res[name] = {"host_ms_per_call": host * 1e3, "ms_per_call": total * 1e3}
+        log(f"  {name:14s} host {host * 1e3:7.3f} ms  per call {total * 1e3:7.3f} ms")
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU, the CPU geometry, 2 steps")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--top", type=int, default=20, help="host ops listed per configuration")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    from dit_accel.pipelines.tiny_video.model import load_tiny_video_pipeline, render_defaults
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if not args.smoke and not torch.cuda.is_available():
+        ap.error("needs a CUDA device (use --smoke on CPU)")
+    t0 = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
+
+    pipe = load_tiny_video_pipeline(device=device)
+    pipe.set_progress_bar_config(disable=True)
+    geo = render_defaults(device)
+    call_kwargs = {
+        "num_frames": geo["frames"],
+        "height": geo["height"],
+        "width": geo["width"],
+        "num_inference_steps": 2 if args.smoke else geo["steps"],
+    }
+    report = {
+        "benchmark": "profile_embedded",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "versions": versions(),
+        "call_kwargs": call_kwargs,
+    }
+    out = args.out or Path(__file__).parent / "results" / (
+        f"profile_embedded_{'smoke' if args.smoke else gpu_tag()}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    cfg = pipe.transformer.config
+    tokens = ((geo["frames"] - 1) // 4 + 1) * (geo["height"] // 16) * (geo["width"] // 16)  # VAE 4x, patch 4
+    log("one attention call at the model's shape:")
+    report["one_call"] = one_call(
+        device,
+        torch.bfloat16 if device.type == "cuda" else torch.float32,
+        cfg.num_attention_heads,
+        tokens,
+        cfg.attention_head_dim,
+        log,
+    )
+    save()
+    report["renders"] = {}
+    profile_renders(
+        pipe, call_kwargs, device, 1 if args.smoke else args.repeats, args.top, log, report["renders"], save
+    )
+    log(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

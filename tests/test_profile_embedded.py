@@ -1,0 +1,26 @@
+"""benchmarks/profile_embedded.py: its CPU smoke run writes every part it promises."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "profile_embedded.py"
+
+
+def test_smoke_run_writes_every_configuration_and_the_one_call_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("profile_embedded", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "profile.json"
+    module.main(["--smoke", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert list(report["renders"]) == list(module.CONFIGS)
+    for row in report["renders"].values():
+        assert row["seconds"] > 0 and len(row["all_seconds"]) == 1
+    one = report["one_call"]
+    assert one["shape"] == [1, 6, 5 * 6 * 8, 64]  # CPU geometry 17x96x128: 5 latent frames of 6x8 tokens
+    for path in ("sdpa", "sparse_1.0", "sparse_0.5", "sparse_0.25"):
+        assert 0 < one[path]["host_ms_per_call"] <= one[path]["ms_per_call"]
