@@ -8,6 +8,7 @@
     dit-accel presets [--family wan] [--markdown]
     dit-accel batch jobs.jsonl --out-dir renders/ --preset balanced      # dit_accel.batch, docs/batch.md
     dit-accel demo [--port N] [--model PATH] [--device auto|cpu|cuda]
+    dit-accel bench [--model PATH] [--configs quality,balanced,"window:density=0.25"] [--out bench.json]
 
 ``render`` draws with the embedded tiny text-to-video model by default (offline; docs/tiny_model.md), or
 with ``--model``: a pipeline folder written by ``save_pretrained`` or a hub id (passed to diffusers as it is),
@@ -15,6 +16,11 @@ of any family dit_accel supports. Stock attention unless ``--preset`` or ``--met
 ``--compare`` renders stock and accelerated with the same seed, writes the accelerated output and a
 side-by-side file, and prints PSNR/SSIM, times, speedup and density. Every argument is checked before a
 model is loaded.
+
+``bench`` times whole renders of one call and seed, stock attention first, then each configuration (the
+family's sparse presets by default): untimed warm-up renders, then timed ones (median), each output compared
+with stock's; it prints a table and, with ``--out``, writes JSON after every configuration
+(``dit_accel.pipelines.bench``).
 
 Outputs by the ``--out`` suffix: video families ``.mp4``/``.webm``/``.mkv``/``.mov`` through imageio +
 imageio-ffmpeg (``pip install "dit-accel[video]"``), ``.gif`` through Pillow, a path without a suffix (or an
@@ -93,23 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also render stock attention with the same seed; write a side-by-side file, print the numbers",
     )
-    r.add_argument("--steps", type=int, help="denoising steps (embedded model: 10 on CPU, 30 on GPU)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--frames", type=int, help="frames (embedded model: 4k + 1; 17 on CPU, 49 on GPU)")
-    r.add_argument("--height", type=int, help="embedded model: multiple of 16 (96 on CPU, 192 on GPU)")
-    r.add_argument("--width", type=int, help="embedded model: multiple of 16 (128 on CPU, 256 on GPU)")
-    r.add_argument("--guidance", type=float, help="classifier-free guidance scale (embedded model: 5.0)")
+    _render_shape_arguments(r)
     r.add_argument("--fps", type=int, default=16, help="frames per second of a video file")
-    r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    r.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="auto: bfloat16 on CUDA, float32 on CPU",
-    )
-    r.add_argument(
-        "--weights", help="weights folder of the embedded model (default: the installed package's)"
-    )
 
     p = sub.add_parser("presets", help="list the presets with their knobs and measured numbers")
     p.set_defaults(_parser=p)
@@ -123,12 +114,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_arguments(b)
 
+    k = sub.add_parser(
+        "bench",
+        help="time whole renders: stock attention against presets or methods, same call and seed",
+        description="Time whole renders on this machine: stock attention, then each configuration; every "
+        "argument is checked before the model is loaded.",
+    )
+    k.set_defaults(_parser=k)
+    k.add_argument(
+        "--model",
+        default="embedded",
+        metavar="PATH_OR_ID",
+        help="a pipeline folder (save_pretrained), a hub id, or 'embedded' (the default: the tiny model)",
+    )
+    k.add_argument(
+        "--configs",
+        help="comma-separated presets of the model's family or method specs (method:key=value,...; quote "
+        "specs with commas: 'window:density=0.25'); default: the family's quality, balanced and fast",
+    )
+    k.add_argument("--prompt", default=_BENCH_PROMPT, help=f"default: {_BENCH_PROMPT!r}")
+    k.add_argument("--warmup", type=int, default=1, help="untimed renders per configuration (default 1)")
+    k.add_argument(
+        "--repeats", type=int, default=2, help="timed renders per configuration (median; default 2)"
+    )
+    k.add_argument("--out", help="JSON file, rewritten after every configuration")
+    _render_shape_arguments(k)
+
     from dit_accel.demo.launch import add_arguments as demo_arguments
 
     d = sub.add_parser("demo", help="the Gradio demo: dense and accelerated side by side (docs/demo.md)")
     d.set_defaults(_parser=d)
     demo_arguments(d)
     return parser
+
+
+_BENCH_PROMPT = "a large red circle moving right on a black background"
+
+
+def _render_shape_arguments(r: argparse.ArgumentParser) -> None:
+    """What render and bench share: the call's size and steps, seed, device, dtype, embedded weights."""
+    r.add_argument("--steps", type=int, help="denoising steps (embedded model: 10 on CPU, 30 on GPU)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--frames", type=int, help="frames (embedded model: 4k + 1; 17 on CPU, 49 on GPU)")
+    r.add_argument("--height", type=int, help="embedded model: multiple of 16 (96 on CPU, 192 on GPU)")
+    r.add_argument("--width", type=int, help="embedded model: multiple of 16 (128 on CPU, 256 on GPU)")
+    r.add_argument("--guidance", type=float, help="classifier-free guidance scale (embedded model: 5.0)")
+    r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    r.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    r.add_argument(
+        "--weights", help="weights folder of the embedded model (default: the installed package's)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -165,7 +205,7 @@ def _knobs(args) -> dict | None:
 
 
 def _positive(args, name: str, what: str) -> None:
-    value = getattr(args, name)
+    value = getattr(args, name, None)
     if value is not None and value < 1:
         raise UsageError(f"--{name}", f"must be a positive {what}, got {value}")
 
@@ -398,12 +438,11 @@ def _dtype(args, device: str):
     return getattr(torch, args.dtype)
 
 
-def _render(args) -> int:
-    from dit_accel.pipelines import quality, wrapped
+def _load(args, device: str):
+    """``(pipe, family)`` of ``--model``, or an exit code after printing why it could not be loaded."""
+    from dit_accel.pipelines import wrapped
     from dit_accel.pipelines.tiny_video.model import WeightsNotFoundError
 
-    plan = _plan(args)
-    device = plan["device"]
     embedded = wrapped.source_kind(args.model)[0] == "embedded"
     load = {"weights_dir": args.weights} if args.weights else {}
     dtype = None if embedded and args.dtype == "auto" else _dtype(args, device)
@@ -416,9 +455,21 @@ def _render(args) -> int:
         print(f"dit-accel: cannot load {args.model}: {exc}", file=sys.stderr)
         return 1
     try:
-        family = wrapped.family_of(pipe)
+        return pipe, wrapped.family_of(pipe)
     except ValueError as exc:
         raise UsageError("--model", str(exc)) from None
+
+
+def _render(args) -> int:
+    from dit_accel.pipelines import quality, wrapped
+
+    plan = _plan(args)
+    device = plan["device"]
+    embedded = wrapped.source_kind(args.model)[0] == "embedded"
+    loaded = _load(args, device)
+    if isinstance(loaded, int):
+        return loaded
+    pipe, family = loaded
     kind = wrapped.FAMILIES[family]
     if plan["kind"] is None:  # a hub id: what the folder did not say before loading
         if kind == "image" and args.frames is not None:
@@ -469,6 +520,125 @@ def _steps_text(call: dict) -> str:
     return f"{steps} steps " if steps else ""
 
 
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def _bench_configs(args, family: str | None) -> list[str]:
+    """The ``--configs`` list (default: the family's presets but dense), each checked against ``family``
+    when it is known (a hub id's family is known only once loaded).
+
+    Raises:
+        UsageError("--configs"): an empty entry, an unknown preset or method, or a bad knob.
+    """
+    from dit_accel.pipelines import bench, presets
+
+    if args.configs is None:
+        if family is None:
+            return []
+        return [p.name for p in presets.family_presets(family) if p.method != "dense"]
+    configs = [c.strip() for c in _split_configs(args.configs)]
+    if not configs or any(not c for c in configs):
+        raise UsageError(
+            "--configs", f"expected comma-separated presets or method specs, got {args.configs!r}"
+        )
+    if family is not None:
+        for spec in configs:
+            try:
+                preset, knobs = bench.parse_config(spec)
+                presets.resolve(family, preset, knobs)
+            except ValueError as exc:
+                raise UsageError("--configs", f"{spec!r}: {exc}") from None
+    return configs
+
+
+def _split_configs(text: str) -> list[str]:
+    """Split at commas that start a new configuration: ``balanced,window:density=0.25,block_q=64`` is two
+    (a ``key=value`` part after a method spec belongs to it)."""
+    out: list[str] = []
+    for part in text.split(","):
+        if out and ":" in out[-1] and "=" in part and ":" not in part:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
+def _bench(args) -> int:
+    import json
+
+    from dit_accel.pipelines import bench, wrapped
+
+    for name in ("warmup", "repeats"):
+        value = getattr(args, name)
+        if value < (0 if name == "warmup" else 1):
+            raise UsageError(f"--{name}", f"must be >= {0 if name == 'warmup' else 1}, got {value}")
+    try:
+        family = wrapped.family_of_source(args.model)
+    except ValueError as exc:
+        raise UsageError("--model", str(exc)) from None
+    embedded = wrapped.source_kind(args.model)[0] == "embedded"
+    if args.weights is not None and not embedded:
+        raise UsageError("--weights", "is for the embedded model; give --model a weights folder instead")
+    _check_numbers(args, embedded)
+    _bench_configs(args, family)
+    if args.out is not None:
+        _writable(Path(args.out), folder=False)
+    device = _device(args)
+    loaded = _load(args, device)
+    if isinstance(loaded, int):
+        return loaded
+    pipe, family = loaded
+    configs = _bench_configs(args, family)
+    call = _call_kwargs(args, {"device": device}, embedded)
+    if wrapped.FAMILIES[family] == "image":
+        call.pop("num_frames", None)
+    report = {
+        "benchmark": "dit-accel bench",
+        "model": args.model,
+        "family": family,
+        "device": _device_name(device),
+        "call": call,
+        "seed": args.seed,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "rows": [],
+    }
+
+    def on_row(row):
+        report["rows"].append(row.as_dict())
+        line = (
+            f"{row.name}: failed: {row.error}"
+            if row.error
+            else (f"{row.name}: {row.seconds:.2f} s, {row.speedup:.2f}x stock, PSNR {row.psnr_mean:.2f} dB")
+        )
+        print(line, flush=True)
+        if args.out is not None:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+    print(f"dit-accel bench: {family} on {report['device']}, stock then {', '.join(configs)}", flush=True)
+    rows = bench.run(
+        pipe, configs, seed=args.seed, warmup=args.warmup, repeats=args.repeats, on_row=on_row, **call
+    )
+    print(bench.format_table(rows))
+    if device == "cpu":
+        print(
+            "(on the CPU dit_accel runs its torch reference instead of its GPU kernels: these times check "
+            "the command, they say nothing about speed on a GPU)"
+        )
+    if args.out is not None:
+        print(f"wrote {args.out}")
+    return 1 if any(r.error for r in rows) else 0
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+
+
 # ------------------------------------------------------------------------------------------------ presets
 
 
@@ -509,6 +679,8 @@ def main(argv=None) -> int:
             from dit_accel import batch
 
             return batch.run(args)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "demo":
             from dit_accel.demo.launch import run as demo
 

@@ -316,3 +316,67 @@ def test_hub_ids_go_to_diffusers_and_are_checked_once_loaded(tmp_path, capsys, m
     assert _render(*args, "--steps", "2", "--device", "cpu", "--dtype", "float32") == 0
     assert (tmp_path / "x.png").is_file()
     assert loaded[-1] == ("org/flux", {"dtype": torch.float32})
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def _bench(*args):
+    return cli.main(["bench", *args])
+
+
+def test_bench_times_stock_and_each_configuration_and_writes_json(smoke_weights, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "bench.json"
+    rc = _bench(
+        "--weights", str(smoke_weights), *SMALL, "--warmup", "0", "--repeats", "1",
+        "--configs", "fast,window:density=0.5,block_q=16,block_k=16", "--out", str(out),
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["stock", "fast", "window:density=0.5,block_q=16,block_k=16"]
+    stock = report["rows"][0]
+    assert report["family"] == "wan" and report["call"]["num_inference_steps"] == 3
+    for row in report["rows"][1:]:
+        assert row["error"] is None and len(row["all_seconds"]) == 1
+        assert row["speedup"] == pytest.approx(stock["seconds"] / row["seconds"])
+        assert 0 < row["density"] <= 1 and row["psnr_mean"] > 0 and row["ssim_mean"] <= 1
+    assert report["rows"][2]["settings"].startswith("window (density=0.5")
+    text = capsys.readouterr().out
+    assert "| fast | preset 'fast': adaspa" in text and "say nothing about speed on a GPU" in text
+
+
+def test_bench_default_configs_are_the_family_presets_but_dense():
+    args = cli.build_parser().parse_args(["bench"])
+    assert cli._bench_configs(args, "wan") == ["quality", "balanced", "fast"]
+    assert cli._bench_configs(args, "flux") == ["quality", "balanced", "fast"]
+
+
+def test_bench_splits_configs_at_commas_that_start_one():
+    split = cli._split_configs("balanced,window:density=0.25,block_q=64,rettention:base=radial,fast")
+    assert split == ["balanced", "window:density=0.25,block_q=64", "rettention:base=radial", "fast"]
+
+
+@pytest.mark.parametrize(
+    ("args", "argument", "message"),
+    [
+        (["--configs", "turbo"], "--configs", "'turbo'"),
+        (["--configs", "window:density=2"], "--configs", "density must lie in (0, 1], got 2"),
+        (["--configs", "balanced,,fast"], "--configs", "expected comma-separated presets"),
+        (["--repeats", "0"], "--repeats", "must be >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup", "must be >= 0, got -1"),
+        (["--height", "100"], "--height", "positive multiple of 16, got 100"),
+        (["--model", "./missing_folder"], "--model", "no pipeline folder at ./missing_folder"),
+    ],
+)
+def test_bench_bad_arguments_fail_before_loading(
+    args, argument, message, tmp_path, capsys, no_loading, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        _bench(*args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argument}" in err and message in err, err
