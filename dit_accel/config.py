@@ -49,7 +49,9 @@ class SparseAttentionConfig:
             step is then exactly the un-accelerated model (quality baselines and the dense method compare
             against it), it honours ``set_attention_backend``, and diffusers' default on an H200 already
             runs cuDNN, which the measurements put first at every head_dim but 64 (there our dense loop
-            was 3% faster): "auto" would buy at most that 3% today.
+            was 3% faster). The exception is a model whose stock attention passes a key mask: SDPA with a
+            mask leaves cuDNN's fast kernel, and "auto" runs cuDNN on the valid keys instead (HunyuanVideo
+            720p: dense steps 1.37x faster; its presets set "auto").
         timing: record each attention call's wall time in the handle's stats (adds a CUDA event pair per
             call; no host synchronisation until stats are read).
         max_state_bytes: byte budget of what a method keeps per layer between steps (cached LSE, re-ttention's
