@@ -77,12 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="video: clip.mp4 | clip.gif | a folder for PNG frames; image: image.png | a folder",
     )
     r.add_argument(
-        "--model",
-        default="embedded",
-        metavar="PATH_OR_ID",
-        help="a pipeline folder (save_pretrained), a hub id, or 'embedded' (the default: the tiny model)",
-    )
-    r.add_argument(
         "--preset", choices=all_preset_names(), help="dit_accel preset (docs/pipelines.md); default: stock"
     )
     r.add_argument("--method", choices=method_names(), help="dit_accel method instead of a preset")
@@ -122,12 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.set_defaults(_parser=k)
     k.add_argument(
-        "--model",
-        default="embedded",
-        metavar="PATH_OR_ID",
-        help="a pipeline folder (save_pretrained), a hub id, or 'embedded' (the default: the tiny model)",
-    )
-    k.add_argument(
         "--configs",
         help="comma-separated presets of the model's family or method specs (method:key=value,...; quote "
         "specs with commas: 'window:density=0.25'); default: the family's quality, balanced and fast",
@@ -152,7 +140,14 @@ _BENCH_PROMPT = "a large red circle moving right on a black background"
 
 
 def _render_shape_arguments(r: argparse.ArgumentParser) -> None:
-    """What render and bench share: the call's size and steps, seed, device, dtype, embedded weights."""
+    """What render and bench share: the model, the call's size and steps, seed, device, dtype, embedded
+    weights."""
+    r.add_argument(
+        "--model",
+        default="embedded",
+        metavar="PATH_OR_ID",
+        help="a pipeline folder (save_pretrained), a hub id, or 'embedded' (the default: the tiny model)",
+    )
     r.add_argument("--steps", type=int, help="denoising steps (embedded model: 10 on CPU, 30 on GPU)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--frames", type=int, help="frames (embedded model: 4k + 1; 17 on CPU, 49 on GPU)")
@@ -372,13 +367,14 @@ def _write(output, out: str, kind: str, fps: int) -> str:
 # ------------------------------------------------------------------------------------------------ render
 
 
-def _plan(args) -> dict:
-    """Everything about a render that can be checked without loading the model.
+def _check_model(args) -> tuple[str | None, bool]:
+    """``(family, embedded)`` of ``--model`` (family None for a hub id, known once loaded), with
+    ``--weights`` and the call's numbers checked, before anything is loaded.
 
     Raises:
         UsageError: the first argument that cannot work.
     """
-    from dit_accel.pipelines import presets, wrapped
+    from dit_accel.pipelines import wrapped
 
     try:
         family = wrapped.family_of_source(args.model)
@@ -388,6 +384,18 @@ def _plan(args) -> dict:
     if args.weights is not None and args.model != "embedded":
         raise UsageError("--weights", "is for the embedded model; give --model a weights folder instead")
     _check_numbers(args, embedded)
+    return family, embedded
+
+
+def _plan(args) -> dict:
+    """Everything about a render that can be checked without loading the model.
+
+    Raises:
+        UsageError: the first argument that cannot work.
+    """
+    from dit_accel.pipelines import presets
+
+    family, embedded = _check_model(args)
     knobs = _knobs(args)
     settings = None
     if knobs is not None:
@@ -572,14 +580,7 @@ def _bench(args) -> int:
         value = getattr(args, name)
         if value < (0 if name == "warmup" else 1):
             raise UsageError(f"--{name}", f"must be >= {0 if name == 'warmup' else 1}, got {value}")
-    try:
-        family = wrapped.family_of_source(args.model)
-    except ValueError as exc:
-        raise UsageError("--model", str(exc)) from None
-    embedded = wrapped.source_kind(args.model)[0] == "embedded"
-    if args.weights is not None and not embedded:
-        raise UsageError("--weights", "is for the embedded model; give --model a weights folder instead")
-    _check_numbers(args, embedded)
+    family, embedded = _check_model(args)
     _bench_configs(args, family)
     if args.out is not None:
         _writable(Path(args.out), folder=False)
