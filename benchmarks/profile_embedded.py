@@ -3,18 +3,22 @@ calls), dense against each sparse method, and what one attention call costs the 
 
 1. **Renders.** The embedded pipeline at its GPU geometry (49 x 192 x 256), one prompt, per configuration
    (``stock``: no dit_accel; ``dense``: every call through dit_accel's processors on the stock op; then
-   sparse methods): two untimed renders, then ``--repeats`` timed ones (median), then one under
-   ``torch.profiler``: the host's busiest ops (self CPU time), how many kernels were launched, how many
-   host synchronisations happened (``aten::_local_scalar_dense``: ``.item()``, ``bool(tensor)``), and
-   the GPU's busy time against the wall.
+   sparse methods, each also as ``<name>@autotuner+op``: every Triton launch through its custom op and the
+   autotuner, the launch path before direct launches): two untimed renders each, then ``--repeats`` rounds
+   of one timed render per configuration (interleaved, so a slow stretch of the host hits all alike;
+   median), then one render under ``torch.profiler``: the host's busiest ops (self CPU time), how many
+   kernels were launched, how many host synchronisations happened (``aten::_local_scalar_dense``:
+   ``.item()``, ``bool(tensor)``), and the GPU's busy time against the wall; then one under cProfile: the
+   Python functions with the most own time.
 2. **One attention call.** At the model's attention shape (1, 6, 2,496, 64; bf16): cuDNN SDPA, our
-   ``dense_attention(backend="triton")`` and ``block_sparse_attention`` at plan densities 1.0 / 0.5 / 0.25:
+   ``dense_attention(backend="triton")`` and ``block_sparse_attention`` at plan densities 1.0 / 0.5 / 0.25
+   (at 0.5 also the bare launcher and the old launch path):
    the host time to issue a call (100 calls, no synchronisation between them, divided by 100) and the
    device time per call (the same 100 calls, synchronised at the end). This part runs first.
 
 The JSON is written after each part and each configuration, so a run cut short keeps what finished.
 
-    source benchmarks/gpu_env.sh && python3 benchmarks/profile_embedded.py --out PATH.json     # about 2.5 min
+    source benchmarks/gpu_env.sh && python3 benchmarks/profile_embedded.py --out PATH.json     # about 4 min
 
 CPU smoke run (the CPU geometry, 2 steps; no profiler table for the GPU):
 
@@ -24,6 +28,7 @@ CPU smoke run (the CPU geometry, 2 steps; no profiler table for the GPU):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -52,59 +57,139 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def launch_through_autotuner_and_op():
+    """The launch path before direct launches (for side-by-side timing): every Triton call through its
+    ``torch.library`` custom op and through the autotuner's per-launch key lookup."""
+    from dit_accel.kernels import ops, triton_attention, triton_mass, triton_refresh
+
+    modules = (triton_attention, triton_mass, triton_refresh)
+    saved = ops._plain_eager, [m.launch for m in modules]
+    ops._plain_eager = lambda *tensors: False
+    for m in modules:
+        m.launch = lambda kernel, grid, *args, **kwargs: kernel[grid](*args, **kwargs)
+    try:
+        yield
+    finally:
+        ops._plain_eager = saved[0]
+        for m, launch in zip(modules, saved[1]):
+            m.launch = launch
+
+
+def _variants():
+    """(row name, knobs, context) per configuration; sparse ones also on the old launch path."""
+    for name, knobs in CONFIGS.items():
+        yield name, knobs, contextlib.nullcontext
+        if knobs and knobs["method"] != "dense":
+            yield f"{name}@autotuner+op", knobs, launch_through_autotuner_and_op
+
+
 def profile_renders(pipe, call_kwargs, device, repeats: int, top: int, log, out: dict, save) -> None:
-    """Fills ``out`` per configuration and calls ``save()`` after each: a run cut short keeps what ran."""
+    """Fills ``out`` per configuration and calls ``save()`` after each part: a run cut short keeps what ran.
+
+    Timed renders are interleaved (one render of every configuration per round, ``repeats`` rounds) so a slow
+    stretch of the host lands on all configurations alike; the per-configuration median is reported."""
     import dit_accel
     from dit_accel.pipelines.quality import render_frames
 
-    for name, knobs in CONFIGS.items():
+    variants = list(_variants())
+
+    def render(knobs, context):
         handle = dit_accel.apply(pipe.transformer, **knobs) if knobs else None
         try:
-            for _ in range(2):
-                render_frames(pipe, "a red ball moves left", 0, **call_kwargs)
-            times = []
-            for _ in range(repeats):
+            with context():
                 _sync(device)
                 t0 = time.perf_counter()
                 render_frames(pipe, "a red ball moves left", 0, **call_kwargs)
                 _sync(device)
-                times.append(time.perf_counter() - t0)
-            row = {"knobs": knobs, "seconds": statistics.median(times), "all_seconds": times}
-            if device.type == "cuda":
-                from torch.profiler import ProfilerActivity, profile
-
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    render_frames(pipe, "a red ball moves left", 0, **call_kwargs)
-                    _sync(device)
-                    row["profiled_wall_s"] = time.perf_counter() - t0
-                events = prof.key_averages()
-                counts = Counter({e.key: e.count for e in events})
-                row["host_syncs"] = {k: counts[k] for k in SYNC_OPS if counts[k]}
-                row["kernel_launches"] = sum(counts[k] for k in LAUNCH_OPS)
-                row["gpu_busy_s"] = (
-                    sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
-                )
-                busiest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-                row["host_top"] = [
-                    {"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
-                    for e in busiest
-                ]
-            out[name] = row
-            save()
-            log(
-                f"{name}: {row['seconds']:.3f} s per clip"
-                + (
-                    f", {row['kernel_launches']} launches, syncs {row['host_syncs']}, "
-                    f"GPU busy {row['gpu_busy_s']:.3f} s"
-                    if "kernel_launches" in row
-                    else ""
-                )
-            )
+                return time.perf_counter() - t0
         finally:
             if handle is not None:
                 dit_accel.remove(pipe.transformer)
+
+    for name, knobs, context in variants:
+        for _ in range(2):
+            render(knobs, context)
+        out[name] = {"knobs": knobs, "all_seconds": []}
+    for r in range(repeats):
+        for name, knobs, context in variants:
+            out[name]["all_seconds"].append(render(knobs, context))
+        log(
+            f"round {r + 1}/{repeats}: "
+            + ", ".join(f"{n} {out[n]['all_seconds'][-1]:.3f}" for n, *_ in variants)
+        )
+    for name, *_ in variants:
+        out[name]["seconds"] = statistics.median(out[name]["all_seconds"])
+    save()
+    for name, knobs, context in variants:
+        row = out[name]
+        handle = dit_accel.apply(pipe.transformer, **knobs) if knobs else None
+        try:
+            with context():
+                if device.type == "cuda":
+                    profile_one(pipe, call_kwargs, device, top, row)
+                row["python_top"] = python_profile(
+                    lambda: render_frames(pipe, "a red ball moves left", 0, **call_kwargs), top
+                )
+        finally:
+            if handle is not None:
+                dit_accel.remove(pipe.transformer)
+        save()
+        log(
+            f"{name}: {row['seconds']:.3f} s per clip (median of {repeats})"
+            + (
+                f", {row['kernel_launches']} launches, syncs {row['host_syncs']}, "
+                f"GPU busy {row['gpu_busy_s']:.3f} s"
+                if "kernel_launches" in row
+                else ""
+            )
+        )
+
+
+def profile_one(pipe, call_kwargs, device, top: int, row: dict) -> None:
+    """One render under torch.profiler: launches, host syncs, GPU busy time, the host's busiest ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dit_accel.pipelines.quality import render_frames
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _sync(device)
+        t0 = time.perf_counter()
+        render_frames(pipe, "a red ball moves left", 0, **call_kwargs)
+        _sync(device)
+        row["profiled_wall_s"] = time.perf_counter() - t0
+    events = prof.key_averages()
+    counts = Counter({e.key: e.count for e in events})
+    row["host_syncs"] = {k: counts[k] for k in SYNC_OPS if counts[k]}
+    row["kernel_launches"] = sum(counts[k] for k in LAUNCH_OPS)
+    row["gpu_busy_s"] = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+    busiest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    row["host_top"] = [
+        {"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in busiest
+    ]
+
+
+def python_profile(fn, top: int) -> list[dict]:
+    """One call of ``fn`` under cProfile: the ``top`` Python functions by own time (ms) with their calls
+    and cumulative time, so host time can be pinned on a function rather than an aten op."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [
+        {
+            "function": f"{Path(file).name}:{line}({name})",
+            "calls": calls,
+            "own_ms": own * 1e3,
+            "cumulative_ms": cum * 1e3,
+        }
+        for (file, line, name), (_, calls, own, cum, _) in rows
+    ]
 
 
 def one_call(device, dtype, heads: int, seq: int, d: int, log) -> dict:
@@ -118,28 +203,41 @@ def one_call(device, dtype, heads: int, seq: int, d: int, log) -> dict:
     block = 128 if device.type == "cuda" else 16
     nb = -(-seq // block)
     paths = {"sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh)}
+    contexts = {}
     if device.type == "cuda":
         paths["dense_triton"] = lambda: dense_attention(q, k, v, backend="triton", return_lse=False)
+    plans = {}
     for density in (1.0, 0.5, 0.25):
         keep = max(1, round(density * nb))
         idx = torch.arange(nb, device=device)
         mask = ((idx[None, :] - idx[:, None]) % nb < keep)[None, None].expand(1, heads, nb, nb)
-        plan = BlockPlan.from_block_mask(mask, block, block)
+        plans[density] = plan = BlockPlan.from_block_mask(mask, block, block)
         paths[f"sparse_{density}"] = lambda plan=plan: block_sparse_attention(q, k, v, plan)
+    if device.type == "cuda":
+        from dit_accel.kernels.triton_attention import sparse_attention_fwd
+
+        # Layers of one sparse call at density 0.5: the launcher alone, and the whole call on the old path.
+        plan = plans[0.5]
+        paths["sparse_0.5_launcher_only"] = lambda: sparse_attention_fwd(
+            qh, kh, vh, plan.kv_indices, plan.kv_counts, block, block, d**-0.5, None
+        )
+        paths["sparse_0.5@autotuner+op"] = lambda: block_sparse_attention(q, k, v, plan)
+        contexts["sparse_0.5@autotuner+op"] = launch_through_autotuner_and_op
     res = {"shape": [1, heads, seq, d]}
     n = 100 if device.type == "cuda" else 3
     for name, fn in paths.items():
-        for _ in range(3):
-            fn()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host = (time.perf_counter() - t0) / n
-        _sync(device)
-        total = (time.perf_counter() - t0) / n
+        with contexts.get(name, contextlib.nullcontext)():
+            for _ in range(3):
+                fn()
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            host = (time.perf_counter() - t0) / n
+            _sync(device)
+            total = (time.perf_counter() - t0) / n
         res[name] = {"host_ms_per_call": host * 1e3, "ms_per_call": total * 1e3}
-        log(f"  {name:14s} host {host * 1e3:7.3f} ms  per call {total * 1e3:7.3f} ms")
+        log(f"  {name:24s} host {host * 1e3:7.3f} ms  per call {total * 1e3:7.3f} ms")
     return res
 
 

@@ -212,8 +212,7 @@ def _pick(backend: str, qh: torch.Tensor, op: str, block_sizes=(), grad: bool = 
 # --------------------------------------------------------------------------------------------------
 # torch.library registration of the Triton launchers
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("dit_accel::sparse_attention", mutates_args=())
-def _sparse_attention_op(
+def _sparse_attention_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -249,13 +248,17 @@ def _sparse_attention_op(
     )
 
 
+_sparse_attention_op = torch.library.custom_op(
+    "dit_accel::sparse_attention", _sparse_attention_impl, mutates_args=()
+)
+
+
 @_sparse_attention_op.register_fake
 def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, *args):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("dit_accel::refresh_attention", mutates_args=())
-def _refresh_attention_op(
+def _refresh_attention_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -278,6 +281,11 @@ def _refresh_attention_op(
     return out, lse, rho, residual, scale_t
 
 
+_refresh_attention_op = torch.library.custom_op(
+    "dit_accel::refresh_attention", _refresh_attention_impl, mutates_args=()
+)
+
+
 @_refresh_attention_op.register_fake
 def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, residual_dtype):
     rows = q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -291,8 +299,7 @@ def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, residual_
     )
 
 
-@torch.library.custom_op("dit_accel::block_mass", mutates_args=())
-def _block_mass_op(
+def _block_mass_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     lse: torch.Tensor,
@@ -306,11 +313,32 @@ def _block_mass_op(
     return block_mass_fwd(q, k, lse, block_q, block_k, scale, kv_len)
 
 
+_block_mass_op = torch.library.custom_op("dit_accel::block_mass", _block_mass_impl, mutates_args=())
+
+
 @_block_mass_op.register_fake
 def _(q, k, lse, block_q, block_k, scale, kv_len):
     n_qb = -(-q.shape[2] // block_q)
     n_kb = -(-k.shape[2] // block_k)
     return q.new_empty((q.shape[0], q.shape[1], n_qb, n_kb), dtype=torch.float32)
+
+
+def _plain_eager(*tensors) -> bool:
+    """Whether a Triton launcher can be called directly instead of through its custom op: not tracing or
+    compiling, no torch function or dispatch mode, plain tensors only. The custom ops exist so torch.compile
+    and fake-tensor tracing see one opaque node; in plain eager their dispatch is host time a host-bound model
+    pays on every attention call."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and all(t is None or type(t) is torch.Tensor for t in tensors)
+    )
+
+
+def _sparse_attention(*args):
+    direct = _plain_eager(*(a for a in args if isinstance(a, torch.Tensor)))
+    return (_sparse_attention_impl if direct else _sparse_attention_op)(*args)
 
 
 def _from_bhsd(out: torch.Tensor, layout: str) -> torch.Tensor:
@@ -380,7 +408,7 @@ def block_sparse_attention(
             )
     else:
         corr = correction.tensors() if correction is not None else {}
-        out, lse = _sparse_attention_op(
+        out, lse = _sparse_attention(
             qh,
             kh,
             vh,
@@ -450,7 +478,8 @@ def refresh_attention(
         )
         resid = resid.contiguous()
     else:
-        out, lse, rho, resid, r_scale = _refresh_attention_op(
+        refresh = _refresh_attention_impl if _plain_eager(qh, kh, vh, kv_len) else _refresh_attention_op
+        out, lse, rho, resid, r_scale = refresh(
             qh,
             kh,
             vh,
@@ -670,7 +699,7 @@ def dense_attention(
         out, lse = reference.attention_reference(qh, kh, vh, None, scale, kv_len)
     else:
         block = 16 if _interpret() else 128
-        out, lse = _sparse_attention_op(qh, kh, vh, None, None, block, block, scale, kv_len)
+        out, lse = _sparse_attention(qh, kh, vh, None, None, block, block, scale, kv_len)
     out = _from_bhsd(out, layout)
     return (out, lse) if return_lse else out
 
@@ -709,4 +738,5 @@ def block_mass(
     block_q, block_k = _check_block_size("block_q", block_q), _check_block_size("block_k", block_k)
     if _pick(backend, qh, "block_mass", (block_q, block_k)) == "torch":
         return reference.block_mass_reference(qh, kh, lse, block_q, block_k, scale, kv_len)
-    return _block_mass_op(qh, kh, lse, block_q, block_k, scale, kv_len)
+    mass = _block_mass_impl if _plain_eager(qh, kh, lse, kv_len) else _block_mass_op
+    return mass(qh, kh, lse, block_q, block_k, scale, kv_len)

@@ -32,6 +32,7 @@ from .triton_common import (
     dense_loop,
     dot_f32,
     head_dim_pad,
+    launch,
     load_tile,
     plan_args,
     plan_loop,
@@ -223,7 +224,9 @@ def sparse_attention_fwd(
     def grid(meta):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
-    _block_sparse_attn_fwd_kernel[grid](
+    launch(
+        _block_sparse_attn_fwd_kernel,
+        grid,
         q,
         k,
         v,
@@ -262,7 +265,7 @@ def sparse_attention_fwd(
         seq_k,
         scale * LOG2E,
         float(rho_add),
-        seq_bucket(seq_q, seq_k),
+        SEQ_BUCKET=seq_bucket(seq_q, seq_k),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad(head_dim),
         PLAN_BQ=block_q,

@@ -11,6 +11,7 @@ Nothing here is public; kernel modules import these names, never each other's pr
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -247,9 +248,14 @@ def dot_f32(q: torch.Tensor) -> bool:
     return INTERPRET and q.dtype == torch.bfloat16
 
 
+@functools.cache
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def tma_ok(*tensors: torch.Tensor) -> bool:
     """Whether per-(batch, head) tensor descriptors can address these (B, H, S, D) views on this GPU."""
-    if INTERPRET or not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    if INTERPRET or not tensors[0].is_cuda or _capability_major(tensors[0].device) < 9:
         return False
     for t in tensors:
         size = t.element_size()
@@ -268,6 +274,33 @@ def _ensure_allocator():
     if not _ALLOCATOR_SET:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
         _ALLOCATOR_SET = True
+
+
+# (autotuned kernel, its tuning key values, argument dtypes) -> the config its autotuner picked.
+_TUNED: dict = {}
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` for a ``@triton.autotune`` kernel whose tuning keys are all passed by
+    keyword and whose configs have no pre-hook.
+
+    The first launch for a key goes through the autotuner (which tunes on a miss); later launches with that
+    key call the JIT function with the recorded config directly. The autotuner otherwise rebuilds dicts of all
+    ~50 arguments on every launch to find its key: host time that a host-bound model (short sequences, many
+    small calls) pays on every attention call.
+    """
+    key = (
+        kernel,
+        *(kwargs[name] for name in kernel.keys),
+        *(a.dtype for a in args if isinstance(a, torch.Tensor)),
+    )
+    config = _TUNED.get(key)
+    if config is not None:
+        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+        return
+    kernel[grid](*args, **kwargs)
+    if kernel.best_config.pre_hook is None:
+        _TUNED[key] = kernel.best_config
 
 
 def head_dim_pad(d: int) -> int:

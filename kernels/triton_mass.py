@@ -25,6 +25,7 @@ from .triton_common import (
     cfg,
     dot_f32,
     head_dim_pad,
+    launch,
     load_tile,
     prune_configs,
     seq_bucket,
@@ -231,7 +232,9 @@ def block_mass_fwd(
     w = torch.empty(batch, heads, n_qb, n_kb, dtype=torch.float32, device=q.device)
     grid = (n_qb, batch * heads)
 
-    _block_mass_kernel[grid](
+    launch(
+        _block_mass_kernel,
+        grid,
         q,
         k,
         lse,
@@ -252,7 +255,7 @@ def block_mass_fwd(
         n_qb,
         n_kb,
         scale * LOG2E,
-        seq_bucket(seq_q, seq_k),
+        SEQ_BUCKET=seq_bucket(seq_q, seq_k),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad(head_dim),
         PLAN_BQ=block_q,

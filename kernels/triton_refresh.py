@@ -33,6 +33,7 @@ from .triton_common import (
     attention_configs,
     dot_f32,
     head_dim_pad,
+    launch,
     load_tile,
     plan_args,
     plan_loop,
@@ -260,7 +261,9 @@ def refresh_attention_fwd(
     def grid(meta):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
-    _refresh_attn_fwd_kernel[grid](
+    launch(
+        _refresh_attn_fwd_kernel,
+        grid,
         q,
         k,
         v,
@@ -298,7 +301,7 @@ def refresh_attention_fwd(
         seq_q,
         seq_k,
         scale * LOG2E,
-        seq_bucket(seq_q, seq_k),
+        SEQ_BUCKET=seq_bucket(seq_q, seq_k),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad(head_dim),
         PLAN_BQ=block_q,

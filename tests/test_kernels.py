@@ -288,6 +288,60 @@ def test_tensor_descriptor_path(monkeypatch):
     torch.testing.assert_close(w, w_ref, atol=2e-3 * 32, rtol=2e-3)
 
 
+@pytest.mark.interpret
+def test_launch_goes_through_the_autotuner_once_per_key(monkeypatch):
+    """After a key's first launch the recorded config is launched directly: same output; a new key (another
+    plan block size) goes through the autotuner again."""
+    from dit_accel.kernels import triton_attention, triton_common
+
+    kernel = triton_attention._block_sparse_attn_fwd_kernel
+    monkeypatch.setattr(triton_common, "_TUNED", {})
+    tuned = []
+    run = type(kernel).run
+    monkeypatch.setattr(
+        type(kernel), "run", lambda self, *a, **kw: tuned.append(kw["PLAN_BQ"]) or run(self, *a, **kw)
+    )
+    q, k, v = _qkv(1, 70, 2, 32, torch.float16, "bshd", seed=3)
+    plan = _random_plan(1, 2, 70, 70, 16, 0.5, seed=2)
+    first, first_lse = block_sparse_attention(q, k, v, plan, backend="triton")
+    again, again_lse = block_sparse_attention(q, k, v, plan, backend="triton")
+    assert tuned == [16] and len(triton_common._TUNED) == 1
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(again_lse, first_lse, atol=0, rtol=0)
+    block_sparse_attention(q, k, v, _random_plan(1, 2, 70, 70, 32, 0.5, seed=2), backend="triton")
+    assert tuned == [16, 32] and len(triton_common._TUNED) == 2
+
+
+@pytest.mark.interpret
+def test_eager_calls_skip_the_custom_op_and_traced_calls_take_it(monkeypatch):
+    """Plain eager calls run the launcher directly; under a dispatch mode (fake tensors, tracing) the call is
+    the registered custom op, which such modes see as one node."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dit_accel.kernels import ops
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = _qkv(1, 40, 2, 32, torch.float16, "bshd", seed=4)
+    plan = _random_plan(1, 2, 40, 40, 16, 0.5, seed=5)
+    calls = []
+    op = ops._sparse_attention_op
+    monkeypatch.setattr(ops, "_sparse_attention_op", lambda *a: calls.append(1) or op(*a))
+    eager, _ = block_sparse_attention(q, k, v, plan, backend="triton")
+    assert calls == []
+    with Seen() as seen:
+        traced, _ = block_sparse_attention(q, k, v, plan, backend="triton")
+    assert calls == [1] and any("dit_accel.sparse_attention" in name for name in seen.ops)
+    torch.testing.assert_close(traced, eager, atol=0, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Validation and dispatch
 # --------------------------------------------------------------------------------------------------
