@@ -562,3 +562,25 @@ def test_cached_search_new_qk_changes_plan_and_keeps_tiers_when_given():
     assert torch.equal(plan1.to_block_mask(), expected)
     assert not torch.equal(plan1.to_block_mask(), plan0.to_block_mask())
     assert torch.equal(info1.sparsity, info0.sparsity)
+
+
+def test_selection_reads_back_two_numbers_only():
+    """A search runs in the denoising loop: apart from the plan's width (memory) and its density (stats), the
+    selection keeps its decisions on the device (each read-back stalls the host until the GPU catches up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dit_accel.methods.adaspa import _select
+
+    W = torch.rand(2, 6, 9, 11, generator=torch.Generator().manual_seed(0))
+    for kw in ({"sparsity": 0.8, "tau": None, "head_adaptive": True}, {"sparsity": None, "tau": 0.9}):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _select(
+                W,
+                block_q=16,
+                block_k=16,
+                text_q_blocks=None,
+                text_k_blocks=None,
+                **{"head_adaptive": False, **kw},
+            )
+        reads = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+        assert reads == 2, (kw, reads)

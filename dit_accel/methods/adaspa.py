@@ -108,6 +108,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -151,9 +152,18 @@ def _check_mass(W: torch.Tensor) -> None:
         raise ValueError(f"W has no blocks: {tuple(W.shape)}")
 
 
-def _per_head(value, W: torch.Tensor, name: str, low: float, high: float, closed_low: bool) -> torch.Tensor:
-    """A float, [H] or [B, H] (B may be 1) value as float64 [B, H] on W's device, range-checked."""
+def _per_head(
+    value, W: torch.Tensor, name: str, low: float, high: float, closed_low: bool, trusted: bool = False
+) -> torch.Tensor:
+    """A float, [H] or [B, H] (B may be 1) value as float64 [B, H] on W's device, range-checked: on the host
+    for a number, on the device (one synchronisation) for a tensor unless ``trusted`` (made in range here)."""
     batch, heads = W.shape[:2]
+    bracket = "[" if closed_low else "("
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        v = float(value)
+        if not ((v >= low) if closed_low else (v > low)) or not v <= high:
+            raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
+        return torch.full((batch, heads), v, dtype=torch.float64, device=W.device)
     t = torch.as_tensor(value, dtype=torch.float64).to(W.device)
     if t.dim() == 1:
         if t.shape[0] != heads:
@@ -164,10 +174,10 @@ def _per_head(value, W: torch.Tensor, name: str, low: float, high: float, closed
     if t.dim() > 2:
         raise ValueError(f"{name} must be a float, [H] or [B, H], got shape {tuple(t.shape)}")
     t = t.expand(batch, heads)
-    lo_ok = (t >= low) if closed_low else (t > low)
-    if not bool((lo_ok & (t <= high)).all()):
-        bracket = "[" if closed_low else "("
-        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
+    if not trusted:
+        lo_ok = (t >= low) if closed_low else (t > low)
+        if not bool((lo_ok & (t <= high)).all()):
+            raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
     return t
 
 
@@ -192,17 +202,17 @@ def _add_text(mask: torch.Tensor, text_q_blocks, text_k_blocks) -> torch.Tensor:
 
 
 def _scatter_sorted(order: torch.Tensor, counts: torch.Tensor, shape) -> torch.Tensor:
-    """Bool mask of ``shape`` keeping, per row, the first ``counts`` entries of ``order`` (a permutation)."""
-    k_max = int(counts.max().item())
-    order = order[..., :k_max]
-    keep = torch.arange(k_max, device=order.device) < counts.unsqueeze(-1)
-    mask = torch.zeros(shape, dtype=torch.bool, device=order.device)
-    return mask.scatter_(-1, order, keep.expand_as(order))
+    """Bool mask of ``shape`` keeping, per row, the first ``counts`` entries of ``order`` (a permutation of
+    the last axis, so every position is written once: no host synchronisation)."""
+    keep = torch.arange(order.shape[-1], device=order.device) < counts.unsqueeze(-1)
+    return torch.empty(shape, dtype=torch.bool, device=order.device).scatter_(-1, order, keep)
 
 
-def _topk_mask(W: torch.Tensor, sparsity, text_q_blocks, text_k_blocks) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_mask(
+    W: torch.Tensor, sparsity, text_q_blocks, text_k_blocks, trusted: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     _check_mass(W)
-    s = _per_head(sparsity, W, "sparsity", 0.0, 1.0, closed_low=True)
+    s = _per_head(sparsity, W, "sparsity", 0.0, 1.0, closed_low=True, trusted=trusted)
     n_kb = W.shape[-1]
     k = torch.floor((1.0 - s) * n_kb + 0.5).long().clamp(1, n_kb)  # [B, H]
     order = torch.sort(W, dim=-1, descending=True, stable=True).indices
@@ -415,7 +425,7 @@ def _select(
         base_mask, _ = _topk_mask(W, sparsity, text_q_blocks, text_k_blocks)
         base_recall = head_recall(W, base_mask)
         tiers = head_adaptive_sparsity(base_recall, float(sparsity))
-        mask, used = _topk_mask(W, tiers, text_q_blocks, text_k_blocks)
+        mask, used = _topk_mask(W, tiers, text_q_blocks, text_k_blocks, trusted=True)
     else:
         mask, used = _topk_mask(W, sparsity, text_q_blocks, text_k_blocks)
     plan = BlockPlan.from_block_mask(mask, block_q, block_k)
