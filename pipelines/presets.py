@@ -239,7 +239,7 @@ _ROWS: tuple[Preset, ...] = (
             ),
             _embedded_speed("radial", 0.84),
         ),
-        quality=Quality(37.36, 0.986, 0.672, "radial"),
+        quality=Quality(37.39, 0.986, 0.672, "radial"),
         note="Wan defaults: decay 0.2, sink frame, layer 0 and the first 25% of steps dense",
     ),
     Preset(
@@ -256,9 +256,9 @@ _ROWS: tuple[Preset, ...] = (
                 Source(_E2E13, "rows[row=balanced,compiled=True]/speedup"),
             ),
             Speed(1.60, _WAN14, _E2E, Source(_E2E14, "rows[row=adaspa_0.8]/speedup")),
-            _embedded_speed("adaspa", 0.78),
+            _embedded_speed("adaspa", 0.77),
         ),
-        quality=Quality(26.76, 0.930, 0.233, "adaspa"),
+        quality=Quality(26.77, 0.930, 0.233, "adaspa"),
         note="first 20% of steps dense, searched at 20%, re-searched at 60%",
     ),
     Preset(
@@ -268,9 +268,9 @@ _ROWS: tuple[Preset, ...] = (
         {"sparsity": 0.9},
         speed=(
             Speed(1.57, _WAN13, _E2E, Source(_E2E13, "rows[row=fast,compiled=False]/speedup")),
-            _embedded_speed("adaspa:sparsity=0.9", 0.77),
+            _embedded_speed("adaspa:sparsity=0.9", 0.80),
         ),
-        quality=Quality(23.24, 0.854, 0.138, "adaspa:sparsity=0.9"),
+        quality=Quality(23.24, 0.857, 0.138, "adaspa:sparsity=0.9"),
         note="as balanced, half the blocks",
     ),
     # HunyuanVideo's stock attention passes a key mask (padded text), which sends SDPA to a slower kernel
