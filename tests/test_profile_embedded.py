@@ -21,7 +21,9 @@ def test_smoke_run_writes_every_configuration_and_the_one_call_table(tmp_path, m
     assert list(report["renders"]) == names and "radial@autotuner+op" in names
     for row in report["renders"].values():
         assert row["seconds"] > 0 and len(row["all_seconds"]) == 1
-        assert len(row["python_top"]) == 20 and all(f["cumulative_ms"] >= f["own_ms"] >= 0 for f in row["python_top"])
+        assert len(row["python_top"]) == 20 and all(
+            f["cumulative_ms"] >= f["own_ms"] >= 0 for f in row["python_top"]
+        )
     one = report["one_call"]
     assert one["shape"] == [1, 6, 5 * 6 * 8, 64]  # CPU geometry 17x96x128: 5 latent frames of 6x8 tokens
     for path in ("sdpa", "sparse_1.0", "sparse_0.5", "sparse_0.25"):
