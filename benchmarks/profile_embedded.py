@@ -94,18 +94,23 @@ def profile_renders(pipe, call_kwargs, device, repeats: int, top: int, log, out:
 
     variants = list(_variants())
 
-    def render(knobs, context):
+    @contextlib.contextmanager
+    def applied(knobs, context):
         handle = dit_accel.apply(pipe.transformer, **knobs) if knobs else None
         try:
             with context():
-                _sync(device)
-                t0 = time.perf_counter()
-                render_frames(pipe, "a red ball moves left", 0, **call_kwargs)
-                _sync(device)
-                return time.perf_counter() - t0
+                yield
         finally:
             if handle is not None:
                 dit_accel.remove(pipe.transformer)
+
+    def render(knobs, context):
+        with applied(knobs, context):
+            _sync(device)
+            t0 = time.perf_counter()
+            render_frames(pipe, "a red ball moves left", 0, **call_kwargs)
+            _sync(device)
+            return time.perf_counter() - t0
 
     for name, knobs, context in variants:
         for _ in range(2):
@@ -123,17 +128,12 @@ def profile_renders(pipe, call_kwargs, device, repeats: int, top: int, log, out:
     save()
     for name, knobs, context in variants:
         row = out[name]
-        handle = dit_accel.apply(pipe.transformer, **knobs) if knobs else None
-        try:
-            with context():
-                if device.type == "cuda":
-                    profile_one(pipe, call_kwargs, device, top, row)
-                row["python_top"] = python_profile(
-                    lambda: render_frames(pipe, "a red ball moves left", 0, **call_kwargs), top
-                )
-        finally:
-            if handle is not None:
-                dit_accel.remove(pipe.transformer)
+        with applied(knobs, context):
+            if device.type == "cuda":
+                profile_one(pipe, call_kwargs, device, top, row)
+            row["python_top"] = python_profile(
+                lambda: render_frames(pipe, "a red ball moves left", 0, **call_kwargs), top
+            )
         save()
         log(
             f"{name}: {row['seconds']:.3f} s per clip (median of {repeats})"

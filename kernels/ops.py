@@ -336,9 +336,10 @@ def _plain_eager(*tensors) -> bool:
     )
 
 
-def _sparse_attention(*args):
+def _run(impl, op, *args):
+    """``impl(*args)`` in plain eager (see :func:`_plain_eager`), else its registered custom ``op``."""
     direct = _plain_eager(*(a for a in args if isinstance(a, torch.Tensor)))
-    return (_sparse_attention_impl if direct else _sparse_attention_op)(*args)
+    return (impl if direct else op)(*args)
 
 
 def _from_bhsd(out: torch.Tensor, layout: str) -> torch.Tensor:
@@ -408,7 +409,9 @@ def block_sparse_attention(
             )
     else:
         corr = correction.tensors() if correction is not None else {}
-        out, lse = _sparse_attention(
+        out, lse = _run(
+            _sparse_attention_impl,
+            _sparse_attention_op,
             qh,
             kh,
             vh,
@@ -478,8 +481,9 @@ def refresh_attention(
         )
         resid = resid.contiguous()
     else:
-        refresh = _refresh_attention_impl if _plain_eager(qh, kh, vh, kv_len) else _refresh_attention_op
-        out, lse, rho, resid, r_scale = refresh(
+        out, lse, rho, resid, r_scale = _run(
+            _refresh_attention_impl,
+            _refresh_attention_op,
             qh,
             kh,
             vh,
@@ -699,7 +703,9 @@ def dense_attention(
         out, lse = reference.attention_reference(qh, kh, vh, None, scale, kv_len)
     else:
         block = 16 if _interpret() else 128
-        out, lse = _sparse_attention(qh, kh, vh, None, None, block, block, scale, kv_len)
+        out, lse = _run(
+            _sparse_attention_impl, _sparse_attention_op, qh, kh, vh, None, None, block, block, scale, kv_len
+        )
     out = _from_bhsd(out, layout)
     return (out, lse) if return_lse else out
 
@@ -738,5 +744,4 @@ def block_mass(
     block_q, block_k = _check_block_size("block_q", block_q), _check_block_size("block_k", block_k)
     if _pick(backend, qh, "block_mass", (block_q, block_k)) == "torch":
         return reference.block_mass_reference(qh, kh, lse, block_q, block_k, scale, kv_len)
-    mass = _block_mass_impl if _plain_eager(qh, kh, lse, kv_len) else _block_mass_op
-    return mass(qh, kh, lse, block_q, block_k, scale, kv_len)
+    return _run(_block_mass_impl, _block_mass_op, qh, kh, lse, block_q, block_k, scale, kv_len)
