@@ -3,8 +3,9 @@ calls), dense against each sparse method, and what one attention call costs the 
 
 1. **Renders.** The embedded pipeline at its GPU geometry (49 x 192 x 256), one prompt, per configuration
    (``stock``: no dit_accel; ``dense``: every call through dit_accel's processors on the stock op; then
-   sparse methods, each also as ``<name>@autotuner+op``: every Triton launch through its custom op and the
-   autotuner, the launch path before direct launches): two untimed renders each, then ``--repeats`` rounds
+   sparse methods, each also as ``<name>@jit``: every Triton launch through Triton's own launcher
+   (``JITFunction.run``, its argument binder included) instead of the recorded compiled kernel's launcher,
+   the launch path before direct launches): two untimed renders each, then ``--repeats`` rounds
    of one timed render per configuration (interleaved, so a slow stretch of the host hits all alike;
    median), then one render under ``torch.profiler``: the host's busiest ops (self CPU time), how many
    kernels were launched, how many host synchronisations happened (``aten::_local_scalar_dense``:
@@ -12,9 +13,10 @@ calls), dense against each sparse method, and what one attention call costs the 
    Python functions with the most own time.
 2. **One attention call.** At the model's attention shape (1, 6, 2,496, 64; bf16): cuDNN SDPA, our
    ``dense_attention(backend="triton")`` and ``block_sparse_attention`` at plan densities 1.0 / 0.5 / 0.25
-   (at 0.5 also the bare launcher and the old launch path):
+   (at 0.5 also the bare launcher, and both through Triton's own launcher):
    the host time to issue a call (100 calls, no synchronisation between them, divided by 100) and the
-   device time per call (the same 100 calls, synchronised at the end). This part runs first.
+   device time per call (the same 100 calls, synchronised at the end), median of 7 interleaved rounds;
+   then the bare launcher under cProfile. This part runs first (``--one-call-only``: only this part).
 
 The JSON is written after each part and each configuration, so a run cut short keeps what finished.
 
@@ -58,22 +60,17 @@ def _sync(device):
 
 
 @contextlib.contextmanager
-def launch_through_autotuner_and_op():
-    """The launch path before direct launches (for side-by-side timing): every Triton call through its
-    ``torch.library`` custom op and through the autotuner's per-launch key lookup."""
-    from dit_accel.kernels import ops, triton_attention, triton_mass, triton_refresh
+def launch_through_triton():
+    """The launch path before direct launches (for side-by-side timing): every Triton call through
+    ``JITFunction.run`` (argument binding, specialisation, cache lookup) with the recorded config."""
+    from dit_accel.kernels import triton_common
 
-    modules = (triton_attention, triton_mass, triton_refresh)
-    saved = ops._plain_eager, [m.launch for m in modules]
-    ops._plain_eager = lambda *tensors: False
-    for m in modules:
-        m.launch = lambda kernel, grid, *args, **kwargs: kernel[grid](*args, **kwargs)
+    saved = triton_common._DIRECT_ON
+    triton_common._DIRECT_ON = False
     try:
         yield
     finally:
-        ops._plain_eager = saved[0]
-        for m, launch in zip(modules, saved[1]):
-            m.launch = launch
+        triton_common._DIRECT_ON = saved
 
 
 def _variants():
@@ -81,7 +78,7 @@ def _variants():
     for name, knobs in CONFIGS.items():
         yield name, knobs, contextlib.nullcontext
         if knobs and knobs["method"] != "dense":
-            yield f"{name}@autotuner+op", knobs, launch_through_autotuner_and_op
+            yield f"{name}@jit", knobs, launch_through_triton
 
 
 def profile_renders(pipe, call_kwargs, device, repeats: int, top: int, log, out: dict, save) -> None:
@@ -216,28 +213,38 @@ def one_call(device, dtype, heads: int, seq: int, d: int, log) -> dict:
     if device.type == "cuda":
         from dit_accel.kernels.triton_attention import sparse_attention_fwd
 
-        # Layers of one sparse call at density 0.5: the launcher alone, and the whole call on the old path.
+        # Layers of one sparse call at density 0.5: the launcher alone; both also on the old path.
         plan = plans[0.5]
         paths["sparse_0.5_launcher_only"] = lambda: sparse_attention_fwd(
             qh, kh, vh, plan.kv_indices, plan.kv_counts, block, block, d**-0.5, None
         )
-        paths["sparse_0.5@autotuner+op"] = lambda: block_sparse_attention(q, k, v, plan)
-        contexts["sparse_0.5@autotuner+op"] = launch_through_autotuner_and_op
+        paths["sparse_0.5_launcher_only@jit"] = paths["sparse_0.5_launcher_only"]
+        paths["sparse_0.5@jit"] = paths["sparse_0.5"]
+        contexts["sparse_0.5_launcher_only@jit"] = contexts["sparse_0.5@jit"] = launch_through_triton
     res = {"shape": [1, heads, seq, d]}
-    n = 100 if device.type == "cuda" else 3
-    for name, fn in paths.items():
-        with contexts.get(name, contextlib.nullcontext)():
-            for _ in range(3):
-                fn()
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            host = (time.perf_counter() - t0) / n
-            _sync(device)
-            total = (time.perf_counter() - t0) / n
-        res[name] = {"host_ms_per_call": host * 1e3, "ms_per_call": total * 1e3}
-        log(f"  {name:24s} host {host * 1e3:7.3f} ms  per call {total * 1e3:7.3f} ms")
+    n, rounds = (100, 7) if device.type == "cuda" else (3, 1)
+    host = {name: [] for name in paths}
+    total = {name: [] for name in paths}
+    for _ in range(rounds):  # interleaved: a slow stretch of the host hits every path alike
+        for name, fn in paths.items():
+            with contexts.get(name, contextlib.nullcontext)():
+                for _ in range(3):
+                    fn()
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                host[name].append((time.perf_counter() - t0) / n)
+                _sync(device)
+                total[name].append((time.perf_counter() - t0) / n)
+    for name in paths:
+        h, t = statistics.median(host[name]), statistics.median(total[name])
+        res[name] = {"host_ms_per_call": h * 1e3, "ms_per_call": t * 1e3, "rounds": rounds}
+        log(f"  {name:28s} host {h * 1e3:7.3f} ms  per call {t * 1e3:7.3f} ms  (median of {rounds} x {n})")
+    if device.type == "cuda":
+        # Where the launcher's host time goes (Python functions; C calls appear as builtins).
+        fn = paths["sparse_0.5_launcher_only"]
+        res["launcher_python_top"] = python_profile(lambda: [fn() for _ in range(n)], 15)
     return res
 
 
@@ -247,6 +254,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--top", type=int, default=20, help="host ops listed per configuration")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--one-call-only", action="store_true", help="part 2 only (seconds)")
     args = ap.parse_args(argv)
     from dit_accel.pipelines.tiny_video.model import load_tiny_video_pipeline, render_defaults
 
@@ -293,6 +301,8 @@ def main(argv=None) -> dict:
         log,
     )
     save()
+    if args.one_call_only:
+        return report
     report["renders"] = {}
     profile_renders(
         pipe, call_kwargs, device, 1 if args.smoke else args.repeats, args.top, log, report["renders"], save

@@ -29,6 +29,7 @@ from .triton_common import (
     LN2,
     LOG2E,
     attention_configs,
+    cdiv,
     dense_loop,
     dot_f32,
     head_dim_pad,
@@ -214,7 +215,7 @@ def sparse_attention_fwd(
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     dense = kv_indices is None
-    idx, cnt, max_k = plan_args(kv_indices, kv_counts, batch, heads, q.device)
+    idx, cnt, idx_strides, cnt_strides, max_k = plan_args(kv_indices, kv_counts, q.device)
     kv_len_arg = kv_len if kv_len is not None else lse  # any pointer; unused when HAS_KV_LEN is False
     has_corr = rho is not None
     r = residual if has_corr else out  # unused without HAS_CORR
@@ -222,7 +223,7 @@ def sparse_attention_fwd(
     scale_arg = residual_scale if residual_scale is not None else lse
 
     def grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+        return (cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
     launch(
         _block_sparse_attn_fwd_kernel,
@@ -238,28 +239,13 @@ def sparse_attention_fwd(
         rho_arg,
         r,
         scale_arg,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        idx.stride(0),
-        idx.stride(1),
-        idx.stride(2),
-        idx.stride(3),
-        cnt.stride(0),
-        cnt.stride(1),
-        cnt.stride(2),
-        r.stride(0),
-        r.stride(1),
-        r.stride(2),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        *idx_strides,
+        *cnt_strides,
+        *r.stride()[:3],
         heads,
         seq_q,
         seq_k,

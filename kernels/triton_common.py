@@ -279,15 +279,97 @@ def _ensure_allocator():
 # (autotuned kernel, its tuning key values, argument dtypes) -> the config its autotuner picked.
 _TUNED: dict = {}
 
+# Direct launches: a compiled kernel recorded per exact launch key (see _exact_key), launched through its
+# C launcher without Triton's argument binder. The launcher's call convention is Triton-internal, so this is
+# on only for the Triton versions it was checked on (GPU tests compare it bit for bit with JITFunction.run);
+# DIT_ACCEL_DIRECT_LAUNCH=0 turns it off.
+_DIRECT_VERSIONS = ("3.6.",)
+_DIRECT_ON = (
+    not INTERPRET
+    and triton.__version__.startswith(_DIRECT_VERSIONS)
+    and os.environ.get("DIT_ACCEL_DIRECT_LAUNCH", "1") != "0"
+)
+_COMPILED: dict = {}
+_COMPILED_MAX = 4096
+
+
+def _arg_spec(a):
+    """What Triton specialises a launch argument on, or something finer: a tensor's dtype and 16-byte
+    alignment, an int's or bool's exact value (it picks i32/i64 and the ==1 / %16 specialisations), a
+    float's type only (fp32, never specialised), anything else (None) itself."""
+    t = type(a)
+    if t is int or t is bool:
+        return t, a
+    if t is float:
+        return float
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    return t, a
+
+
+def _exact_key(kernel, config, grid, device: int, args, kwargs) -> tuple:
+    """Everything that selects the compiled kernel and the grid of one launch. Two launches with one key
+    would get the same specialisation from Triton's binder: the key holds what the binder reads (argument
+    types, alignments, int values, every constexpr) or more, plus the debug and instrumentation knobs."""
+    knobs = triton.knobs
+    return (
+        kernel,
+        id(config),
+        grid,
+        device,
+        knobs.runtime.debug,
+        knobs.compilation.instrumentation_mode,
+        *map(_arg_spec, args),
+        *kwargs.items(),
+    )
+
+
+def _launch_hooks_set() -> bool:
+    # Triton 3.6 keeps its launch hooks as (usually empty) hook chains; older versions as callables or None.
+    runtime = triton.knobs.runtime
+    return any(
+        hook is not None and getattr(hook, "calls", True)
+        for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook)
+    )
+
+
+def _direct_launch(key, args) -> bool:
+    """Launch the kernel recorded for ``key`` through its C launcher; False when there is none (or a launch
+    hook, e.g. a profiler, wants Triton's own path)."""
+    hit = _COMPILED.get(key)
+    if hit is None or _launch_hooks_set():
+        return False
+    compiled, grid, device, tail = hit
+    stream = triton.runtime.driver.active.get_current_stream(device)
+    compiled.run(
+        grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+        *args, *tail,
+    )  # fmt: skip
+    return True
+
+
+def _record(key, jit_fn, compiled, grid, device: int, n_args: int, named: dict) -> None:
+    # The launcher takes every parameter in signature order (constexpr slots are passed and ignored): the
+    # positional arguments, then the rest by name from the keywords and the config's parameters.
+    params = list(jit_fn.signature.parameters)[n_args:]
+    if any(name not in named for name in params):
+        return  # a parameter left to its default: keep Triton's binder for this kernel
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()
+    _COMPILED[key] = (compiled, grid, device, tuple(named[name] for name in params))
+
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for a ``@triton.autotune`` kernel whose tuning keys are all passed by
-    keyword and whose configs have no pre-hook.
+    keyword, whose configs have no pre-hook, and whose grid (a tuple, or a function of the config's
+    parameters only) depends on nothing but the launch's own arguments.
 
-    The first launch for a key goes through the autotuner (which tunes on a miss); later launches with that
-    key call the JIT function with the recorded config directly. The autotuner otherwise rebuilds dicts of all
-    ~50 arguments on every launch to find its key: host time that a host-bound model (short sequences, many
-    small calls) pays on every attention call.
+    The first launch for a tuning key goes through the autotuner (which tunes on a miss); later launches with
+    that key call the JIT function with the recorded config directly. The autotuner otherwise rebuilds dicts of
+    all ~50 arguments on every launch to find its key: host time that a host-bound model (short sequences,
+    many small calls) pays on every attention call. Where direct launches are on, a launch whose exact key
+    (:func:`_exact_key`) was seen before skips Triton's binder as well and calls the compiled kernel's
+    launcher.
     """
     key = (
         kernel,
@@ -295,28 +377,67 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         *(a.dtype for a in args if isinstance(a, torch.Tensor)),
     )
     config = _TUNED.get(key)
-    if config is not None:
-        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+    if config is None:
+        kernel[grid](*args, **kwargs)
+        if kernel.best_config.pre_hook is None:
+            _TUNED[key] = kernel.best_config
         return
-    kernel[grid](*args, **kwargs)
-    if kernel.best_config.pre_hook is None:
-        _TUNED[key] = kernel.best_config
+    meta = config.all_kwargs()
+    if not _DIRECT_ON:
+        kernel.fn[grid](*args, **kwargs, **meta)
+        return
+    grid = grid(meta) if callable(grid) else grid
+    grid = (*grid, 1, 1)[:3]
+    device = triton.runtime.driver.active.get_current_device()
+    exact = _exact_key(kernel, config, grid, device, args, kwargs)
+    if _direct_launch(exact, args):
+        return
+    compiled = kernel.fn[grid](*args, **kwargs, **meta)
+    if compiled is not None and not hasattr(compiled, "result"):
+        _record(exact, kernel.fn, compiled, grid, device, len(args), {**kwargs, **meta})
+
+
+def _pow2_at_least(n: int) -> int:
+    # triton.next_power_of_2 is a JIT function: calling it from Python costs a microsecond per call.
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def head_dim_pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, _pow2_at_least(d))
 
 
 def seq_bucket(seq_q: int, seq_k: int) -> int:
     """Coarse autotune key: sequence lengths within a power of two share their tuning."""
-    return triton.next_power_of_2(max(seq_q, seq_k)) // 1024
+    return _pow2_at_least(max(seq_q, seq_k)) // 1024
 
 
-def plan_args(kv_indices, kv_counts, batch: int, heads: int, device):
-    """(indices, counts, max_k) broadcast to (batch, heads) by zero strides; a dummy plan when None."""
+@functools.cache
+def _dummy_plan(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Never read (DENSE runs every key block); cached so a dense launch allocates and fills nothing.
+    return (
+        torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device),
+        torch.zeros(1, 1, 1, dtype=torch.int32, device=device),
+    )
+
+
+def _broadcast_strides(t: torch.Tensor) -> tuple[int, ...]:
+    # A dimension of size 1 is broadcast over batch or heads: stride 0.
+    return tuple(st if n != 1 else 0 for n, st in zip(t.shape, t.stride()))
+
+
+def plan_args(kv_indices, kv_counts, device):
+    """(indices, counts, index strides (4), count strides (3), max_k): a plan's [B or 1, H or 1, ...] tensors
+    with zero strides on their broadcast dimensions; a dummy plan when None."""
     if kv_indices is None:
-        kv_indices = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device)
-        kv_counts = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
-    idx = kv_indices.expand(batch, heads, -1, -1)
-    cnt = kv_counts.expand(batch, heads, -1)
-    return idx, cnt, idx.shape[-1]
+        kv_indices, kv_counts = _dummy_plan(device)
+    return (
+        kv_indices,
+        kv_counts,
+        _broadcast_strides(kv_indices),
+        _broadcast_strides(kv_counts),
+        kv_indices.shape[-1],
+    )

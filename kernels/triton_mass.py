@@ -22,6 +22,7 @@ from .triton_common import (
     INTERPRET,
     LOG2E,
     LOG2E_C,
+    cdiv,
     cfg,
     dot_f32,
     head_dim_pad,
@@ -227,7 +228,7 @@ def block_mass_fwd(
     """Launch on (B, H, S, D) views; lse fp32 [B, H, S_q] (any strides). Returns fp32 [B, H, n_qb, n_kb]."""
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
-    n_qb, n_kb = triton.cdiv(seq_q, block_q), triton.cdiv(seq_k, block_k)
+    n_qb, n_kb = cdiv(seq_q, block_q), cdiv(seq_k, block_k)
     kv_len_arg = kv_len if kv_len is not None else lse
     w = torch.empty(batch, heads, n_qb, n_kb, dtype=torch.float32, device=q.device)
     grid = (n_qb, batch * heads)
@@ -240,15 +241,9 @@ def block_mass_fwd(
         lse,
         w,
         kv_len_arg,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        lse.stride(2),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *lse.stride()[:3],
         heads,
         seq_q,
         seq_k,

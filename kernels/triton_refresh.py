@@ -31,6 +31,7 @@ from .triton_common import (
     LOG2E,
     attend_tile,
     attention_configs,
+    cdiv,
     dot_f32,
     head_dim_pad,
     launch,
@@ -253,13 +254,13 @@ def refresh_attention_fwd(
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     rho = torch.empty_like(lse)
-    idx, cnt, max_k = plan_args(kv_indices, kv_counts, batch, heads, q.device)
+    idx, cnt, idx_strides, cnt_strides, max_k = plan_args(kv_indices, kv_counts, q.device)
     kv_len_arg = kv_len if kv_len is not None else lse
     r_fp8 = residual.dtype == torch.float8_e4m3fn
     scale_arg = residual_scale if r_fp8 else lse
 
     def grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+        return (cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
     launch(
         _refresh_attn_fwd_kernel,
@@ -275,28 +276,13 @@ def refresh_attention_fwd(
         idx,
         cnt,
         kv_len_arg,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        residual.stride(0),
-        residual.stride(1),
-        residual.stride(2),
-        idx.stride(0),
-        idx.stride(1),
-        idx.stride(2),
-        idx.stride(3),
-        cnt.stride(0),
-        cnt.stride(1),
-        cnt.stride(2),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        *residual.stride()[:3],
+        *idx_strides,
+        *cnt_strides,
         heads,
         seq_q,
         seq_k,

@@ -312,6 +312,61 @@ def test_launch_goes_through_the_autotuner_once_per_key(monkeypatch):
     assert tuned == [16, 32] and len(triton_common._TUNED) == 2
 
 
+def test_exact_launch_key_separates_what_triton_specialises_on():
+    """A direct launch reuses a compiled kernel only under an identical key: the key must differ wherever
+    Triton's binder could pick another specialisation (alignment, dtype, int value, constexpr, grid)."""
+    from dit_accel.kernels.triton_common import _exact_key
+
+    buf = torch.zeros(64, dtype=torch.float16)
+    aligned, misaligned = buf[:32], buf[1:33]  # data pointers 0 and 2 bytes past a 16-byte boundary
+
+    def key(*args, grid=(4, 2, 1), **kwargs):
+        return _exact_key("k", "cfg", grid, 0, args, {"HEAD_DIM": 64, **kwargs})
+
+    base = key(aligned, 16, 1.5)
+    assert key(buf[8:40], 16, 2.5) == base  # another aligned tensor, another float: same kernel
+    assert key(misaligned, 16, 1.5) != base
+    assert key(aligned.to(torch.bfloat16), 16, 1.5) != base
+    assert key(aligned, 17, 1.5) != base and key(aligned, 1, 1.5) != key(aligned, True, 1.5)
+    assert key(aligned, 16, 1.5, HEAD_DIM=80) != base
+    assert key(aligned, 16, 1.5, grid=(4, 4, 1)) != base
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launch_matches_triton_launch(monkeypatch):
+    """Direct launches (the recorded compiled kernel, no binder) give bit-identical results to Triton's own
+    launch path, and a misaligned view or another batch size gets its own entry instead of a wrong reuse."""
+    from dit_accel.kernels import triton_common
+
+    if not triton_common._DIRECT_ON:
+        pytest.skip(f"direct launches are off for triton {triton_common.triton.__version__}")
+    direct = []
+    launch = triton_common._direct_launch
+    monkeypatch.setattr(triton_common, "_direct_launch", lambda *a: direct.append(launch(*a)) or direct[-1])
+    s, h, d = 1000, 4, 64
+    buf = torch.randn(3, 2, s * h * d + 8, device="cuda").to(torch.bfloat16)
+    cases = {
+        "aligned": [buf[i, :, : s * h * d].view(2, s, h, d) for i in range(3)],
+        "misaligned": [buf[i, :, 1 : s * h * d + 1].view(2, s, h, d) for i in range(3)],
+        "batch1": [buf[i, :1, : s * h * d].view(1, s, h, d) for i in range(3)],
+    }
+    assert cases["misaligned"][0].data_ptr() % 16
+    plan = _random_plan(2, h, s, s, 128, 0.4, seed=6)
+    plan1 = _random_plan(1, h, s, s, 128, 0.4, seed=6)
+    for name, (q, k, v) in cases.items():
+        p = plan1 if name == "batch1" else plan
+        outs = [block_sparse_attention(q, k, v, p, backend="triton") for _ in range(3)]
+        monkeypatch.setattr(triton_common, "_DIRECT_ON", False)
+        ref = block_sparse_attention(q, k, v, p, backend="triton")
+        monkeypatch.setattr(triton_common, "_DIRECT_ON", True)
+        for out, lse in outs:
+            torch.testing.assert_close(out, ref[0], atol=0, rtol=0, msg=name)
+            torch.testing.assert_close(lse, ref[1], atol=0, rtol=0, msg=name)
+    assert any(direct), "no launch went direct"
+    # each case's first Triton-path launch records its own entry; the later ones of that case go direct
+    assert direct.count(False) >= 3
+
+
 @pytest.mark.interpret
 def test_eager_calls_skip_the_custom_op_and_traced_calls_take_it(monkeypatch):
     """Plain eager calls run the launcher directly; under a dispatch mode (fake tensors, tracing) the call is

@@ -18,7 +18,7 @@ def test_smoke_run_writes_every_configuration_and_the_one_call_table(tmp_path, m
     module.main(["--smoke", "--out", str(out)])
     report = json.loads(out.read_text())
     names = [name for name, *_ in module._variants()]
-    assert list(report["renders"]) == names and "radial@autotuner+op" in names
+    assert list(report["renders"]) == names and "radial@jit" in names
     for row in report["renders"].values():
         assert row["seconds"] > 0 and len(row["all_seconds"]) == 1
         assert len(row["python_top"]) == 20 and all(
