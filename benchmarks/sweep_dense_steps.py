@@ -160,8 +160,8 @@ def main(argv=None) -> dict:
         result = json.loads(Path(args.from_json).read_text())
         out = Path(args.out or args.from_json)
     else:
-        result = render(args)
         out = Path(args.out or Path(__file__).parent / "results" / f"dense_steps_{gpu_tag()}.json")
+        result = render(args, save=lambda partial: write_json(out, partial))
     if args.speed:
         result["speed"] = speed_column(result["rows"], args.speed)
     text = (
@@ -178,7 +178,9 @@ def main(argv=None) -> dict:
     return result
 
 
-def render(args) -> dict:
+def render(args, save=None) -> dict:
+    """The sweep's result; ``save(partial)`` after every prompt (rows over the prompts done so far, and
+    ``prompts_done``), so a run that is stopped keeps what it finished."""
     from dit_accel.pipelines.quality import quality_table
     from dit_accel.pipelines.tiny_video.data import held_out_prompts
     from dit_accel.pipelines.tiny_video.model import load_tiny_video_pipeline, render_defaults
@@ -200,9 +202,8 @@ def render(args) -> dict:
     pipe = load_tiny_video_pipeline(device=args.device)
     pipe.set_progress_bar_config(disable=True)
     prompts = [p for p, _ in held_out_prompts(args.prompts)]
-    table = quality_table(pipe, prompts, rows, seed=args.seed, call_kwargs=call)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    return {
+    result = {
         "benchmark": "sweep_dense_steps",
         "geometry": f"{call['num_frames']}x{call['height']}x{call['width']}",
         "call": call,
@@ -212,8 +213,18 @@ def render(args) -> dict:
         "versions": versions(),
         "warmups": warmups,
         "notes": notes,
-        "rows": table,
+        "rows": [],
     }
+    done = 0
+
+    def on_prompt(table):
+        nonlocal done
+        done += 1
+        if save is not None:
+            save({**result, "rows": table, "prompts_done": done})
+
+    result["rows"] = quality_table(pipe, prompts, rows, seed=args.seed, call_kwargs=call, on_prompt=on_prompt)
+    return result
 
 
 if __name__ == "__main__":

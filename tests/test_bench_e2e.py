@@ -194,3 +194,21 @@ def test_dense_steps_sweep_speed_column(smoke):
     assert speed["adaspa dense_steps=0.34"]["speedup"] == pytest.approx(measured["speedup"], rel=1e-9)
     # no warm-up: a fused search at step 0 and a sparse step the 3-step row never timed
     assert "no time for ['sparse']" in speed["adaspa dense_steps=0"]["note"]
+
+
+def test_dense_steps_sweep_saves_after_every_prompt(tmp_path, monkeypatch):
+    """A sweep that is stopped keeps the prompts it finished: the JSON is written after each one."""
+    sweep_path = BENCH.parent / "sweep_dense_steps.py"
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("sweep_dense_steps", sweep_path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    written = []
+    write = sweep.write_json
+    monkeypatch.setattr(sweep, "write_json", lambda p, data: written.append(dict(data)) or write(p, data))
+    out = tmp_path / "sweep.json"
+    argv = ["--device", "cpu", "--prompts", "2", "--methods", "radial", "--warmups", "0", "--steps", "2"]
+    result = sweep.main([*argv, "--out", str(out)])
+    assert [w.get("prompts_done") for w in written] == [1, 2, None]
+    assert [r["method"] for r in written[0]["rows"]] == ["dense (reference)", "radial dense_steps=0"]
+    assert json.loads(out.read_text())["rows"] == result["rows"] and out.with_suffix(".md").exists()
