@@ -194,10 +194,8 @@ _WAN13_COMPILED = _WAN13 + ", compiled"
 _HUNYUAN = "HunyuanVideo 720p 129f, 119,056 tokens"
 _E2E_HY_AUTO = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_dense_auto.json"
 _E2E_ONE_CALL = "H200 bf16, 50 steps, one call per step (embedded guidance), step times composed (bench_e2e)"
-_HUNYUAN_ADASPA_NOTE = (
-    "adaspa at the Wan sparsities; with stock dense steps adaspa 0.8 measured 2.16x at HunyuanVideo 720p "
-    "(docs/e2e.md); with the dense steps on cuDNN without the key mask, as here, not measured yet"
-)
+_E2E_HY_PRESETS = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_presets.json"
+_HUNYUAN_ADASPA_NOTE = "adaspa at the Wan sparsities; dense steps on cuDNN, no key mask"
 
 
 def _embedded_speed(row: str, speedup: float) -> Speed:
@@ -291,6 +289,7 @@ _ROWS: tuple[Preset, ...] = (
         "balanced",
         "adaspa",
         {"sparsity": 0.8, "dense_backend": "auto"},
+        speed=(Speed(2.44, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=balanced]/speedup")),),
         note=_HUNYUAN_ADASPA_NOTE,
     ),
     Preset(
@@ -298,6 +297,7 @@ _ROWS: tuple[Preset, ...] = (
         "fast",
         "adaspa",
         {"sparsity": 0.9, "dense_backend": "auto"},
+        speed=(Speed(2.82, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=fast]/speedup")),),
         note=_HUNYUAN_ADASPA_NOTE,
     ),
     *(
