@@ -276,7 +276,8 @@ def _ensure_allocator():
         _ALLOCATOR_SET = True
 
 
-# (autotuned kernel, its tuning key values, argument dtypes) -> the config its autotuner picked.
+# (autotuned kernel, its tuning key values, argument dtypes) -> the config its autotuner picked, and that
+# config's parameters (BLOCK_M, num_warps, ...) as launch keywords.
 _TUNED: dict = {}
 
 # Direct launches: a compiled kernel recorded per exact launch key (see _exact_key), launched through its
@@ -333,13 +334,13 @@ def _launch_hooks_set() -> bool:
     )
 
 
-def _direct_launch(key, args) -> bool:
-    """Launch the kernel recorded for ``key`` through its C launcher; False when there is none (or a launch
-    hook, e.g. a profiler, wants Triton's own path)."""
+def _direct_launch(key, grid, device: int, args) -> bool:
+    """Launch the kernel recorded for ``key`` (which holds ``grid`` and ``device``) through its C launcher;
+    False when there is none (or a launch hook, e.g. a profiler, wants Triton's own path)."""
     hit = _COMPILED.get(key)
     if hit is None or _launch_hooks_set():
         return False
-    compiled, grid, device, tail = hit
+    compiled, tail = hit
     stream = triton.runtime.driver.active.get_current_stream(device)
     compiled.run(
         grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
@@ -348,7 +349,7 @@ def _direct_launch(key, args) -> bool:
     return True
 
 
-def _record(key, jit_fn, compiled, grid, device: int, n_args: int, named: dict) -> None:
+def _record(key, jit_fn, compiled, n_args: int, named: dict) -> None:
     # The launcher takes every parameter in signature order (constexpr slots are passed and ignored): the
     # positional arguments, then the rest by name from the keywords and the config's parameters.
     params = list(jit_fn.signature.parameters)[n_args:]
@@ -356,7 +357,7 @@ def _record(key, jit_fn, compiled, grid, device: int, n_args: int, named: dict) 
         return  # a parameter left to its default: keep Triton's binder for this kernel
     if len(_COMPILED) >= _COMPILED_MAX:
         _COMPILED.clear()
-    _COMPILED[key] = (compiled, grid, device, tuple(named[name] for name in params))
+    _COMPILED[key] = (compiled, tuple(named[name] for name in params))
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -376,13 +377,13 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         *(kwargs[name] for name in kernel.keys),
         *(a.dtype for a in args if isinstance(a, torch.Tensor)),
     )
-    config = _TUNED.get(key)
-    if config is None:
+    tuned = _TUNED.get(key)
+    if tuned is None:
         kernel[grid](*args, **kwargs)
         if kernel.best_config.pre_hook is None:
-            _TUNED[key] = kernel.best_config
+            _TUNED[key] = (kernel.best_config, kernel.best_config.all_kwargs())
         return
-    meta = config.all_kwargs()
+    config, meta = tuned
     if not _DIRECT_ON:
         kernel.fn[grid](*args, **kwargs, **meta)
         return
@@ -390,11 +391,11 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     grid = (*grid, 1, 1)[:3]
     device = triton.runtime.driver.active.get_current_device()
     exact = _exact_key(kernel, config, grid, device, args, kwargs)
-    if _direct_launch(exact, args):
+    if _direct_launch(exact, grid, device, args):
         return
     compiled = kernel.fn[grid](*args, **kwargs, **meta)
     if compiled is not None and not hasattr(compiled, "result"):
-        _record(exact, kernel.fn, compiled, grid, device, len(args), {**kwargs, **meta})
+        _record(exact, kernel.fn, compiled, len(args), {**kwargs, **meta})
 
 
 def _pow2_at_least(n: int) -> int:
