@@ -19,6 +19,8 @@ calls), dense against each sparse method, and what one attention call costs the 
    then the bare launcher under cProfile. This part runs first (``--one-call-only``: only this part).
 
 The JSON is written after each part and each configuration, so a run cut short keeps what finished.
+``--renders-only --no-profile --no-jit --configs dense,radial --repeats 15``: only the timed renders of those
+configurations, each with its ratio to ``dense`` per round (median) and the rounds it was at least as fast.
 
     source benchmarks/gpu_env.sh && python3 benchmarks/profile_embedded.py --out PATH.json     # about 4 min
 
@@ -47,6 +49,7 @@ CONFIGS = {
     "stock": None,
     "dense": {"method": "dense"},
     "balanced": {"method": "adaspa", "sparsity": 0.8},
+    "fast": {"method": "adaspa", "sparsity": 0.9},
     "radial": {"method": "radial"},
     "window_0.25_no_warmup": {"method": "window", "density": 0.25, "dense_steps": 0},
 }
@@ -73,23 +76,28 @@ def launch_through_triton():
         triton_common._DIRECT_ON = saved
 
 
-def _variants():
-    """(row name, knobs, context) per configuration; sparse ones also on the old launch path."""
+def _variants(names=None, jit: bool = True):
+    """(row name, knobs, context) per configuration (``names``: those only); with ``jit`` sparse ones also on
+    the old launch path."""
     for name, knobs in CONFIGS.items():
+        if names is not None and name not in names:
+            continue
         yield name, knobs, contextlib.nullcontext
-        if knobs and knobs["method"] != "dense":
+        if jit and knobs and knobs["method"] != "dense":
             yield f"{name}@jit", knobs, launch_through_triton
 
 
-def profile_renders(pipe, call_kwargs, device, repeats: int, top: int, log, out: dict, save) -> None:
+def profile_renders(
+    pipe, call_kwargs, device, repeats: int, top: int, log, out: dict, save, variants, profiled: bool = True
+) -> None:
     """Fills ``out`` per configuration and calls ``save()`` after each part: a run cut short keeps what ran.
 
     Timed renders are interleaved (one render of every configuration per round, ``repeats`` rounds) so a slow
-    stretch of the host lands on all configurations alike; the per-configuration median is reported."""
+    stretch of the host lands on all configurations alike; the per-configuration median is reported, with
+    each configuration's ratio to ``dense`` per round (median) where ``dense`` ran. ``profiled=False`` skips
+    the profiled renders."""
     import dit_accel
     from dit_accel.pipelines.quality import render_frames
-
-    variants = list(_variants())
 
     @contextlib.contextmanager
     def applied(knobs, context):
@@ -122,7 +130,24 @@ def profile_renders(pipe, call_kwargs, device, repeats: int, top: int, log, out:
         )
     for name, *_ in variants:
         out[name]["seconds"] = statistics.median(out[name]["all_seconds"])
+        if "dense" in out:
+            ratios = [d / s for d, s in zip(out["dense"]["all_seconds"], out[name]["all_seconds"])]
+            out[name]["speedup_vs_dense"] = statistics.median(ratios)
+            out[name]["rounds_faster_than_dense"] = sum(r >= 1.0 for r in ratios)
     save()
+    for name, *_ in variants:
+        row = out[name]
+        log(
+            f"{name}: {row['seconds']:.3f} s per clip (median of {repeats})"
+            + (
+                f", {row['speedup_vs_dense']:.3f}x dense (median per round; "
+                f"{row['rounds_faster_than_dense']}/{repeats} rounds at least as fast)"
+                if "speedup_vs_dense" in row
+                else ""
+            )
+        )
+    if not profiled:
+        return
     for name, knobs, context in variants:
         row = out[name]
         with applied(knobs, context):
@@ -132,15 +157,11 @@ def profile_renders(pipe, call_kwargs, device, repeats: int, top: int, log, out:
                 lambda: render_frames(pipe, "a red ball moves left", 0, **call_kwargs), top
             )
         save()
-        log(
-            f"{name}: {row['seconds']:.3f} s per clip (median of {repeats})"
-            + (
-                f", {row['kernel_launches']} launches, syncs {row['host_syncs']}, "
+        if "kernel_launches" in row:
+            log(
+                f"{name}: {row['kernel_launches']} launches, syncs {row['host_syncs']}, "
                 f"GPU busy {row['gpu_busy_s']:.3f} s"
-                if "kernel_launches" in row
-                else ""
             )
-        )
 
 
 def profile_one(pipe, call_kwargs, device, top: int, row: dict) -> None:
@@ -255,6 +276,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--top", type=int, default=20, help="host ops listed per configuration")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--one-call-only", action="store_true", help="part 2 only (seconds)")
+    ap.add_argument("--renders-only", action="store_true", help="part 1 only")
+    ap.add_argument("--no-profile", action="store_true", help="timed renders only, no profiled ones")
+    ap.add_argument("--no-jit", action="store_true", help="no <name>@jit rows")
+    ap.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)}")
     args = ap.parse_args(argv)
     from dit_accel.pipelines.tiny_video.model import load_tiny_video_pipeline, render_defaults
 
@@ -291,21 +316,37 @@ def main(argv=None) -> dict:
 
     cfg = pipe.transformer.config
     tokens = ((geo["frames"] - 1) // 4 + 1) * (geo["height"] // 16) * (geo["width"] // 16)  # VAE 4x, patch 4
-    log("one attention call at the model's shape:")
-    report["one_call"] = one_call(
-        device,
-        torch.bfloat16 if device.type == "cuda" else torch.float32,
-        cfg.num_attention_heads,
-        tokens,
-        cfg.attention_head_dim,
-        log,
-    )
-    save()
-    if args.one_call_only:
-        return report
+    if not args.renders_only:
+        log("one attention call at the model's shape:")
+        report["one_call"] = one_call(
+            device,
+            torch.bfloat16 if device.type == "cuda" else torch.float32,
+            cfg.num_attention_heads,
+            tokens,
+            cfg.attention_head_dim,
+            log,
+        )
+        save()
+        if args.one_call_only:
+            return report
+    names = None
+    if args.configs:
+        names = args.configs.split(",")
+        unknown = sorted(set(names) - set(CONFIGS))
+        if unknown:
+            ap.error(f"--configs: unknown {unknown}; known: {', '.join(CONFIGS)}")
     report["renders"] = {}
     profile_renders(
-        pipe, call_kwargs, device, 1 if args.smoke else args.repeats, args.top, log, report["renders"], save
+        pipe,
+        call_kwargs,
+        device,
+        1 if args.smoke else args.repeats,
+        args.top,
+        log,
+        report["renders"],
+        save,
+        list(_variants(names, jit=not args.no_jit)),
+        profiled=not args.no_profile,
     )
     log(f"wrote {out}")
     return report

@@ -28,3 +28,35 @@ def test_smoke_run_writes_every_configuration_and_the_one_call_table(tmp_path, m
     assert one["shape"] == [1, 6, 5 * 6 * 8, 64]  # CPU geometry 17x96x128: 5 latent frames of 6x8 tokens
     for path in ("sdpa", "sparse_1.0", "sparse_0.5", "sparse_0.25"):
         assert 0 < one[path]["host_ms_per_call"] <= one[path]["ms_per_call"]
+
+
+def test_renders_only_subset_reports_ratio_to_dense_per_round(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("profile_embedded", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "renders.json"
+    module.main(
+        [
+            "--smoke",
+            "--out",
+            str(out),
+            "--renders-only",
+            "--no-profile",
+            "--no-jit",
+            "--configs",
+            "dense,radial",
+        ]
+    )
+    report = json.loads(out.read_text())
+    assert "one_call" not in report and list(report["renders"]) == ["dense", "radial"]
+    dense, radial = report["renders"]["dense"], report["renders"]["radial"]
+    assert "python_top" not in radial
+    assert radial["speedup_vs_dense"] == dense["all_seconds"][0] / radial["all_seconds"][0]
+    assert dense["speedup_vs_dense"] == 1.0 and radial["rounds_faster_than_dense"] in (0, 1)
+    try:
+        module.main(["--smoke", "--renders-only", "--configs", "nope"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("an unknown --configs name must be an argparse error")

@@ -1,0 +1,27 @@
+"""benchmarks/host_breakdown.py: its CPU smoke run times every configuration and writes the JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "host_breakdown.py"
+
+
+def test_smoke_run_times_every_configuration(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("host_breakdown", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "hb.json"
+    module.main(["--smoke", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert list(report["configs"]) == list(module.CONFIGS)
+    assert report["steps"] == 2 and report["geometry"]["hidden_states"][0] == 1
+    for name, row in report["configs"].items():
+        assert row["wall_ms_per_forward"] >= row["host_ms_per_forward"] > 0
+        if module.CONFIGS[name] is None:
+            assert "runtime.attend" not in row  # stock never enters dit_accel
+        else:  # 6 layers x 2 contexts x 2 steps, each through dit_accel's runtime
+            assert row["runtime.attend"]["calls"] == 24 and row["runtime.attend"]["us_per_call"] > 0
