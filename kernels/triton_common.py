@@ -183,17 +183,22 @@ def plan_loop(
     BLOCK_N: tl.constexpr,
 ):
     # The key blocks of one plan row (``count`` sorted indices at idx_base). A row that keeps every key
-    # block runs the dense loop: affine addresses pipeline better than indirect ones (~16% on an H200).
-    # Otherwise the blocks that can hold a masked key (sequence tail, kv_len) form a suffix of the sorted
-    # list; a binary search finds it and only that suffix pays for the mask.
+    # block runs the dense loop: affine addresses pipeline better than indirect ones (0.90x cuDNN against
+    # 0.73x at Wan shapes on an H200). Otherwise the blocks that can hold a masked key (sequence tail,
+    # kv_len) form a suffix of the sorted list; a binary search finds it and only that suffix pays for the
+    # mask. The unmasked loop reads the next iteration's block index one iteration ahead, so the tile loads
+    # never wait on the index load (+4-10% at densities 0.1-0.5 on an H200, docs/kernels.md).
     SUB: tl.constexpr = PLAN_BK // BLOCK_N
     if count == tl.cdiv(seq_k, PLAN_BK):
         acc, m_i, l_i = dense_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, seq_k,
                                    kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, BLOCK_N)  # fmt: skip
     else:
         n_full = first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK, MAX_K_LOG2)
-        for t in range(0, n_full * SUB):
-            kb = tl.load(idx_base + (t // SUB) * stride_ik)
+        n_unmasked = n_full * SUB
+        kb_next = tl.load(idx_base, mask=n_unmasked > 0, other=0)
+        for t in range(0, n_unmasked):
+            kb = kb_next
+            kb_next = tl.load(idx_base + ((t + 1) // SUB) * stride_ik, mask=t + 1 < n_unmasked, other=0)
             start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
             acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_n,
                                         offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32,
@@ -214,17 +219,23 @@ def cfg(m: int, n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
 
 
+# (BLOCK_M, BLOCK_N, warps, stages) of the attention and refresh kernels' autotuner (attention_configs).
+_TILES = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3))
+_LOW_DENSITY_TILES = ((128, 64, 8, 4), (64, 128, 4, 3), (64, 128, 4, 4))
+
+
 def attention_configs() -> list[triton.Config]:
     """Tile candidates of the attention and refresh kernels.
 
     Re-tune: ``python benchmarks/bench_kernels.py --sweep wan1.3b_480p_81f,pixart_2k,cogvideox5b_49f`` times
-    every variant. On an H200 (triton 3.6) tensor descriptors (set wherever the inputs allow them) gave +10%
+    every variant; ``benchmarks/ab_plan_loop.py`` compares source variants of the key-block loop and this list. On an H200 (triton 3.6) tensor descriptors (set wherever the inputs allow them) gave +10%
     at head_dim 128 and 2.2x at 72; warp specialisation changed nothing or failed to compile, so it is not
-    offered.
+    offered. The deeper-pipelined 128x64 and the 64x128 tiles won at low densities at Wan-14B's shape (0.86x
+    cuDNN against 0.82x at density 0.1).
     """
     if INTERPRET:
         return [cfg(16, 16, 4, 1)]
-    return [cfg(*c) for c in [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)]]
+    return [cfg(*c) for c in (*_TILES, *_LOW_DENSITY_TILES)]
 
 
 def prune_configs(configs, named_args, **kwargs):

@@ -1,0 +1,167 @@
+"""A/B of source variants of the sparse kernel's key-block loop (``triton_common.plan_loop``) and its tile
+list, at real shapes, in one process on one GPU.
+
+Each variant is the current ``kernels/triton_attention.py`` + ``kernels/triton_common.py`` with textual
+substitutions, imported as its own package (own autotuner, own launch cache), and launched on the same random
+block plans (``bench_kernels.make_mask``); every output is compared with the current kernel's (max abs
+difference), then each variant is timed in three interleaved rounds of ``triton.testing.do_bench`` (the
+middle one is kept) and its effective TF/s (computed blocks only) is divided by cuDNN's dense TF/s.
+
+Variants (``--variants``; a substitution whose source text is no longer there fails loudly):
+    current        the kernel as it is
+    old_loop       the block index loaded in the iteration that uses it (no read-ahead)
+    old_tiles      the tile list before the 128x64 4-stage and 64x128 tiles were added
+    old            both of the above (the kernel before read-ahead and the new tiles)
+    prefetch2      the index read two iterations ahead
+    no_shortcut    full plan rows through the indexed loop instead of the dense loop
+
+    source benchmarks/gpu_env.sh && python3 benchmarks/ab_plan_loop.py --out PATH.json     # about 3 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import versions  # noqa: E402
+from bench_kernels import computed_pairs, make_mask, tflops  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+CUR_LOOP = """        n_unmasked = n_full * SUB
+        kb_next = tl.load(idx_base, mask=n_unmasked > 0, other=0)
+        for t in range(0, n_unmasked):
+            kb = kb_next
+            kb_next = tl.load(idx_base + ((t + 1) // SUB) * stride_ik, mask=t + 1 < n_unmasked, other=0)"""
+OLD_LOOP = """        n_unmasked = n_full * SUB
+        for t in range(0, n_unmasked):
+            kb = tl.load(idx_base + (t // SUB) * stride_ik)"""
+PREFETCH2_LOOP = """        n_unmasked = n_full * SUB
+        kb_next = tl.load(idx_base, mask=n_unmasked > 0, other=0)
+        kb_next2 = tl.load(idx_base + (1 // SUB) * stride_ik, mask=1 < n_unmasked, other=0)
+        for t in range(0, n_unmasked):
+            kb = kb_next
+            kb_next = kb_next2
+            kb_next2 = tl.load(idx_base + ((t + 2) // SUB) * stride_ik, mask=t + 2 < n_unmasked, other=0)"""
+CUR_TILES = "(*_TILES, *_LOW_DENSITY_TILES)"
+OLD_TILES = "_TILES"
+SHORTCUT = "    if count == tl.cdiv(seq_k, PLAN_BK):"
+VARIANTS = {
+    "current": [],
+    "old_loop": [(CUR_LOOP, OLD_LOOP)],
+    "old_tiles": [(CUR_TILES, OLD_TILES)],
+    "old": [(CUR_LOOP, OLD_LOOP), (CUR_TILES, OLD_TILES)],
+    "prefetch2": [(CUR_LOOP, PREFETCH2_LOOP)],
+    "no_shortcut": [(SHORTCUT, "    if count == -1:")],
+}
+SHAPES = {  # name: (H, S, D, densities); B = 1
+    "wan14b_720p_81f": (40, 75600, 128, (0.5, 0.25, 0.1)),
+    "wan1.3b_480p_81f": (12, 32760, 128, (0.5, 0.25, 0.1)),
+    "flux_1024": (24, 4608, 128, (0.5, 0.1)),
+}
+
+
+def build_variants(names: list[str], where: Path) -> dict:
+    """name -> the variant's ``triton_attention`` module."""
+    mods = {}
+    for name in names:
+        pkg = where / f"ab_{name}"
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        shutil.copy(ROOT / "kernels" / "triton_attention.py", pkg / "triton_attention.py")
+        src = (ROOT / "kernels" / "triton_common.py").read_text()
+        for old, new in VARIANTS[name]:
+            if old not in src:
+                raise SystemExit(f"variant {name}: the source no longer contains {old.strip()[:60]!r}")
+            src = src.replace(old, new)
+        (pkg / "triton_common.py").write_text(src)
+    sys.path.insert(0, str(where))
+    for name in names:
+        mods[name] = importlib.import_module(f"ab_{name}.triton_attention")
+    return mods
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="current,old_loop,old_tiles,old,prefetch2")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    mods = build_variants(["current", *[n for n in names if n != "current"]], Path(tempfile.mkdtemp()))
+    report = {"benchmark": "ab_plan_loop", "device": torch.cuda.get_device_name(), "versions": versions()}
+    report["rows"] = rows = []
+    for shape in args.shapes.split(","):
+        run_shape(shape, mods, rows, lambda: args.out.write_text(json.dumps(report, indent=1) + "\n"))
+        torch.cuda.empty_cache()
+    return report
+
+
+def run_shape(shape: str, mods: dict, rows: list, save) -> None:
+    """Every density of one shape: check each variant against the current kernel, time, append rows."""
+    import triton.testing
+
+    heads, seq, d, densities = SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, seq, heads, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "qkv")
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D) views of diffusers' (B, S, H, D)
+
+    def cudnn():
+        return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)
+
+    cu_ms = triton.testing.do_bench(cudnn, warmup=25, rep=200, return_mode="median")
+    cu_tf = tflops(seq * seq * heads, 1, d, cu_ms)
+    print(f"{shape}: cuDNN {cu_ms:.3f} ms, {cu_tf:.0f} TF/s", flush=True)
+    n = math.ceil(seq / 128)
+    for density in densities:
+        mask = make_mask("random", heads, n, n, density)
+        idx, cnt = _plan(mask)
+        fns = {
+            name: (lambda m=m: m.sparse_attention_fwd(qh, kh, vh, idx, cnt, 128, 128, d**-0.5, None)[0])
+            for name, m in mods.items()
+        }
+        ref = fns["current"]().float()
+        pairs = computed_pairs(mask, seq, 128)
+        row = {"shape": shape, "density": pairs / (seq * seq * heads), "cudnn_tflops": cu_tf}
+        row["max_abs_diff_vs_current"] = {
+            name: float((fn().float() - ref).abs().max()) for name, fn in fns.items()
+        }
+        times = {name: [] for name in fns}
+        for _ in range(3):  # interleaved rounds: a slow stretch hits every variant alike
+            for name, fn in fns.items():
+                times[name].append(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
+        for name, ts in times.items():
+            ms = sorted(ts)[1]
+            tf = tflops(pairs, 1, d, ms)
+            row[name] = {"ms": ms, "tflops": tf, "vs_cudnn": tf / cu_tf}
+        rows.append(row)
+        print(
+            f"  density {row['density']:.3f}: "
+            + ", ".join(f"{name} {row[name]['tflops']:.0f} ({row[name]['vs_cudnn']:.2f}x)" for name in fns),
+            flush=True,
+        )
+        save()
+
+
+def _plan(mask: torch.Tensor):
+    from dit_accel.kernels import BlockPlan
+
+    plan = BlockPlan.from_block_mask(mask.cuda(), 128, 128)
+    return plan.kv_indices, plan.kv_counts
+
+
+if __name__ == "__main__":
+    main()
