@@ -367,15 +367,11 @@ def test_batch2_with_batched_cfg(build, run, kwargs):
 
 
 def test_forward_benchmark_smoke(tmp_path, monkeypatch):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_forward.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # as `python benchmarks/bench_forward.py` has it
-    spec = importlib.util.spec_from_file_location("bench_forward", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from _bench import load_benchmark
+
+    bench = load_benchmark("bench_forward", monkeypatch)
     out = tmp_path / "forward.json"
     result = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == result

@@ -3,26 +3,20 @@ composition of a run's time from per-step times."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from _bench import load_benchmark
 
 from dit_accel.methods import method_names
 from dit_accel.methods.adaspa import AdaspaSchedule
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_e2e.py"
 SMOKE_ROWS = "stock,dense,adaspa_0.8,rettention_window_0.05,balanced"
 
 
 def _load(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH.parent))  # as `python benchmarks/bench_e2e.py` has it
-    spec = importlib.util.spec_from_file_location("bench_e2e", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_e2e", monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +171,7 @@ def test_report_rewrites_the_marked_region(smoke, tmp_path):
 
 def test_dense_steps_sweep_speed_column(smoke):
     _, result, path = smoke
-    sweep_path = BENCH.parent / "sweep_dense_steps.py"
-    spec = importlib.util.spec_from_file_location("sweep_dense_steps", sweep_path)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_benchmark("sweep_dense_steps")
     rows, _ = sweep.sweep_rows([0.0, 0.34], [m for m in sweep.METHODS if m["label"] == "adaspa"])
     assert rows == {
         "adaspa dense_steps=0": {"method": "adaspa", "dense_steps": 0.0},
@@ -198,11 +189,7 @@ def test_dense_steps_sweep_speed_column(smoke):
 
 def test_dense_steps_sweep_saves_after_every_prompt(tmp_path, monkeypatch):
     """A sweep that is stopped keeps the prompts it finished: the JSON is written after each one."""
-    sweep_path = BENCH.parent / "sweep_dense_steps.py"
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("sweep_dense_steps", sweep_path)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_benchmark("sweep_dense_steps", monkeypatch)
     written = []
     write = sweep.write_json
     monkeypatch.setattr(sweep, "write_json", lambda p, data: written.append(dict(data)) or write(p, data))

@@ -1,16 +1,12 @@
 """The re-ttention kernel benchmark runs (CPU smoke mode), checks before it times, and writes its JSON."""
 
-import importlib.util
 import json
-from pathlib import Path
+
+from _bench import load_benchmark
 
 
 def test_bench_rettention_smoke(tmp_path, monkeypatch):
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_rettention.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # as `python benchmarks/bench_rettention.py` has it
-    spec = importlib.util.spec_from_file_location("bench_rettention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_rettention", monkeypatch)
     out = tmp_path / "r.json"
     assert bench.main(["--smoke", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

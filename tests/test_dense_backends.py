@@ -381,11 +381,9 @@ def test_dense_passes_with_lse_use_the_configured_backend(monkeypatch, backend, 
 # The benchmark script runs (CPU smoke mode), so it cannot rot
 # --------------------------------------------------------------------------------------------------
 def test_dense_benchmark_smoke(tmp_path, monkeypatch):
-    path = ROOT / "benchmarks" / "bench_dense.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # as `python benchmarks/bench_dense.py` has it
-    spec = importlib.util.spec_from_file_location("bench_dense", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from _bench import load_benchmark
+
+    bench = load_benchmark("bench_dense", monkeypatch)
     out = tmp_path / "dense.json"
     report = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == report

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "host_breakdown.py"
+from _bench import load_benchmark
 
 
 def test_smoke_run_times_every_configuration(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("host_breakdown", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("host_breakdown", monkeypatch)
     out = tmp_path / "hb.json"
     module.main(["--smoke", "--out", str(out)])
     report = json.loads(out.read_text())

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "profile_embedded.py"
+from _bench import load_benchmark
 
 
 def test_smoke_run_writes_every_configuration_and_the_one_call_table(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("profile_embedded", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("profile_embedded", monkeypatch)
     out = tmp_path / "profile.json"
     module.main(["--smoke", "--out", str(out)])
     report = json.loads(out.read_text())
@@ -31,10 +26,7 @@ def test_smoke_run_writes_every_configuration_and_the_one_call_table(tmp_path, m
 
 
 def test_renders_only_subset_reports_ratio_to_dense_per_round(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("profile_embedded", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("profile_embedded", monkeypatch)
     out = tmp_path / "renders.json"
     module.main(
         [
