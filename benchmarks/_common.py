@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import re
 import statistics
@@ -25,6 +26,33 @@ def bench(fn, smoke: bool = False, rep_ms: int = 500, warmup_ms: int | None = No
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def import_source_variants(variants: dict[str, dict[str, str]], entry: str, where) -> dict:
+    """A/B of kernel source variants in one process: per variant, a package ``ab_<name>`` under ``where``
+    holding the given files (file name -> source text; relative imports between them resolve inside the
+    package, so each variant has its own autotuner and launch caches). Returns name -> its module
+    ``entry``."""
+    from pathlib import Path
+
+    where = Path(where)
+    for name, files in variants.items():
+        pkg = where / f"ab_{name}"
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        for file_name, text in files.items():
+            (pkg / file_name).write_text(text)
+    sys.path.insert(0, str(where))
+    return {name: importlib.import_module(f"ab_{name}.{entry}") for name in variants}
+
+
+def substitute(src: str, pairs, variant: str) -> str:
+    """``src`` with each (old, new) text replaced; an old text no longer in the source fails loudly."""
+    for old, new in pairs:
+        if old not in src:
+            raise SystemExit(f"variant {variant}: the source no longer contains {old.strip()[:60]!r}")
+        src = src.replace(old, new)
+    return src
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

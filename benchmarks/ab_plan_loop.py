@@ -21,10 +21,8 @@ Variants (``--variants``; a substitution whose source text is no longer there fa
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import versions  # noqa: E402
+from _common import import_source_variants, substitute, versions  # noqa: E402
 from bench_kernels import computed_pairs, make_mask, tflops  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -71,22 +69,13 @@ SHAPES = {  # name: (H, S, D, densities); B = 1
 
 def build_variants(names: list[str], where: Path) -> dict:
     """name -> the variant's ``triton_attention`` module."""
-    mods = {}
-    for name in names:
-        pkg = where / f"ab_{name}"
-        pkg.mkdir(parents=True)
-        (pkg / "__init__.py").write_text("")
-        shutil.copy(ROOT / "kernels" / "triton_attention.py", pkg / "triton_attention.py")
-        src = (ROOT / "kernels" / "triton_common.py").read_text()
-        for old, new in VARIANTS[name]:
-            if old not in src:
-                raise SystemExit(f"variant {name}: the source no longer contains {old.strip()[:60]!r}")
-            src = src.replace(old, new)
-        (pkg / "triton_common.py").write_text(src)
-    sys.path.insert(0, str(where))
-    for name in names:
-        mods[name] = importlib.import_module(f"ab_{name}.triton_attention")
-    return mods
+    attention = (ROOT / "kernels" / "triton_attention.py").read_text()
+    common = (ROOT / "kernels" / "triton_common.py").read_text()
+    sources = {
+        name: {"triton_attention.py": attention, "triton_common.py": substitute(common, VARIANTS[name], name)}
+        for name in names
+    }
+    return import_source_variants(sources, "triton_attention", where)
 
 
 def main(argv=None) -> dict:

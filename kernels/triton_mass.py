@@ -63,7 +63,7 @@ def _mass_tile(
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
         p = tl.where(cols[None, :] < kv_limit, p, 0.0)
-    return tl.sum(tl.sum(p, 1), 0)
+    return tl.sum(p, 1)  # per query row: the rows are summed once per chunk of key blocks
 
 
 @triton.jit
@@ -120,8 +120,9 @@ def _mass_block(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Mass of plan block (row block of this program, key block c), summed over its query and key tiles.
-    w = 0.0
+    # Mass of plan block (row block of this program, key block c) per query row of the kernel's tile, summed
+    # over the plan block's query and key tiles.
+    w = tl.zeros([BLOCK_M], dtype=tl.float32)
     for r in tl.static_range(SUBM):
         if SUBM > 1:
             # Several query tiles per plan block: reload each (from L2) rather than add across programs.
@@ -133,11 +134,21 @@ def _mass_block(
     return w
 
 
+# Key blocks whose row sums are reduced together (see the kernel's loop); `benchmarks/ab_block_mass.py`.
+CHUNK = 16
+
+
+# (BLOCK_M, BLOCK_N, warps, stages)
+_TILES = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4))
+
+
 def _configs():
     if INTERPRET:
         return [cfg(16, 16, 4, 1)]
-    # Re-tune: `python benchmarks/bench_kernels.py` reports block_mass against one cuDNN attention.
-    return [cfg(*c) for c in [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4)]]
+    # Re-tune: `python benchmarks/bench_kernels.py` reports block_mass against one cuDNN attention;
+    # `benchmarks/ab_block_mass.py` compares tile lists (its all_tiles: twelve). On an H200 128x128 / 8 warps /
+    # 2 stages won at head_dim 128 (with the chunked row sums), 128x128 / 4 warps / 3 stages at 64.
+    return [cfg(*c) for c in _TILES]
 
 
 @triton.autotune(
@@ -175,6 +186,7 @@ def _block_mass_kernel(
     HAS_KV_LEN: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
+    CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -204,16 +216,23 @@ def _block_mass_kernel(
 
     w_base = W + pid_bh.to(tl.int64) * N_QB * N_KB + pid_m * N_KB
     n_full = kv_limit // PLAN_BK
-    for c in range(0, n_full):
-        w = _mass_block(q, lse2, q_base, lse_base, row0, stride_qs, stride_ls, k_base, stride_ks, c, offs_n, offs_d,
-                        SEQ_Q, SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, False, PLAN_BK,
-                        SUBM, SUB, BLOCK_M, BLOCK_N)  # fmt: skip
-        tl.store(w_base + c, w)
+    # Row sums of CHUNK key blocks are kept as the columns of R and summed over the rows (across warps: a
+    # shared-memory round trip and a barrier) once per chunk, not once per key block, so the warps of a
+    # program do not wait for each other at every key tile.
+    offs_ch = tl.arange(0, CHUNK)
+    for c0 in range(0, n_full, CHUNK):
+        R = tl.zeros([BLOCK_M, CHUNK], dtype=tl.float32)
+        for j in range(0, tl.minimum(n_full - c0, CHUNK)):
+            r = _mass_block(q, lse2, q_base, lse_base, row0, stride_qs, stride_ls, k_base, stride_ks, c0 + j, offs_n,
+                            offs_d, SEQ_Q, SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, False,
+                            PLAN_BK, SUBM, SUB, BLOCK_M, BLOCK_N)  # fmt: skip
+            R = tl.where(offs_ch[None, :] == j, r[:, None], R)
+        tl.store(w_base + c0 + offs_ch, tl.sum(R, 0), mask=c0 + offs_ch < n_full)
     for c in range(n_full, N_KB):
-        w = _mass_block(q, lse2, q_base, lse_base, row0, stride_qs, stride_ls, k_base, stride_ks, c, offs_n, offs_d,
+        r = _mass_block(q, lse2, q_base, lse_base, row0, stride_qs, stride_ls, k_base, stride_ks, c, offs_n, offs_d,
                         SEQ_Q, SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, True, PLAN_BK,
                         SUBM, SUB, BLOCK_M, BLOCK_N)  # fmt: skip
-        tl.store(w_base + c, w)
+        tl.store(w_base + c, tl.sum(r, 0))
 
 
 def block_mass_fwd(
@@ -258,5 +277,6 @@ def block_mass_fwd(
         HAS_KV_LEN=kv_len is not None,
         DOT_F32=dot_f32(q),
         USE_TMA=tma_ok(k),
+        CHUNK=CHUNK,
     )
     return w
