@@ -183,7 +183,7 @@ _RADIAL = "benchmarks/results/radial_nvidia_h200.json"
 _TINY = "docs/quality_tiny.json"
 _E2E13 = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200.json"
 _E2E13_EAGER = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_eager.json"  # current kernels, eager
-_E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_adaspa.json"
+_E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_presets.json"  # current kernels, eager
 _WAN13 = "Wan2.1-1.3B 480p 81f, 32,760 tokens"
 _WAN14 = "Wan2.1-14B 720p 81f, 75,600 tokens"
 _EMBEDDED = "embedded model 49x192x256, 2,496 tokens"
@@ -254,7 +254,7 @@ _ROWS: tuple[Preset, ...] = (
                 _E2E_COMPILED,
                 Source(_E2E13, "rows[row=balanced,compiled=True]/speedup"),
             ),
-            Speed(1.60, _WAN14, _E2E, Source(_E2E14, "rows[row=adaspa_0.8]/speedup")),
+            Speed(1.63, _WAN14, _E2E, Source(_E2E14, "rows[row=balanced,compiled=False]/speedup")),
             _embedded_speed("adaspa", 0.77),
         ),
         quality=Quality(26.77, 0.930, 0.233, "adaspa"),
@@ -290,7 +290,7 @@ _ROWS: tuple[Preset, ...] = (
         "balanced",
         "adaspa",
         {"sparsity": 0.8, "dense_backend": "auto"},
-        speed=(Speed(2.44, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=balanced]/speedup")),),
+        speed=(Speed(2.51, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=balanced]/speedup")),),
         note=_HUNYUAN_ADASPA_NOTE,
     ),
     Preset(
@@ -298,7 +298,7 @@ _ROWS: tuple[Preset, ...] = (
         "fast",
         "adaspa",
         {"sparsity": 0.9, "dense_backend": "auto"},
-        speed=(Speed(2.82, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=fast]/speedup")),),
+        speed=(Speed(2.88, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=fast]/speedup")),),
         note=_HUNYUAN_ADASPA_NOTE,
     ),
     *(
