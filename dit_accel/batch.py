@@ -1283,6 +1283,8 @@ def run(args) -> int:
         except OSError as exc:  # not found locally or on the hub, no network, ...: diffusers says which
             print(f"dit-accel batch: cannot load {args.model}: {exc}", file=sys.stderr)
             return 1
+        if args.compile:
+            cli.compile_loaded(args, pipe, "dit-accel batch" + (f" [rank {rank}]" if world > 1 else ""))
         try:
             renderer = _Renderer(pipe, device, args.compare_dense, progress and world == 1, rank)
         except ValueError as exc:
@@ -1294,6 +1296,7 @@ def run(args) -> int:
             "world_size": world,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "compiled": args.compile,
             "versions": _versions(),
             "jobs_file": str(Path(args.jobs).resolve()),
         }
@@ -1396,6 +1399,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         help="run on N processes (one per GPU) through accelerate launch; or launch this module yourself",
     )
+    cli.add_compile_argument(parser)
     parser.add_argument("--dry-run", action="store_true", help="check the jobs, list what would render, stop")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars; a line per job instead")
     parser.set_defaults(_parser=parser)

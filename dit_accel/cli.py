@@ -164,6 +164,30 @@ def _render_shape_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--weights", help="weights folder of the embedded model (default: the installed package's)"
     )
+    add_compile_argument(r)
+
+
+def add_compile_argument(r: argparse.ArgumentParser) -> None:
+    r.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer blocks (regional; the first render pays for compiling; on the "
+        "CPU inductor needs a C++ compiler)",
+    )
+
+
+def compile_loaded(args, pipe, prog: str = "dit-accel") -> None:
+    """With ``--compile``: compile the loaded pipeline's transformer blocks (stock and accelerated renders
+    alike), saying so."""
+    if not args.compile:
+        return
+    from dit_accel.pipelines import wrapped
+
+    try:
+        n = wrapped.compile_blocks(pipe)
+    except ValueError as exc:
+        raise UsageError("--compile", str(exc)) from None
+    print(f"{prog}: torch.compile on {n} transformer blocks; the first render includes compiling", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -478,6 +502,7 @@ def _render(args) -> int:
     if isinstance(loaded, int):
         return loaded
     pipe, family = loaded
+    compile_loaded(args, pipe)
     kind = wrapped.FAMILIES[family]
     if plan["kind"] is None:  # a hub id: what the folder did not say before loading
         if kind == "image" and args.frames is not None:
@@ -589,6 +614,7 @@ def _bench(args) -> int:
     if isinstance(loaded, int):
         return loaded
     pipe, family = loaded
+    compile_loaded(args, pipe)
     configs = _bench_configs(args, family)
     call = _call_kwargs(args, {"device": device}, embedded)
     if wrapped.FAMILIES[family] == "image":
@@ -602,6 +628,7 @@ def _bench(args) -> int:
         "seed": args.seed,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "compiled": args.compile,
         "rows": [],
     }
 

@@ -277,6 +277,29 @@ def test_renders_every_format_and_writes_the_manifest(tmp_path, capsys):
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
+def test_compile_flag_compiles_once_and_is_recorded(tmp_path, capsys, monkeypatch):
+    real, calls = wrapped.compile_blocks, []
+
+    def compile_blocks(pipe, **kwargs):  # aot_eager: no C++ compiler needed on the CPU
+        calls.append(pipe)
+        return real(pipe, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(wrapped, "compile_blocks", compile_blocks)
+    torch._dynamo.reset()
+    jobs = _jsonl(
+        tmp_path / "jobs.jsonl",
+        [{"prompt": "a red circle", "preset": "balanced", "knobs": BLOCKS}, {"prompt": "a blue square"}],
+    )
+    out = tmp_path / "out"
+    try:
+        rc = cli.main(["batch", str(jobs), "--out-dir", str(out), *SMALL, "--no-progress", "--compile"])
+    finally:
+        torch._dynamo.reset()
+    assert rc == 0 and len(calls) == 1
+    assert "dit-accel batch: torch.compile on" in capsys.readouterr().out
+    assert [e["compiled"] for e in _entries(out)] == [True, True]
+
+
 def test_an_image_model_writes_png(tmp_path, capsys):
     from _tiny_pipes import flux_with_text
     from PIL import Image

@@ -154,6 +154,38 @@ def test_renders_the_embedded_model_with_a_method(smoke_weights, tmp_path, capsy
         assert Image.open(path).n_frames == 5
 
 
+@pytest.fixture
+def aot_compile(monkeypatch):
+    """``--compile`` through the aot_eager backend (no C++ compiler on the CPU); the compiled blocks."""
+    real, compiled = wrapped.compile_blocks, []
+
+    def compile_blocks(pipe, **kwargs):
+        compiled.extend(pipe.transformer.blocks)
+        return real(pipe, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(wrapped, "compile_blocks", compile_blocks)
+    torch._dynamo.reset()
+    yield compiled
+    torch._dynamo.reset()
+
+
+def test_compile_flag_compiles_the_blocks_before_rendering(smoke_weights, tmp_path, capsys, aot_compile):
+    args = ["--weights", str(smoke_weights), *SMALL, "--preset", "balanced", *BLOCKS]
+    assert _render("--out", str(tmp_path / "eager.gif"), *args) == 0
+    assert not aot_compile
+    assert _render("--out", str(tmp_path / "compiled.gif"), *args, "--compile") == 0
+    text = capsys.readouterr().out
+    assert f"torch.compile on {len(aot_compile)} transformer blocks" in text and aot_compile
+    assert all(b._compiled_call_impl is not None for b in aot_compile)
+    from PIL import Image
+
+    eager, compiled = (
+        np.asarray(Image.open(tmp_path / name).convert("RGB"), dtype=float)
+        for name in ("eager.gif", "compiled.gif")
+    )
+    assert np.abs(eager - compiled).mean() < 2  # GIF-quantised pixels: the same clip
+
+
 def test_readme_command_renders_the_packaged_model(tmp_path, capsys):
     """The README's render command with the default model (the committed weights), made short."""
     rc = _render("--out", str(tmp_path / "clip.gif"), *SMALL)
