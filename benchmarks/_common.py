@@ -28,6 +28,18 @@ def bench(fn, smoke: bool = False, rep_ms: int = 500, warmup_ms: int | None = No
     return statistics.median(times)
 
 
+def interleaved_ms(fns: dict, rep_ms: int, rounds: int = 3) -> dict[str, float]:
+    """Median ms of each of ``fns`` (name -> callable) by ``triton.testing.do_bench``, timed in interleaved
+    rounds (a slow stretch of the GPU or host hits every variant alike); the middle round is kept."""
+    import triton.testing
+
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def import_source_variants(variants: dict[str, dict[str, str]], entry: str, where) -> dict:
     """A/B of kernel source variants in one process: per variant, a package ``ab_<name>`` under ``where``
     holding the given files (file name -> source text; relative imports between them resolve inside the

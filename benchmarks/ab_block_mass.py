@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import import_source_variants, substitute, versions  # noqa: E402
+from _common import import_source_variants, interleaved_ms, substitute, versions  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 CHUNK = "CHUNK = 16\n"
@@ -117,12 +117,7 @@ def run_shape(shape: str, mods: dict, rows: list, save) -> None:
             "max_rel_diff_vs_first": float(((w - first).abs() / first.clamp_min(1e-3))[big].max()),
             "max_row_sum_err": float((w.sum(-1) - rows_per_block).abs().max()),
         }
-    times = {name: [] for name in fns}
-    for _ in range(3):  # interleaved rounds: a slow stretch hits every variant alike
-        for name, fn in fns.items():
-            times[name].append(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    for name, ts in times.items():
-        ms = sorted(ts)[1]
+    for name, ms in interleaved_ms(fns, rep_ms=200).items():
         best = mods[name]._block_mass_kernel.best_config
         tile = [best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages]
         row["variants"][name].update(ms=ms, vs_cudnn=ms / cu_ms, tile=tile)

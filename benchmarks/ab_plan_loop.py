@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import import_source_variants, substitute, versions  # noqa: E402
+from _common import import_source_variants, interleaved_ms, substitute, versions  # noqa: E402
 from bench_kernels import computed_pairs, make_mask, tflops  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -128,12 +128,7 @@ def run_shape(shape: str, mods: dict, rows: list, save) -> None:
         row["max_abs_diff_vs_current"] = {
             name: float((fn().float() - ref).abs().max()) for name, fn in fns.items()
         }
-        times = {name: [] for name in fns}
-        for _ in range(3):  # interleaved rounds: a slow stretch hits every variant alike
-            for name, fn in fns.items():
-                times[name].append(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
-        for name, ts in times.items():
-            ms = sorted(ts)[1]
+        for name, ms in interleaved_ms(fns, rep_ms=150).items():
             tf = tflops(pairs, 1, d, ms)
             row[name] = {"ms": ms, "tflops": tf, "vs_cudnn": tf / cu_tf}
         rows.append(row)
