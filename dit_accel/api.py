@@ -11,6 +11,7 @@ import torch
 
 from ._diffusers import drop_registry, hook_registry
 from .config import SparseAttentionConfig
+from .graphs import CudaGraphs
 from .kernels.ops import triton_runtime_unavailable_reason
 from .methods import SparseMethod, create_method
 from .parallel import gather_stats, stats_group
@@ -61,11 +62,15 @@ class AttentionStats:
             blocks, summed over the passes of the call; 1.0 for dense) and time_ms (None unless timed).
         memory: bytes held by the method's caches (:meth:`SparseMethod.memory`: ``plans``, ``state``,
             ``total``, and what the method adds, e.g. adaspa's ``lse`` and ``peak``).
+        graphs: with ``cuda_graphs=True``, the transformer forwards of the run by how they ran
+            (``replayed``, ``captured``, ``eager``, and ``eager: <reason>`` per reason; see
+            :mod:`dit_accel.graphs`); {} otherwise.
     """
 
     method: str
     records: list[dict]
     memory: dict = field(default_factory=dict)
+    graphs: dict = field(default_factory=dict)
 
     def per_step(self) -> list[dict]:
         """One dict per (context, step): calls, dense, sparse, kinds ({kind: calls}), mean_density,
@@ -107,6 +112,7 @@ class AttentionStats:
             + (f" at mean density {density:.3f}" if sparse else "")
             + (f"; attention {sum(timed):.2f} ms" if timed else "")
             + _memory_note(self.memory)
+            + _graphs_note(self.graphs)
         ]
         lines.append(
             f"{'context':<12}{'step':>5}{'calls':>7}{'dense':>7}{'sparse':>7}{'density':>9}{'ms':>10}  kinds"
@@ -123,6 +129,12 @@ class AttentionStats:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _graphs_note(graphs: dict) -> str:
+    if not graphs:
+        return ""
+    return "; forwards: " + ", ".join(f"{graphs.get(k, 0)} {k}" for k in ("replayed", "captured", "eager"))
 
 
 def _memory_note(memory: dict) -> str:
@@ -234,6 +246,8 @@ class SparseAttentionHandle:
         self.transformers[name] = transformer
         self._installed[name] = inst
         inst.hook = install_tracker(transformer, self.tracker, name, family.geometry)
+        if self.config.cuda_graphs:
+            inst.hook.graphs = CudaGraphs(self.runtime, TRACKER_HOOK_NAME)
         inst.forward_installed = transformer.__dict__.get("forward")
         setattr(transformer, _HANDLE_ATTR, self)
         return inst
@@ -274,7 +288,13 @@ class SparseAttentionHandle:
         records = self.runtime.records
         if any(isinstance(r.time, tuple) for r in records) and torch.cuda.is_available():
             torch.cuda.synchronize()
-        stats = AttentionStats(self.method.name, [_as_dict(r) for r in records], self.method.memory())
+        graphs = Counter()
+        for inst in self._installed.values():
+            if inst.hook is not None and inst.hook.graphs is not None:
+                graphs.update(inst.hook.graphs.report())
+        stats = AttentionStats(
+            self.method.name, [_as_dict(r) for r in records], self.method.memory(), dict(graphs)
+        )
         if not all_ranks:
             return stats
         if group is None:

@@ -52,6 +52,11 @@ class SparseAttentionConfig:
             was 3% faster). The exception is a model whose stock attention passes a key mask: SDPA with a
             mask leaves cuDNN's fast kernel, and "auto" runs cuDNN on the valid keys instead (HunyuanVideo
             720p: dense steps 1.37x faster; its presets set "auto").
+        cuda_graphs: replay whole transformer forwards as CUDA graphs where the method's decisions repeat
+            (dense and sparse steps; searches and refreshes run eagerly): removes the host cost of every
+            kernel launch, which decides the speed of small geometries (the embedded model, small images).
+            Costs one capture per kind of forward per run and the memory of the captured forwards. See
+            ``dit_accel.graphs`` for when a forward runs eagerly instead.
         timing: record each attention call's wall time in the handle's stats (adds a CUDA event pair per
             call; no host synchronisation until stats are read).
         max_state_bytes: byte budget of what a method keeps per layer between steps (cached LSE, re-ttention's
@@ -76,6 +81,7 @@ class SparseAttentionConfig:
     backend: str = "auto"
     dense_backend: str = "stock"
     timing: bool = False
+    cuda_graphs: bool = False
     max_state_bytes: int | str | None = "auto"
     state_offload: bool = True
     patterns: str | None = None
@@ -98,6 +104,8 @@ class SparseAttentionConfig:
             or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0)
         ):
             raise ValueError(f"max_state_bytes must be an int >= 0, None or 'auto', got {budget!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if not isinstance(self.state_offload, bool):
             raise ValueError(f"state_offload must be a bool, got {self.state_offload!r}")
         for name in ("patterns", "save_patterns"):

@@ -324,6 +324,7 @@ class StepTrackerHook(ModelHook):
         self._names: tuple[str, ...] = ()
         self.active = True
         self.slot = compiled.register(self)
+        self.graphs = None  # a dit_accel.graphs.CudaGraphs when the handle replays forwards as CUDA graphs
 
     def initialize_hook(self, module):
         self._signature = inspect.signature(type(module).forward)
@@ -393,6 +394,14 @@ class StepTrackerHook(ModelHook):
             recording=recording,
         )
         return args, kwargs
+
+    def new_forward(self, module, *args, **kwargs):
+        """The transformer's forward, replayed from a CUDA graph where :attr:`graphs` can (after
+        :meth:`pre_forward` has published the forward's step)."""
+        forward = self.fn_ref.original_forward
+        if self.graphs is None or not self.active or torch.compiler.is_compiling():
+            return forward(*args, **kwargs)
+        return self.graphs.forward(module, forward, args, kwargs)
 
     def post_forward(self, module, output):
         if self.active and not torch.compiler.is_compiling():

@@ -240,6 +240,18 @@ class SparseMethod:
             return "warm-up"
         return "warm-up" if call.info.step < n else None
 
+    def graph_key(self, info: ForwardInfo, config: SparseAttentionConfig) -> Hashable | None:
+        """What every call of a transformer forward at ``info`` decides from, besides the attention shapes and
+        the identity of the plans and state in :attr:`cache` (``cuda_graphs=True``, :mod:`dit_accel.graphs`).
+
+        Two forwards with the same key and the same ledger contents must make the same kernel calls with the
+        same arguments: a forward is captured as a CUDA graph once and replayed for later forwards with its
+        key, without running this method's Python. None runs the forward eagerly: at steps that read results
+        back to the host (searches) or renew state (refreshes), or whose arguments change every step. The
+        default is None, so a method runs under graphs only when it says what its decisions depend on.
+        """
+        return None
+
     def plan_key(self, call: AttentionCall) -> Hashable:
         """What a cached plan depends on; a change rebuilds it."""
         return (

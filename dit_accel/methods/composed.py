@@ -27,6 +27,7 @@ import torch
 
 from ..config import SparseAttentionConfig
 from ..kernels import BlockPlan
+from ..tracking import ForwardInfo
 from .base import AttentionCall, SparseMethod
 from .persist import load_patterns, save_patterns
 from .schedule import Phase, Schedule
@@ -229,27 +230,31 @@ class ComposedMethod(SparseMethod):
             )
 
     # --- schedule ----------------------------------------------------------------------------------
-    def _warmup_for(self, call: AttentionCall) -> float | int | None:
-        """The warm-up spec of this call (None: a fractional dense_steps with an unknown step count)."""
-        self._check_warmup(call.config)
-        if call.config.dense_steps is None:
+    def _warmup_for(self, info: ForwardInfo, config: SparseAttentionConfig) -> float | int | None:
+        """The warm-up spec of a forward (None: a fractional dense_steps with an unknown step count)."""
+        self._check_warmup(config)
+        if config.dense_steps is None:
             return self.default_warmup if self.warmup is None else self.warmup
-        return call.config.num_dense_steps(call.info.num_steps)
+        return config.num_dense_steps(info.num_steps)
 
     def schedule_for(self, call: AttentionCall) -> Schedule | None:
         """The run's schedule as seen by this call; None when it cannot be known (dense until it can)."""
-        warmup = self._warmup_for(call)
-        n = call.info.num_steps
+        return self.schedule_of(call.info, call.config)
+
+    def schedule_of(self, info: ForwardInfo, config: SparseAttentionConfig) -> Schedule | None:
+        """The run's schedule as seen by a forward at ``info``; None when it cannot be known."""
+        warmup = self._warmup_for(info, config)
+        n = info.num_steps
         last = self.dense_last_steps
         if n is None and warmup is not None and all(isinstance(v, int) for v in (warmup, *self.search_at)):
             # Step indices do not depend on the run's length: any length past every named step reads the
             # same. The last steps cannot be known: they run like the rest.
-            n = max(warmup, call.step, *self.search_at) + 2
+            n = max(warmup, info.step, *self.search_at) + 2
             if last:
                 _log_once(
                     logging.WARNING,
                     f"{self.name} dense_last_steps={last}: the number of steps is unknown (context "
-                    f"{call.info.context!r}); those steps run like the others",
+                    f"{info.context!r}); those steps run like the others",
                 )
             last = 0
         if n is None or warmup is None:
@@ -289,12 +294,31 @@ class ComposedMethod(SparseMethod):
 
     def phase_for(self, call: AttentionCall) -> Phase:
         """The phase of this call (before the rules for missing plans and corrections)."""
-        if self.dense_reason(call) is not None:
+        if call.config.is_dense_layer(call.layer_index, call.num_layers):
             return "dense"
-        schedule = self.schedule_for(call)
-        if call.step >= schedule.num_steps:
-            return "sparse"
-        return schedule.phase(call.step)
+        return self.phase_of(call.info, call.config)
+
+    def phase_of(self, info: ForwardInfo, config: SparseAttentionConfig) -> Phase:
+        """The phase of a forward at ``info`` for the layers that are not dense layers."""
+        schedule = self.schedule_of(info, config)
+        if schedule is None:
+            return "dense"
+        if info.step >= schedule.num_steps:
+            return "dense" if schedule.warmup_steps >= schedule.num_steps else "sparse"
+        return schedule.phase(info.step)
+
+    def graph_key(self, info: ForwardInfo, config: SparseAttentionConfig) -> Phase | None:
+        """The phase for "dense" and "sparse" forwards, which repeat; None (eager) for searches and refreshes,
+        for the sparse steps of a correction whose ramp moves its scale every step, and with a loaded
+        pattern set (its plan may change at any step)."""
+        phase = self.phase_of(info, config)
+        if phase == "dense":
+            return phase
+        if phase != "sparse" or self.loaded is not None:
+            return None
+        if self.correction is not None and self.correction.ramp:
+            return None
+        return phase
 
     def _searches_after(self, call: AttentionCall) -> bool:
         schedule = self.schedule_for(call)

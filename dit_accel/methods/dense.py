@@ -18,3 +18,6 @@ class DenseMethod(SparseMethod):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall
     ) -> torch.Tensor:
         return call.run_dense()
+
+    def graph_key(self, info, config) -> str:
+        return "dense"

@@ -203,11 +203,24 @@ class Runtime:
         self._record(call, timer)
         return out
 
-    def _record(self, call: AttentionCall, timer) -> None:
-        info = call.info
+    def _records_of(self, info: ForwardInfo) -> list[LayerRecord]:
         if self._records_run != info.run:
             self.records = []
             self._records_run = info.run
+        return self.records
+
+    def replay_records(self, records: list[LayerRecord], info: ForwardInfo) -> None:
+        """Add the records of a forward replayed from a CUDA graph (``dit_accel.graphs``), stamped with the
+        run, component, context and step of ``info``."""
+        self._records_of(info).extend(
+            dataclasses.replace(
+                r, run=info.run, component=info.component, context=info.context, step=info.step
+            )
+            for r in records
+        )
+
+    def _record(self, call: AttentionCall, timer) -> None:
+        info = call.info
         if call.label is not None:
             kind = call.label
         elif not call.events:
@@ -215,7 +228,7 @@ class Runtime:
         else:
             kind = "+".join(dict.fromkeys(kind for kind, _ in call.events))
         density = sum(d for _, d in call.events) if call.events else float("nan")
-        self.records.append(
+        self._records_of(info).append(
             LayerRecord(info.run, info.component, info.context, info.step, call.layer, kind, density, timer)
         )
 
