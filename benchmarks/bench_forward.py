@@ -1,7 +1,8 @@
 """One Wan2.1-1.3B transformer forward (random weights, real config): stock, dit_accel dense, dit_accel
-window, and with attention replaced by a no-op (the attention share of the forward). Also the dense method
-on each ``dense_backend`` that is not the stock op (auto, cudnn, xformers, triton) as a dense baseline of
-its own: its output against stock, its time, or why it cannot run.
+window, and with attention replaced by a no-op (the attention share of the forward); dit_accel dense and
+window also with ``cuda_graphs=True`` (the forward replayed as a CUDA graph: time and memory kept). Also the
+dense method on each ``dense_backend`` that is not the stock op (auto, cudnn, xformers, triton) as a dense
+baseline of its own: its output against stock, its time, or why it cannot run.
 
 GPU run (bf16, latent (1, 16, 21, 60, 104) = 480p 81 frames, 32,760 tokens; text (1, 512, 4096)):
 
@@ -128,12 +129,30 @@ def main(argv=None) -> dict:
     full_err = ((full.float() - stock.float()).abs().max() / stock.float().abs().max().clamp_min(1e-6)).item()
     full_ok = full_err <= (1e-5 if smoke else 3e-2)
 
-    handle = dit_accel.apply(
-        model, method="window", density=args.density, block_q=block, block_k=block, backend=args.backend
-    )
-    forward()
+    window_knobs = {"method": "window", "density": args.density, "backend": args.backend}
+    window_knobs.update(block_q=block, block_k=block)
+    handle = dit_accel.apply(model, **window_knobs)
+    window_out = forward()
     window_density = handle.stats().records[0]["density"]
     ms_window = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
+
+    # The same forwards replayed as CUDA graphs (cuda_graphs=True): equal outputs first, then the time and
+    # the memory the captured forward keeps (on the CPU every forward runs eagerly).
+    graphs = {}
+    for name, knobs, eager_out, eager_ms in (
+        ("dit_accel_dense", {"method": "dense"}, dense_out, ms_dense),
+        ("window", window_knobs, window_out, ms_window),
+    ):
+        handle = dit_accel.apply(model, cuda_graphs=True, **knobs)
+        reserved = torch.cuda.memory_reserved() if device.type == "cuda" else 0
+        out = [forward() for _ in range(3)][-1]  # eager, captured, replayed
+        row = {"equal_to_eager": bool(torch.equal(out, eager_out)), "forwards": handle.stats().graphs}
+        if device.type == "cuda":
+            row["reserved_bytes_added"] = torch.cuda.memory_reserved() - reserved
+        if row["equal_to_eager"]:
+            row["ms"] = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
+            row["speedup_vs_eager"] = eager_ms / row["ms"]
+        graphs[name] = row
 
     dit_accel.apply(model, method=NoAttention())
     ms_noattn = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
@@ -151,6 +170,7 @@ def main(argv=None) -> dict:
                 "no_attention": ms_noattn,
             },
             "dense_backends": dense_backends,
+            "cuda_graphs": graphs,
             "window_density": window_density,
             "attention_share": 1.0 - ms_noattn / ms_stock,
             "attention_only_ceiling": ms_stock / ms_noattn,

@@ -11,6 +11,10 @@ calls), dense against each sparse method, and what one attention call costs the 
    kernels were launched, how many host synchronisations happened (``aten::_local_scalar_dense``:
    ``.item()``, ``bool(tensor)``), and the GPU's busy time against the wall; then one under cProfile: the
    Python functions with the most own time.
+   ``<name>+graphs`` (only when named in ``--configs``): ``<name>`` with ``cuda_graphs=True``, whole
+   forwards replayed as CUDA graphs. Before timing, each is rendered once against an eager ``<name>``
+   render: the largest frame difference and how its forwards ran are recorded, and a row over
+   ``GRAPH_TOLERANCE`` or without a replayed forward is marked failed and not timed.
 2. **One attention call.** At the model's attention shape (1, 6, 2,496, 64; bf16): cuDNN SDPA, our
    ``dense_attention(backend="triton")`` and ``block_sparse_attention`` at plan densities 1.0 / 0.5 / 0.25
    (at 0.5 also the bare launcher, and both through Triton's own launcher):
@@ -53,6 +57,11 @@ CONFIGS = {
     "radial": {"method": "radial"},
     "window_0.25_no_warmup": {"method": "window", "density": 0.25, "dense_steps": 0},
 }
+# The same configurations with whole forwards replayed as CUDA graphs (dit_accel.graphs).
+CONFIGS.update(
+    {f"{name}+graphs": {**knobs, "cuda_graphs": True} for name, knobs in list(CONFIGS.items()) if knobs}
+)
+GRAPH_TOLERANCE = 1e-2  # max |frame difference| (frames in [0, 1]) of a graphed render against its eager one
 SYNC_OPS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
 LAUNCH_OPS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
@@ -80,10 +89,10 @@ def _variants(names=None, jit: bool = True):
     """(row name, knobs, context) per configuration (``names``: those only); with ``jit`` sparse ones also on
     the old launch path."""
     for name, knobs in CONFIGS.items():
-        if names is not None and name not in names:
+        if (names is None and name.endswith("+graphs")) or (names is not None and name not in names):
             continue
         yield name, knobs, contextlib.nullcontext
-        if jit and knobs and knobs["method"] != "dense":
+        if jit and knobs and knobs["method"] != "dense" and not knobs.get("cuda_graphs"):
             yield f"{name}@jit", knobs, launch_through_triton
 
 
@@ -104,10 +113,15 @@ def profile_renders(
         handle = dit_accel.apply(pipe.transformer, **knobs) if knobs else None
         try:
             with context():
-                yield
+                yield handle
         finally:
             if handle is not None:
                 dit_accel.remove(pipe.transformer)
+
+    def frames(knobs, context):
+        with applied(knobs, context) as handle:
+            clip = render_frames(pipe, "a red ball moves left", 0, **call_kwargs)
+            return clip, (handle.stats().graphs if handle is not None else {})
 
     def render(knobs, context):
         with applied(knobs, context):
@@ -121,6 +135,8 @@ def profile_renders(
         for _ in range(2):
             render(knobs, context)
         out[name] = {"knobs": knobs, "all_seconds": []}
+    check_graphs(variants, out, lambda knobs, context: frames(knobs, context), log)
+    variants = [v for v in variants if out[v[0]].get("graphs_check", "passed") == "passed"]
     for r in range(repeats):
         for name, knobs, context in variants:
             out[name]["all_seconds"].append(render(knobs, context))
@@ -162,6 +178,20 @@ def profile_renders(
                 f"{name}: {row['kernel_launches']} launches, syncs {row['host_syncs']}, "
                 f"GPU busy {row['gpu_busy_s']:.3f} s"
             )
+
+
+def check_graphs(variants, out: dict, frames, log) -> None:
+    """Each ``<name>+graphs`` row against an eager render of ``<name>``: the largest frame difference and how
+    its forwards ran. A row over ``GRAPH_TOLERANCE`` is marked failed and not timed."""
+    for name, knobs, context in variants:
+        if not knobs or not knobs.get("cuda_graphs"):
+            continue
+        eager, _ = frames({k: v for k, v in knobs.items() if k != "cuda_graphs"}, context)
+        graphed, counts = frames(knobs, context)
+        diff = float(abs(eager.astype("float64") - graphed.astype("float64")).max())
+        ok = diff <= GRAPH_TOLERANCE and counts.get("replayed", 0) > 0
+        out[name].update(graphs_max_abs_diff=diff, graphs=counts, graphs_check="passed" if ok else "failed")
+        log(f"{name}: max |frames - eager frames| {diff:.2e}; forwards {counts}" + ("" if ok else " FAILED"))
 
 
 def profile_one(pipe, call_kwargs, device, top: int, row: dict) -> None:

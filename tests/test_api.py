@@ -378,6 +378,9 @@ def test_forward_benchmark_smoke(tmp_path, monkeypatch):
     assert result["correct"] and result["checks"]["dense_equals_stock"]
     assert set(result["ms"]) == {"stock", "dit_accel_dense", "window", "no_attention"}
     assert 0.0 < result["window_density"] < 1.0
+    for row in result["cuda_graphs"].values():  # CPU: every forward eager, the same output
+        assert row["equal_to_eager"]
+        assert row["forwards"]["eager: an input tensor is not on a cuda device"] == 3
 
 
 def test_window_logs_when_whole_blocks_move_its_density(caplog):

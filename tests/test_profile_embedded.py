@@ -52,3 +52,28 @@ def test_renders_only_subset_reports_ratio_to_dense_per_round(tmp_path, monkeypa
         assert exc.code == 2
     else:
         raise AssertionError("an unknown --configs name must be an argparse error")
+
+
+def test_graphed_rows_are_checked_against_eager_before_timing(tmp_path, monkeypatch):
+    """On the CPU every forward of a ``+graphs`` row runs eagerly: the check marks the row failed (no replayed
+    forward) and it is not timed."""
+    module = load_benchmark("profile_embedded", monkeypatch)
+    out = tmp_path / "graphs.json"
+    module.main(
+        [
+            "--smoke",
+            "--out",
+            str(out),
+            "--renders-only",
+            "--no-profile",
+            "--no-jit",
+            "--configs",
+            "dense,dense+graphs",
+        ]
+    )
+    rows = json.loads(out.read_text())["renders"]
+    graphed = rows["dense+graphs"]
+    assert graphed["graphs_check"] == "failed" and graphed["graphs_max_abs_diff"] == 0.0
+    assert graphed["graphs"]["eager: an input tensor is not on a cuda device"] == graphed["graphs"]["eager"]
+    assert "seconds" not in graphed and rows["dense"]["seconds"] > 0
+    assert "dense+graphs" not in [name for name, *_ in module._variants()]  # only when named
