@@ -485,8 +485,8 @@ def _settings_for(fields: dict, args, plan: Plan) -> tuple[str | None, dict, boo
     job_knobs = dict(fields.get("knobs", {}))
     blame = "knobs" if "knobs" in fields else "preset" if "preset" in fields else "method"
     if "preset" in fields or "method" in fields:
-        knobs = {**({"method": fields["method"]} if "method" in fields else {}), **job_knobs}
-        return fields.get("preset"), knobs, True, blame
+        method = {"method": fields["method"]} if "method" in fields else {}
+        return fields.get("preset"), {**method, **cli.graph_knobs(args), **job_knobs}, True, blame
     if plan.cli_knobs is not None:
         return args.preset, {**plan.cli_knobs, **job_knobs}, True, blame
     if job_knobs:
@@ -1297,6 +1297,7 @@ def run(args) -> int:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "compiled": args.compile,
+            "cuda_graphs": args.cuda_graphs,
             "versions": _versions(),
             "jobs_file": str(Path(args.jobs).resolve()),
         }
@@ -1400,6 +1401,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="run on N processes (one per GPU) through accelerate launch; or launch this module yourself",
     )
     cli.add_compile_argument(parser)
+    cli.add_graphs_argument(parser)
     parser.add_argument("--dry-run", action="store_true", help="check the jobs, list what would render, stop")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars; a line per job instead")
     parser.set_defaults(_parser=parser)

@@ -165,6 +165,7 @@ def _render_shape_arguments(r: argparse.ArgumentParser) -> None:
         "--weights", help="weights folder of the embedded model (default: the installed package's)"
     )
     add_compile_argument(r)
+    add_graphs_argument(r)
 
 
 def add_compile_argument(r: argparse.ArgumentParser) -> None:
@@ -174,6 +175,20 @@ def add_compile_argument(r: argparse.ArgumentParser) -> None:
         help="torch.compile the transformer blocks (regional; the first render pays for compiling; on the "
         "CPU inductor needs a C++ compiler)",
     )
+
+
+def add_graphs_argument(r: argparse.ArgumentParser) -> None:
+    r.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay the accelerated transformer forwards as CUDA graphs (cuda_graphs=True): removes the "
+        "host cost that bounds small geometries such as the embedded model's; GPU only (docs/graphs.md)",
+    )
+
+
+def graph_knobs(args) -> dict:
+    """``{"cuda_graphs": True}`` with ``--cuda-graphs``, else {}."""
+    return {"cuda_graphs": True} if getattr(args, "cuda_graphs", False) else {}
 
 
 def compile_loaded(args, pipe, prog: str = "dit-accel") -> None:
@@ -220,7 +235,7 @@ def _knobs(args) -> dict | None:
         if not math.isfinite(d) or d < 0:
             raise UsageError("--dense-steps", f"must be a count >= 1 or a fraction in [0, 1), got {d}")
         knobs["dense_steps"] = int(d) if d >= 1 and float(d).is_integer() else d
-    return knobs
+    return {**knobs, **graph_knobs(args)}
 
 
 def _positive(args, name: str, what: str) -> None:
@@ -421,6 +436,8 @@ def _plan(args) -> dict:
 
     family, embedded = _check_model(args)
     knobs = _knobs(args)
+    if knobs is None and args.cuda_graphs:
+        raise UsageError("--cuda-graphs", "replays dit_accel's forwards: needs --method or --preset")
     settings = None
     if knobs is not None:
         try:
@@ -629,6 +646,7 @@ def _bench(args) -> int:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "compiled": args.compile,
+        "cuda_graphs": args.cuda_graphs,
         "rows": [],
     }
 
@@ -646,7 +664,14 @@ def _bench(args) -> int:
 
     print(f"dit-accel bench: {family} on {report['device']}, stock then {', '.join(configs)}", flush=True)
     rows = bench.run(
-        pipe, configs, seed=args.seed, warmup=args.warmup, repeats=args.repeats, on_row=on_row, **call
+        pipe,
+        configs,
+        seed=args.seed,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        on_row=on_row,
+        knobs=graph_knobs(args),
+        **call,
     )
     print(bench.format_table(rows))
     if device == "cpu":

@@ -100,6 +100,7 @@ def run(
     warmup: int = 1,
     repeats: int = 2,
     on_row: Callable[[BenchRow], None] | None = None,
+    knobs: Mapping[str, Any] | None = None,
     **call,
 ) -> list[BenchRow]:
     """Time stock attention, then each configuration, on the same pipeline call and seed.
@@ -111,6 +112,7 @@ def run(
         seed: the seed of every render (a CPU generator).
         warmup: untimed renders per configuration (>= 0); repeats: timed renders (>= 1).
         on_row: called with each finished row (stock first), e.g. to print or save it as the run goes.
+        knobs: added to every configuration's own (e.g. ``{"cuda_graphs": True}``); stock stays stock.
         call: the pipeline's own arguments (``prompt``, ``num_inference_steps``, ...); ``output_type`` is
             "np", ``generator`` is made from ``seed``.
 
@@ -133,10 +135,12 @@ def run(
             raise ValueError(f"bench makes {key} itself: pass seed=..., not {key}=")
     family = family_of(pipe)
     parsed = []
+    extra = dict(knobs or {})
     for spec in configs:
-        preset, knobs = parse_config(spec)
-        resolve(family, preset, knobs)  # raises ValueError naming the bad preset, method or knob
-        parsed.append((spec, preset, knobs))
+        preset, spec_knobs = parse_config(spec)
+        spec_knobs = {**extra, **spec_knobs}
+        resolve(family, preset, spec_knobs)  # raises ValueError naming the bad preset, method or knob
+        parsed.append((spec, preset, spec_knobs))
 
     def emit(row):
         if on_row is not None:

@@ -644,3 +644,19 @@ def test_sigkill_mid_write_and_mid_render_loses_nothing(tmp_path):
     done = _check_after_kill(out)
     assert sorted(p.name for p in _final_files(out)) == [f"{n}.mp4" for n in names]
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_cuda_graphs_flag_reaches_every_accelerated_job_and_is_recorded(tmp_path):
+    """A job with its own preset gets ``cuda_graphs`` too; a stock job stays stock. On the CPU every forward
+    runs eagerly (dit_accel.graphs), so the clips render as without the flag."""
+    jobs = _jsonl(
+        tmp_path / "jobs.jsonl",
+        [{"prompt": "a red circle", "preset": "balanced", "knobs": BLOCKS}, {"prompt": "a blue square"}],
+    )
+    out = tmp_path / "out"
+    assert (
+        cli.main(["batch", str(jobs), "--out-dir", str(out), *SMALL, "--no-progress", "--cuda-graphs"]) == 0
+    )
+    accelerated, stock = _entries(out)
+    assert accelerated["job"]["knobs"] == {"sparsity": 0.8, **BLOCKS, "cuda_graphs": True}
+    assert stock["job"]["knobs"] == {} and [e["cuda_graphs"] for e in (accelerated, stock)] == [True, True]

@@ -3,6 +3,7 @@ presets, --compare), presets, and every argument checked before a model is loade
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -412,3 +413,22 @@ def test_bench_bad_arguments_fail_before_loading(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {argument}" in err and message in err, err
+
+
+def test_cuda_graphs_flag(smoke_weights, tmp_path, capsys):
+    """``--cuda-graphs`` sets the knob of the accelerated render (on the CPU its forwards run eagerly, and the
+    stats line says so); without a method or preset there is nothing to replay."""
+    with pytest.raises(SystemExit):
+        _render("--out", str(tmp_path / "stock.gif"), *SMALL, "--cuda-graphs")
+    assert "argument --cuda-graphs: replays dit_accel's forwards" in capsys.readouterr().err
+    args = ["--weights", str(smoke_weights), *SMALL, "--method", "dense", "--cuda-graphs"]
+    assert _render("--out", str(tmp_path / "dense.gif"), *args) == 0
+    assert "forwards: 0 replayed, 0 captured, 6 eager" in capsys.readouterr().out  # 3 steps x cond, uncond
+    out = tmp_path / "bench.json"
+    rc = _bench(
+        "--weights", str(smoke_weights), *SMALL, "--warmup", "0", "--configs", "dense", "--out", str(out),
+        "--cuda-graphs",
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["cuda_graphs"] is True
+    assert "cuda_graphs=True" in report["rows"][1]["settings"] and report["rows"][1]["error"] is None
