@@ -209,6 +209,20 @@ def _embedded_speed(row: str, speedup: float) -> Speed:
     )
 
 
+_GRAPHS = "benchmarks/results/profile_embedded_graphs_nvidia_h200.json"
+
+
+def _embedded_graphs_speed(row: str, speedup: float) -> Speed:
+    """The embedded model with ``cuda_graphs=True`` (docs/graphs.md), against stock without graphs."""
+    return Speed(
+        speedup,
+        _EMBEDDED + ", cuda_graphs=True",
+        "H200 bf16, whole 30-step render, median of 9 interleaved rounds (profile_embedded)",
+        Source(_GRAPHS, f"renders/{row}+graphs/seconds"),
+        Source(_GRAPHS, "renders/stock/seconds"),
+    )
+
+
 _VIDEO_NOTE = (
     "radial with the family's defaults (docs/radial.md), adaspa at the sparsities measured on Wan; nothing "
     "measured at this family's geometry yet"
@@ -237,6 +251,7 @@ _ROWS: tuple[Preset, ...] = (
                 Source(_RADIAL, "shapes/wan14b_720p_81f/composed_50_steps/12_of_50/speedup"),
             ),
             _embedded_speed("radial", 0.84),
+            _embedded_graphs_speed("radial", 1.75),
         ),
         quality=Quality(37.39, 0.986, 0.672, "radial"),
         note="Wan defaults: decay 0.2, sink frame, layer 0 and the first 25% of steps dense",
@@ -256,6 +271,7 @@ _ROWS: tuple[Preset, ...] = (
             ),
             Speed(1.63, _WAN14, _E2E, Source(_E2E14, "rows[row=balanced,compiled=False]/speedup")),
             _embedded_speed("adaspa", 0.77),
+            _embedded_graphs_speed("balanced", 1.33),
         ),
         quality=Quality(26.77, 0.930, 0.233, "adaspa"),
         note="first 20% of steps dense, searched at 20%, re-searched at 60%",
@@ -268,6 +284,7 @@ _ROWS: tuple[Preset, ...] = (
         speed=(
             Speed(1.58, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=fast,compiled=False]/speedup")),
             _embedded_speed("adaspa:sparsity=0.9", 0.80),
+            _embedded_graphs_speed("fast", 1.34),
         ),
         quality=Quality(23.24, 0.857, 0.138, "adaspa:sparsity=0.9"),
         note="as balanced, half the blocks",
