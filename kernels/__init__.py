@@ -2,13 +2,13 @@
 
 Public: :class:`BlockPlan`, :class:`SoftmaxCorrection`, :func:`block_sparse_attention`,
 :func:`dense_attention`, :func:`block_mass`, :func:`refresh_attention`,
-:func:`correction_from_outputs`, :func:`merge_partial_attention`.
+:func:`correction_from_outputs`, :func:`merge_partial_attention`, :func:`rotary_interleaved`.
 This package imports only torch and triton; ``xformers_attention`` imports xformers lazily, for its backend.
 """
 
 from .correction import SoftmaxCorrection, correction_from_outputs
 from .merge import merge_partial_attention
-from .ops import block_mass, block_sparse_attention, dense_attention, refresh_attention
+from .ops import block_mass, block_sparse_attention, dense_attention, refresh_attention, rotary_interleaved
 from .plan import BlockPlan
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "dense_attention",
     "merge_partial_attention",
     "refresh_attention",
+    "rotary_interleaved",
 ]

@@ -323,6 +323,24 @@ def _(q, k, lse, block_q, block_k, scale, kv_len):
     return q.new_empty((q.shape[0], q.shape[1], n_qb, n_kb), dtype=torch.float32)
 
 
+def _rotary_qk_impl(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_rotary import rotary_qk_fwd
+
+    return rotary_qk_fwd(q, k, cos, sin)
+
+
+_rotary_qk_op = torch.library.custom_op("dit_accel::rotary_qk", _rotary_qk_impl, mutates_args=())
+
+
+@_rotary_qk_op.register_fake
+def _(q, k, cos, sin):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+        k, memory_format=torch.contiguous_format
+    )
+
+
 def _plain_eager(*tensors) -> bool:
     """Whether a Triton launcher can be called directly instead of through its custom op: not tracing or
     compiling, no torch function or dispatch mode, plain tensors only. The custom ops exist so torch.compile
@@ -745,3 +763,56 @@ def block_mass(
     if _pick(backend, qh, "block_mass", (block_q, block_k)) == "torch":
         return reference.block_mass_reference(qh, kh, lse, block_q, block_k, scale, kv_len)
     return _run(_block_mass_impl, _block_mass_op, qh, kh, lse, block_q, block_k, scale, kv_len)
+
+
+def _rotary_unsupported(q, k, cos, sin) -> str | None:
+    """Why the Triton rotary kernel cannot take these inputs (None: it can)."""
+    if q.dim() != 4 or q.shape != k.shape:
+        return f"q and k must be [B, S, H, D] of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
+    batch, seq, _, d = q.shape
+    if q.dtype not in _HALF or k.dtype != q.dtype:
+        return f"q, k dtypes {q.dtype}, {k.dtype} (the kernel takes float16 or bfloat16)"
+    if d % 2 or q.stride(-1) != 1 or k.stride(-1) != 1:
+        return "head_dim must be even with unit stride"
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 4 or t.shape[0] not in (1, batch) or tuple(t.shape[1:]) != (seq, 1, d):
+            return f"{name} must be [1 or B, S, 1, D]=[., {seq}, 1, {d}], got {tuple(t.shape)}"
+        if t.dtype not in (q.dtype, torch.float32, torch.float64):
+            return f"{name} must be float32, float64 or q's dtype, got {t.dtype}"
+        if t.stride(-1) != 1 or t.device != q.device:
+            return f"{name} must have unit stride on q's device"
+    return None
+
+
+def rotary_interleaved(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding on interleaved pairs of q and k (Wan's RoPE), in one pass over each.
+
+    ``out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i+1]``, ``out[2i+1] = x[2i] sin[2i+1] + x[2i+1] cos[2i]``, in the
+    promoted dtype of x and the tables, written in x's dtype: bit-exact with diffusers' Wan processor
+    (``reference.rotary_interleaved_reference``) on every backend.
+
+    Args:
+        q, k: [B, S, H, D], float16 or bfloat16 for the Triton kernel (any float dtype on "torch").
+        cos, sin: [1 or B, S, 1, D] tables (float32, float64 or q's dtype).
+        backend: "triton" (raises where it cannot run), "torch" (the reference), "auto" (Triton where it
+            can run, else the reference; under torch.compile the reference, which the compiler fuses).
+
+    Returns:
+        the rotated (q, k), contiguous on the Triton backend.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    grad = _needs_grad(q, k)
+    reason = None
+    if backend != "torch":
+        reason = _triton_unavailable_reason(q, grad=grad) or _rotary_unsupported(q, k, cos, sin)
+        if backend == "triton" and reason is not None:
+            raise RuntimeError(f"rotary_interleaved: backend='triton' cannot run: {reason}")
+        if backend == "auto" and torch.compiler.is_compiling():
+            reason = "compiling"
+    if backend == "torch" or reason is not None:
+        ref = reference.rotary_interleaved_reference
+        return ref(q, cos, sin), ref(k, cos, sin)
+    return _run(_rotary_qk_impl, _rotary_qk_op, q, k, cos, sin)

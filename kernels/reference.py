@@ -206,3 +206,16 @@ def corrected_reference(
         r = r.clamp(max=1.0)
     out = r.unsqueeze(-1) * out + dequantize_residual(residual, residual_scale)
     return out.to(q.dtype), lse
+
+
+def rotary_interleaved_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs (x[2i], x[2i+1]), as diffusers' Wan processor applies it:
+    ``out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i+1]``, ``out[2i+1] = x[2i] sin[2i+1] + x[2i+1] cos[2i]``, in
+    the promoted dtype of x and the tables, written in x's dtype. x [B, S, H, D]; cos, sin broadcast to it."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c = cos[..., 0::2]
+    s = sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)

@@ -1,8 +1,9 @@
 """Wan 2.1 / 2.2 (T2V, I2V, TI2V): the self-attention ``attn1`` of every block; cross-attention stays stock.
 
 Mirrors ``diffusers.models.transformers.transformer_wan.WanAttnProcessor``: (fused) QKV projection, RMS norms
-across heads, head split, Wan's interleaved RoPE, attention in (B, S, H, D), output projection. The sequence
-holds video tokens only, frame-major.
+across heads, head split, Wan's interleaved RoPE (on the GPU one Triton pass over q and k, bit-exact with the
+stock arithmetic: ``dit_accel.kernels.rotary_interleaved``), attention in (B, S, H, D), output projection.
+The sequence holds video tokens only, frame-major.
 """
 
 from __future__ import annotations
@@ -11,20 +12,11 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from .._diffusers import dispatch_attention_fn, wan_qkv_projections
+from ..kernels import rotary_interleaved
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase
 
 __all__ = ["FAMILY", "WanSparseAttnProcessor"]
-
-
-def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor):
-    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(hidden_states)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(hidden_states)
 
 
 class WanSparseAttnProcessor(SparseAttnProcessorBase):
@@ -53,8 +45,9 @@ class WanSparseAttnProcessor(SparseAttnProcessorBase):
         value = value.unflatten(2, (attn.heads, -1))
 
         if rotary_emb is not None:
-            query = _apply_rotary_emb(query, *rotary_emb)
-            key = _apply_rotary_emb(key, *rotary_emb)
+            # One pass over q and k on the GPU, bit-exact with the stock processor's eight.
+            backend = "auto" if query.is_cuda and self.runtime.config.backend != "torch" else "torch"
+            query, key = rotary_interleaved(query, key, *rotary_emb, backend=backend)
 
         def dense():
             return dispatch_attention_fn(
