@@ -1,6 +1,7 @@
 """One Wan2.1-1.3B transformer forward (random weights, real config): stock, dit_accel dense, dit_accel
 window, and with attention replaced by a no-op (the attention share of the forward); dit_accel dense and
-window also with ``cuda_graphs=True`` (the forward replayed as a CUDA graph: time and memory kept). Also the
+window also with ``cuda_graphs=True`` (the forward replayed as a CUDA graph: time and memory kept); the dense
+method with the stock arithmetic for Wan's RoPE, and the rotary step alone, stock against fused. Also the
 dense method on each ``dense_backend`` that is not the stock op (auto, cudnn, xformers, triton) as a dense
 baseline of its own: its output against stock, its time, or why it cannot run.
 
@@ -57,6 +58,26 @@ class NoAttention(SparseMethod):
         return v
 
 
+def _rope_times(model, latent, smoke: bool) -> dict:
+    """Wan's rotary step on one layer's q and k: the stock arithmetic against the fused kernel (the same
+    bits; on the CPU both run the reference)."""
+    from dit_accel.kernels import rotary_interleaved
+
+    cos, sin = model.rope(latent)
+    heads = model.config.num_attention_heads
+    shape = (latent.shape[0], cos.shape[1], heads, model.config.attention_head_dim)
+    q, k = (torch.randn(shape, device=latent.device, dtype=latent.dtype) for _ in range(2))
+    backend = "torch" if smoke else "triton"
+    fused = rotary_interleaved(q, k, cos, sin, backend=backend)
+    stock = rotary_interleaved(q, k, cos, sin, backend="torch")
+    return {
+        "tables_dtype": str(cos.dtype).replace("torch.", ""),
+        "equal": all(torch.equal(a, b) for a, b in zip(fused, stock)),
+        "stock": bench(lambda: rotary_interleaved(q, k, cos, sin, backend="torch"), smoke, rep_ms=300),
+        "fused": bench(lambda: rotary_interleaved(q, k, cos, sin, backend=backend), smoke, rep_ms=300),
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU (checks the code paths)")
@@ -108,6 +129,11 @@ def main(argv=None) -> dict:
     dense_out = forward()
     dense_exact = bool(torch.equal(dense_out, stock))
     ms_dense = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
+    # The same with the stock arithmetic for Wan's RoPE (backend="torch": on the dense method with the stock
+    # attention op, the rotary step is all that changes), and the rotary step alone on the forward's q, k.
+    dit_accel.apply(model, method="dense", backend="torch")
+    ms_dense_stock_rope = bench(forward, smoke, rep_ms=1000, warmup_ms=100)
+    rope = _rope_times(model, latent, smoke)
 
     dense_backends = {}
     for name in DENSE_BACKENDS:
@@ -166,11 +192,13 @@ def main(argv=None) -> dict:
             "ms": {
                 "stock": ms_stock,
                 "dit_accel_dense": ms_dense,
+                "dit_accel_dense_stock_rope": ms_dense_stock_rope,
                 "window": ms_window,
                 "no_attention": ms_noattn,
             },
             "dense_backends": dense_backends,
             "cuda_graphs": graphs,
+            "rope_ms": rope,
             "window_density": window_density,
             "attention_share": 1.0 - ms_noattn / ms_stock,
             "attention_only_ceiling": ms_stock / ms_noattn,

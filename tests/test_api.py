@@ -376,7 +376,9 @@ def test_forward_benchmark_smoke(tmp_path, monkeypatch):
     result = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["correct"] and result["checks"]["dense_equals_stock"]
-    assert set(result["ms"]) == {"stock", "dit_accel_dense", "window", "no_attention"}
+    rows = {"stock", "dit_accel_dense", "dit_accel_dense_stock_rope", "window", "no_attention"}
+    assert set(result["ms"]) == rows
+    assert result["rope_ms"]["equal"] and result["rope_ms"]["stock"] > 0
     assert 0.0 < result["window_density"] < 1.0
     for row in result["cuda_graphs"].values():  # CPU: every forward eager, the same output
         assert row["equal_to_eager"]
