@@ -182,7 +182,7 @@ class Preset:
 _RADIAL = "benchmarks/results/radial_nvidia_h200.json"
 _TINY = "docs/quality_tiny.json"
 _E2E13 = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200.json"
-_E2E13_EAGER = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_eager.json"  # current kernels, eager
+_E2E13_EAGER = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_rope.json"  # current kernels, eager
 _E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_presets.json"  # current kernels, eager
 _WAN13 = "Wan2.1-1.3B 480p 81f, 32,760 tokens"
 _WAN14 = "Wan2.1-14B 720p 81f, 75,600 tokens"
@@ -217,7 +217,7 @@ def _embedded_graphs_speed(row: str, speedup: float) -> Speed:
     return Speed(
         speedup,
         _EMBEDDED + ", cuda_graphs=True",
-        "H200 bf16, whole 30-step render, median of 9 interleaved rounds (profile_embedded)",
+        "H200 bf16, whole 30-step render, median of 7 interleaved rounds (profile_embedded)",
         Source(_GRAPHS, f"renders/{row}+graphs/seconds"),
         Source(_GRAPHS, "renders/stock/seconds"),
     )
@@ -240,7 +240,7 @@ _ROWS: tuple[Preset, ...] = (
         "radial",
         {},
         speed=(
-            Speed(1.33, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=radial,compiled=False]/speedup")),
+            Speed(1.48, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=radial,compiled=False]/speedup")),
             Speed(
                 1.69, _WAN13_COMPILED, _E2E_COMPILED, Source(_E2E13, "rows[row=radial,compiled=True]/speedup")
             ),
@@ -251,7 +251,7 @@ _ROWS: tuple[Preset, ...] = (
                 Source(_RADIAL, "shapes/wan14b_720p_81f/composed_50_steps/12_of_50/speedup"),
             ),
             _embedded_speed("radial", 0.84),
-            _embedded_graphs_speed("radial", 1.75),
+            _embedded_graphs_speed("radial", 1.93),
         ),
         quality=Quality(37.39, 0.986, 0.672, "radial"),
         note="Wan defaults: decay 0.2, sink frame, layer 0 and the first 25% of steps dense",
@@ -262,7 +262,7 @@ _ROWS: tuple[Preset, ...] = (
         "adaspa",
         {"sparsity": 0.8},
         speed=(
-            Speed(1.47, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=balanced,compiled=False]/speedup")),
+            Speed(1.62, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=balanced,compiled=False]/speedup")),
             Speed(
                 1.89,
                 _WAN13_COMPILED,
@@ -271,7 +271,7 @@ _ROWS: tuple[Preset, ...] = (
             ),
             Speed(1.63, _WAN14, _E2E, Source(_E2E14, "rows[row=balanced,compiled=False]/speedup")),
             _embedded_speed("adaspa", 0.77),
-            _embedded_graphs_speed("balanced", 1.33),
+            _embedded_graphs_speed("balanced", 1.55),
         ),
         quality=Quality(26.77, 0.930, 0.233, "adaspa"),
         note="first 20% of steps dense, searched at 20%, re-searched at 60%",
@@ -282,9 +282,9 @@ _ROWS: tuple[Preset, ...] = (
         "adaspa",
         {"sparsity": 0.9},
         speed=(
-            Speed(1.58, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=fast,compiled=False]/speedup")),
+            Speed(1.77, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=fast,compiled=False]/speedup")),
             _embedded_speed("adaspa:sparsity=0.9", 0.80),
-            _embedded_graphs_speed("fast", 1.34),
+            _embedded_graphs_speed("fast", 1.49),
         ),
         quality=Quality(23.24, 0.857, 0.138, "adaspa:sparsity=0.9"),
         note="as balanced, half the blocks",
