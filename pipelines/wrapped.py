@@ -433,8 +433,8 @@ class AcceleratedPipeline:
 
     def compile(self, **compile_kwargs) -> AcceleratedPipeline:
         """Compile the pipeline's transformer blocks (:func:`compile_blocks`; ``torch.compile`` arguments
-        pass through). On Wan-1.3B 480p the balanced preset went from 1.47x to 1.89x of eager stock with it
-        (docs/e2e.md, measured before the current kernels). It stays compiled across :meth:`configure` and
+        pass through). On Wan-1.3B 480p the balanced preset went from 1.63x to 1.93x of eager stock with it
+        (docs/e2e.md). It stays compiled across :meth:`configure` and
         after :meth:`remove`. Returns self."""
         compile_blocks(self.pipe, **compile_kwargs)
         return self

@@ -16,6 +16,7 @@ from _graphs import use_recorded_graphs
 from _tiny import cogvideox_pipeline, run_cogvideox, run_wan, wan, wan_pipeline
 
 import dit_accel
+from dit_accel import graphs
 from dit_accel.methods.composed import ComposedMethod
 
 STEPS = 10
@@ -105,6 +106,7 @@ def test_searches_run_eagerly():
 
 @pytest.mark.parametrize("reason", ["timing", "grad", "step cache", "cpu"])
 def test_forwards_run_eagerly_with_a_reason(reason, caplog):
+    graphs._log_info_once.cache_clear()  # each reason is logged once per process
     torch.manual_seed(0)
     pipe = wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
