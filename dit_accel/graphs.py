@@ -9,9 +9,10 @@ A forward may be replayed only when everything its Python would decide is the sa
 Per forward, after the step tracker has published the forward's :class:`~dit_accel.tracking.ForwardInfo`,
 :class:`CudaGraphs` builds a key from:
 
-- the forward's place: component, CFG context and layout, batch, grid, text length, step count;
+- the forward's place: component, CFG layout, batch, grid, text length, step count;
 - ``method.graph_key(info, config)``: what the method's decisions at this step depend on besides its
-  state (the built-in methods: the phase, "dense" or "sparse"); None runs the forward eagerly (search and
+  state, the CFG context included when the forward reads state kept per context (the built-in methods:
+  "dense", shared by the CFG contexts, or ("sparse", context)); None runs the forward eagerly (search and
   refresh steps read results back or renew state; re-ttention's ramp changes its output scale every step);
 - the identity of every plan and state value in the method's ledger (methods replace values, never edit
   them in place, so a new plan or statistic is a new key);
@@ -219,9 +220,8 @@ class CudaGraphs:
         state, refs = ledger_state(runtime.method)
         arguments = _signature((args, kwargs), tensors, self.device_type)
         autocast = torch.is_autocast_enabled(self.device_type)
-        place = (
+        place = (  # the CFG context is the method's to add (graph_key): a dense forward reads no state of it
             info.component,
-            info.context,
             info.cfg,
             info.batch,
             info.grid,

@@ -218,7 +218,7 @@ def _embedded_graphs_speed(row: str, speedup: float) -> Speed:
     return Speed(
         speedup,
         _EMBEDDED + ", cuda_graphs=True",
-        "H200 bf16, whole 30-step render, median of 7 interleaved rounds (profile_embedded)",
+        "H200 bf16, whole 30-step render, median of 5 interleaved rounds (profile_embedded)",
         Source(_GRAPHS, f"renders/{row}+graphs/seconds"),
         Source(_GRAPHS, "renders/stock/seconds"),
     )
@@ -252,7 +252,7 @@ _ROWS: tuple[Preset, ...] = (
                 Source(_RADIAL, "shapes/wan14b_720p_81f/composed_50_steps/12_of_50/speedup"),
             ),
             _embedded_speed("radial", 0.84),
-            _embedded_graphs_speed("radial", 1.93),
+            _embedded_graphs_speed("radial", 2.07),
         ),
         quality=Quality(37.39, 0.986, 0.672, "radial"),
         note="Wan defaults: decay 0.2, sink frame, layer 0 and the first 25% of steps dense",
@@ -272,7 +272,7 @@ _ROWS: tuple[Preset, ...] = (
             ),
             Speed(1.63, _WAN14, _E2E, Source(_E2E14, "rows[row=balanced,compiled=False]/speedup")),
             _embedded_speed("adaspa", 0.77),
-            _embedded_graphs_speed("balanced", 1.55),
+            _embedded_graphs_speed("balanced", 1.59),
         ),
         quality=Quality(26.77, 0.930, 0.233, "adaspa"),
         note="first 20% of steps dense, searched at 20%, re-searched at 60%",
@@ -285,7 +285,7 @@ _ROWS: tuple[Preset, ...] = (
         speed=(
             Speed(1.77, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=fast,compiled=False]/speedup")),
             _embedded_speed("adaspa:sparsity=0.9", 0.80),
-            _embedded_graphs_speed("fast", 1.49),
+            _embedded_graphs_speed("fast", 1.50),
         ),
         quality=Quality(23.24, 0.857, 0.138, "adaspa:sparsity=0.9"),
         note="as balanced, half the blocks",

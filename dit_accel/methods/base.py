@@ -246,9 +246,11 @@ class SparseMethod:
 
         Two forwards with the same key and the same ledger contents must make the same kernel calls with the
         same arguments: a forward is captured as a CUDA graph once and replayed for later forwards with its
-        key, without running this method's Python. None runs the forward eagerly: at steps that read results
-        back to the host (searches) or renew state (refreshes), or whose arguments change every step. The
-        default is None, so a method runs under graphs only when it says what its decisions depend on.
+        key, without running this method's Python. Include ``info.context`` when the forward reads state kept
+        per CFG context (its plans): forwards of different contexts share a key, and a graph, otherwise.
+        None runs the forward eagerly: at steps that read results back to the host (searches) or renew state
+        (refreshes), or whose arguments change every step. The default is None, so a method runs under
+        graphs only when it says what its decisions depend on.
         """
         return None
 

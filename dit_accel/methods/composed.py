@@ -307,10 +307,10 @@ class ComposedMethod(SparseMethod):
             return "dense" if schedule.warmup_steps >= schedule.num_steps else "sparse"
         return schedule.phase(info.step)
 
-    def graph_key(self, info: ForwardInfo, config: SparseAttentionConfig) -> Phase | None:
-        """The phase for "dense" and "sparse" forwards, which repeat; None (eager) for searches and refreshes,
-        for the sparse steps of a correction whose ramp moves its scale every step, and with a loaded
-        pattern set (its plan may change at any step)."""
+    def graph_key(self, info: ForwardInfo, config: SparseAttentionConfig) -> Hashable | None:
+        """ "dense" (the same for every CFG context: a dense call reads no state) and ("sparse", context)
+        forwards repeat; None (eager) for searches and refreshes, for the sparse steps of a correction whose
+        ramp moves its scale every step, and with a loaded pattern set (its plan may change at any step)."""
         phase = self.phase_of(info, config)
         if phase == "dense":
             return phase
@@ -318,7 +318,7 @@ class ComposedMethod(SparseMethod):
             return None
         if self.correction is not None and self.correction.ramp:
             return None
-        return phase
+        return (phase, info.context)
 
     def _searches_after(self, call: AttentionCall) -> bool:
         schedule = self.schedule_for(call)
