@@ -23,7 +23,8 @@ when that forward left the ledger as it found it, the next forward with the key 
 and every later one replayed: inputs copied into the graph's static tensors, outputs cloned. Each replay adds
 the attention-call records the captured forward made, stamped with the current step, so ``stats()`` reads
 as in an eager run. Graphs are dropped when a run starts (weights, LoRA scales or adapters may change
-between runs) and share one memory pool per transformer.
+between runs) and when the method's state moves on (a new plan or statistic: the old graphs could never match
+again), and share one memory pool per transformer.
 
 Forwards that run eagerly instead, with the reason counted in ``stats().graphs``: not on a CUDA device,
 under ``torch.compile``, with grad enabled, with ``timing=True`` (per-call events), under context
@@ -142,6 +143,7 @@ class CudaGraphs:
         self._clean: dict = {}
         self._failed: set = set()
         self._pool = None
+        self._state = None
         self._checked_run: int | None = None
         self._module_reason: str | None = None
         self._counts_run: int | None = None
@@ -152,7 +154,19 @@ class CudaGraphs:
         self._graphs.clear()
         self._clean.clear()
         self._failed.clear()
+        self._state = None
         self._checked_run = None
+
+    def _prune(self, state) -> None:
+        """Drop what was kept for an earlier ledger state. A run's ledger never returns to one (methods
+        replace values), and the graphs of one would keep its plans and statistics alive."""
+        if state == self._state:
+            return
+        self._state = state
+        for store in (self._graphs, self._clean):
+            for key in [k for k in store if k[2] != state]:
+                del store[key]
+        self._failed = {k for k in self._failed if k[2] == state}
 
     def report(self) -> dict:
         """Forwards of the latest run by how they ran: ``replayed``, ``captured``, ``eager`` and, per reason,
@@ -249,6 +263,7 @@ class CudaGraphs:
         except _Eager as why:
             self._count("eager", str(why))
             return forward(*args, **kwargs)
+        self._prune(key[2])
         graph = self._graphs.get(key)
         if graph is not None:
             self._count("replayed")

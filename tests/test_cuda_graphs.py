@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from _graphs import use_recorded_graphs
+from _graphs import RecordedGraphs, use_recorded_graphs
 from _tiny import cogvideox_pipeline, run_cogvideox, run_wan, wan, wan_pipeline
 
 import dit_accel
@@ -96,6 +96,24 @@ def test_the_double_catches_a_key_that_misses_a_per_step_argument(monkeypatch):
     (wrong,), (stats,), _ = _render(knobs, graphs=True)
     assert stats.graphs["replayed"] > 0
     assert not torch.allclose(torch.as_tensor(eager), torch.as_tensor(wrong))
+
+
+def test_graphs_of_an_earlier_state_are_dropped(monkeypatch):
+    """re-ttention without ramp refreshes its statistics every 5 steps: each refresh makes the graphs of the
+    statistics before it unreachable, and they are dropped rather than kept alive with what they hold."""
+    live = []
+    new_graph = RecordedGraphs._new_graph
+
+    def counting(self):
+        live.append(len(self._graphs))
+        return new_graph(self)
+
+    monkeypatch.setattr(RecordedGraphs, "_new_graph", counting)
+    (eager,), _, _ = _render(METHODS["rettention (no ramp)"], graphs=False)
+    (graphed,), (stats,), _ = _render(METHODS["rettention (no ramp)"], graphs=True)
+    assert torch.equal(torch.as_tensor(eager), torch.as_tensor(graphed))
+    assert len(live) == stats.graphs["captured"] >= 3
+    assert max(live) <= 1  # at each capture: at most the other CFG context's graph of the same state
 
 
 def test_searches_run_eagerly():
