@@ -25,21 +25,16 @@ def test_smoke_run_writes_every_configuration_and_the_one_call_table(tmp_path, m
         assert 0 < one[path]["host_ms_per_call"] <= one[path]["ms_per_call"]
 
 
+def _renders_only(module, out, configs: str) -> None:
+    """The CPU smoke run's timed renders of ``configs`` only, one round, written to ``out``."""
+    flags = ["--renders-only", "--no-profile", "--no-jit", "--configs", configs]
+    module.main(["--smoke", "--out", str(out), *flags])
+
+
 def test_renders_only_subset_reports_ratio_to_dense_per_round(tmp_path, monkeypatch):
     module = load_benchmark("profile_embedded", monkeypatch)
     out = tmp_path / "renders.json"
-    module.main(
-        [
-            "--smoke",
-            "--out",
-            str(out),
-            "--renders-only",
-            "--no-profile",
-            "--no-jit",
-            "--configs",
-            "dense,radial",
-        ]
-    )
+    _renders_only(module, out, "dense,radial")
     report = json.loads(out.read_text())
     assert "one_call" not in report and list(report["renders"]) == ["dense", "radial"]
     dense, radial = report["renders"]["dense"], report["renders"]["radial"]
@@ -59,18 +54,7 @@ def test_graphed_rows_are_checked_against_eager_before_timing(tmp_path, monkeypa
     forward) and it is not timed."""
     module = load_benchmark("profile_embedded", monkeypatch)
     out = tmp_path / "graphs.json"
-    module.main(
-        [
-            "--smoke",
-            "--out",
-            str(out),
-            "--renders-only",
-            "--no-profile",
-            "--no-jit",
-            "--configs",
-            "dense,dense+graphs",
-        ]
-    )
+    _renders_only(module, out, "dense,dense+graphs")
     rows = json.loads(out.read_text())["renders"]
     graphed = rows["dense+graphs"]
     assert graphed["graphs_check"] == "failed" and graphed["graphs_max_abs_diff"] == 0.0
