@@ -4,14 +4,18 @@ list, at real shapes, in one process on one GPU.
 Each variant is the current ``kernels/triton_attention.py`` + ``kernels/triton_common.py`` with textual
 substitutions, imported as its own package (own autotuner, own launch cache), and launched on the same random
 block plans (``bench_kernels.make_mask``); every output is compared with the current kernel's (max abs
-difference), then each variant is timed in three interleaved rounds of ``triton.testing.do_bench`` (the
-middle one is kept) and its effective TF/s (computed blocks only) is divided by cuDNN's dense TF/s.
+difference), then each variant is timed in interleaved rounds of ``triton.testing.do_bench`` (``--rounds``,
+3 by default; the median round is kept) and its effective TF/s (computed blocks only) is divided by cuDNN's
+dense TF/s. Each row records the tile each variant's autotuner chose.
 
 Variants (``--variants``; a substitution whose source text is no longer there fails loudly):
     current        the kernel as it is
-    old_loop       the block index loaded in the iteration that uses it (no read-ahead)
+    search_chain   the masked-suffix search as a binary search in every row (MAX_K_LOG2 + 1 dependent loads
+                   before the first tile) instead of one look at the last entry
+    eager_rescale  the running maximum and the accumulator rescaled at every tile (no lazy rescaling)
+    before         both of the above: the kernel before either change
+    old_loop       as before, and the block index loaded in the iteration that uses it (no read-ahead)
     old_tiles      the tile list before the 128x64 4-stage and 64x128 tiles were added
-    old            both of the above (the kernel before read-ahead and the new tiles)
     prefetch2      the index read two iterations ahead
     no_shortcut    full plan rows through the indexed loop instead of the dense loop
 
@@ -34,36 +38,55 @@ from _common import import_source_variants, interleaved_ms, substitute, versions
 from bench_kernels import computed_pairs, make_mask, tflops  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-CUR_LOOP = """        n_unmasked = n_full * SUB
+CUR_LOOP = """        kb_next = tl.load(idx_base, mask=count > 0, other=0)
+        n_full = unmasked_entries(idx_base, stride_ik, count, kv_limit, ANY_LIMIT, PLAN_BK, MAX_K_LOG2)
+        n_unmasked = n_full * SUB
+        for t in range(0, n_unmasked):
+            kb = kb_next
+            kb_next = tl.load(idx_base + ((t + 1) // SUB) * stride_ik, mask=t + 1 < n_unmasked, other=0)"""
+# Before unmasked_entries: the binary search ran for every row, MAX_K_LOG2 + 1 dependent loads.
+SEARCH_LOOP = """\
+        n_full = first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK, MAX_K_LOG2)
+        n_unmasked = n_full * SUB
         kb_next = tl.load(idx_base, mask=n_unmasked > 0, other=0)
         for t in range(0, n_unmasked):
             kb = kb_next
             kb_next = tl.load(idx_base + ((t + 1) // SUB) * stride_ik, mask=t + 1 < n_unmasked, other=0)"""
-OLD_LOOP = """        n_unmasked = n_full * SUB
+OLD_LOOP = """        n_full = first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK, MAX_K_LOG2)
+        n_unmasked = n_full * SUB
         for t in range(0, n_unmasked):
             kb = tl.load(idx_base + (t // SUB) * stride_ik)"""
-PREFETCH2_LOOP = """        n_unmasked = n_full * SUB
-        kb_next = tl.load(idx_base, mask=n_unmasked > 0, other=0)
+PREFETCH2_LOOP = """        kb_next = tl.load(idx_base, mask=count > 0, other=0)
+        n_full = unmasked_entries(idx_base, stride_ik, count, kv_limit, ANY_LIMIT, PLAN_BK, MAX_K_LOG2)
+        n_unmasked = n_full * SUB
         kb_next2 = tl.load(idx_base + (1 // SUB) * stride_ik, mask=1 < n_unmasked, other=0)
         for t in range(0, n_unmasked):
             kb = kb_next
             kb_next = kb_next2
             kb_next2 = tl.load(idx_base + ((t + 2) // SUB) * stride_ik, mask=t + 2 < n_unmasked, other=0)"""
+# Before lazy rescaling: the running maximum moved with every tile and the accumulator was always rescaled.
+CUR_RESCALE = "        m_ij = tl.where(m_tile > m_i + RESCALE_TAU, m_tile, m_i)"
+EAGER_MAX = "        m_ij = tl.maximum(m_i, m_tile)"
+CUR_BRANCH = "    elif tl.min(alpha, 0) < 1.0:"
+EAGER_BRANCH = "    else:"
+EAGER_RESCALE = [(CUR_RESCALE, EAGER_MAX), (CUR_BRANCH, EAGER_BRANCH)]
 CUR_TILES = "(*_TILES, *_LOW_DENSITY_TILES)"
 OLD_TILES = "_TILES"
 SHORTCUT = "    if count == tl.cdiv(seq_k, PLAN_BK):"
 VARIANTS = {
     "current": [],
-    "old_loop": [(CUR_LOOP, OLD_LOOP)],
+    "search_chain": [(CUR_LOOP, SEARCH_LOOP)],
+    "eager_rescale": EAGER_RESCALE,
+    "before": [(CUR_LOOP, SEARCH_LOOP), *EAGER_RESCALE],
+    "old_loop": [(CUR_LOOP, OLD_LOOP), *EAGER_RESCALE],
     "old_tiles": [(CUR_TILES, OLD_TILES)],
-    "old": [(CUR_LOOP, OLD_LOOP), (CUR_TILES, OLD_TILES)],
     "prefetch2": [(CUR_LOOP, PREFETCH2_LOOP)],
     "no_shortcut": [(SHORTCUT, "    if count == -1:")],
 }
 SHAPES = {  # name: (H, S, D, densities); B = 1
-    "wan14b_720p_81f": (40, 75600, 128, (0.5, 0.25, 0.1)),
-    "wan1.3b_480p_81f": (12, 32760, 128, (0.5, 0.25, 0.1)),
-    "flux_1024": (24, 4608, 128, (0.5, 0.1)),
+    "wan14b_720p_81f": (40, 75600, 128, (0.5, 0.25, 0.1, 0.05, 1.0)),
+    "wan1.3b_480p_81f": (12, 32760, 128, (0.5, 0.25, 0.1, 0.05, 1.0)),
+    "flux_1024": (24, 4608, 128, (0.5, 0.1, 1.0)),
 }
 
 
@@ -80,8 +103,9 @@ def build_variants(names: list[str], where: Path) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="current,old_loop,old_tiles,old,prefetch2")
+    ap.add_argument("--variants", default="current,search_chain,eager_rescale,before")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median kept)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -93,13 +117,17 @@ def main(argv=None) -> dict:
     mods = build_variants(["current", *[n for n in names if n != "current"]], Path(tempfile.mkdtemp()))
     report = {"benchmark": "ab_plan_loop", "device": torch.cuda.get_device_name(), "versions": versions()}
     report["rows"] = rows = []
+
+    def save():
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
     for shape in args.shapes.split(","):
-        run_shape(shape, mods, rows, lambda: args.out.write_text(json.dumps(report, indent=1) + "\n"))
+        run_shape(shape, mods, rows, args.rounds, save)
         torch.cuda.empty_cache()
     return report
 
 
-def run_shape(shape: str, mods: dict, rows: list, save) -> None:
+def run_shape(shape: str, mods: dict, rows: list, rounds: int, save) -> None:
     """Every density of one shape: check each variant against the current kernel, time, append rows."""
     import triton.testing
 
@@ -128,9 +156,10 @@ def run_shape(shape: str, mods: dict, rows: list, save) -> None:
         row["max_abs_diff_vs_current"] = {
             name: float((fn().float() - ref).abs().max()) for name, fn in fns.items()
         }
-        for name, ms in interleaved_ms(fns, rep_ms=150).items():
+        for name, ms in interleaved_ms(fns, rep_ms=150, rounds=rounds).items():
             tf = tflops(pairs, 1, d, ms)
-            row[name] = {"ms": ms, "tflops": tf, "vs_cudnn": tf / cu_tf}
+            tuned = str(mods[name]._block_sparse_attn_fwd_kernel.best_config)
+            row[name] = {"ms": ms, "tflops": tf, "vs_cudnn": tf / cu_tf, "config": tuned}
         rows.append(row)
         print(
             f"  density {row['density']:.3f}: "

@@ -168,7 +168,7 @@ def _block_sparse_attn_fwd_kernel(
         count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + row * stride_cm)
         acc, m_i, l_i = plan_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, idx_base, stride_ik,
                                   count, offs_n, offs_d, SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32,
-                                  USE_TMA, PLAN_BK, MAX_K_LOG2, BLOCK_N)  # fmt: skip
+                                  USE_TMA, HAS_KV_LEN, PLAN_BK, MAX_K_LOG2, BLOCK_N)  # fmt: skip
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)

@@ -22,6 +22,8 @@ LOG2E = 1.4426950408889634  # host side: folded into the softmax scale
 # Inside @triton.jit code a global must be a constexpr (the interpreter accepts plain floats; the compiler not).
 LOG2E_C = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Lazy rescaling threshold of the online softmax, in log2 units: unnormalised probabilities stay <= 2**8.
+RESCALE_TAU = tl.constexpr(8.0)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -88,12 +90,19 @@ def attend_tile(
         # A row with no valid key so far keeps m = -inf; subtract 0 instead so nothing becomes NaN.
         m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
     else:
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # Lazy rescaling: a row's reference maximum moves only when the tile's maximum exceeds it by more
+        # than RESCALE_TAU (so p <= 2**RESCALE_TAU), and the accumulator is rescaled only when some row moved.
+        # (m, l, acc) stay consistent with the reference, so out = acc / l and lse = m + log2(l) are exact.
+        m_tile = tl.max(qk, 1) * qk_scale
+        m_ij = tl.where(m_tile > m_i + RESCALE_TAU, m_tile, m_i)
         m_sub = m_ij
     p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    if MASKED:
+        acc = acc * alpha[:, None]
+    elif tl.min(alpha, 0) < 1.0:
+        acc = acc * alpha[:, None]
     if USE_TMA:
         v = v_base.load([start_n, 0])  # [BLOCK_N, D_PAD]
     else:
@@ -157,6 +166,28 @@ def first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK: tl.constex
 
 
 @triton.jit
+def unmasked_entries(
+    idx_base,
+    stride_ik,
+    count,
+    kv_limit,
+    ANY_LIMIT: tl.constexpr,
+    PLAN_BK: tl.constexpr,
+    MAX_K_LOG2: tl.constexpr,
+):
+    # How many leading entries of a sorted key-block list lie wholly below kv_limit. If the last one does,
+    # all do. Without a kv_len (ANY_LIMIT False) only the sequence's last block can be partial, so the last
+    # entry is the only one to check: one load instead of a chain of MAX_K_LOG2 + 1 dependent ones, which
+    # every program paid before its first tile.
+    last = tl.load(idx_base + (count - 1) * stride_ik, mask=count > 0, other=0)
+    n = count - ((count > 0) & ((last + 1) * PLAN_BK > kv_limit)).to(count.dtype)
+    if ANY_LIMIT:
+        if n < count:
+            n = first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK, MAX_K_LOG2).to(count.dtype)
+    return n
+
+
+@triton.jit
 def plan_loop(
     acc,
     m_i,
@@ -178,6 +209,7 @@ def plan_loop(
     EVEN_D: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
+    ANY_LIMIT: tl.constexpr,
     PLAN_BK: tl.constexpr,
     MAX_K_LOG2: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -185,17 +217,18 @@ def plan_loop(
     # The key blocks of one plan row (``count`` sorted indices at idx_base). A row that keeps every key
     # block runs the dense loop: affine addresses pipeline better than indirect ones (0.90x cuDNN against
     # 0.73x at Wan shapes on an H200). Otherwise the blocks that can hold a masked key (sequence tail,
-    # kv_len) form a suffix of the sorted list; a binary search finds it and only that suffix pays for the
-    # mask. The unmasked loop reads the next iteration's block index one iteration ahead, so the tile loads
-    # never wait on the index load (+4-10% at densities 0.1-0.5 on an H200, docs/kernels.md).
+    # kv_len) form a suffix of the sorted list (``unmasked_entries`` finds it; ANY_LIMIT: a kv_len may cut
+    # the keys) and only that suffix pays for the mask. The unmasked loop reads the next iteration's block
+    # index one iteration ahead, so the tile loads never wait on the index load (+4-10% at densities 0.1-0.5
+    # on an H200, docs/kernels.md).
     SUB: tl.constexpr = PLAN_BK // BLOCK_N
     if count == tl.cdiv(seq_k, PLAN_BK):
         acc, m_i, l_i = dense_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, seq_k,
                                    kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, BLOCK_N)  # fmt: skip
     else:
-        n_full = first_masked_entry(idx_base, stride_ik, count, kv_limit, PLAN_BK, MAX_K_LOG2)
+        kb_next = tl.load(idx_base, mask=count > 0, other=0)
+        n_full = unmasked_entries(idx_base, stride_ik, count, kv_limit, ANY_LIMIT, PLAN_BK, MAX_K_LOG2)
         n_unmasked = n_full * SUB
-        kb_next = tl.load(idx_base, mask=n_unmasked > 0, other=0)
         for t in range(0, n_unmasked):
             kb = kb_next
             kb_next = tl.load(idx_base + ((t + 1) // SUB) * stride_ik, mask=t + 1 < n_unmasked, other=0)

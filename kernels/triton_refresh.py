@@ -203,7 +203,7 @@ def _refresh_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     acc, m_i, l_i = plan_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, idx_base, stride_ik, count,
                               offs_n, offs_d, SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA,
-                              PLAN_BK, MAX_K_LOG2, BLOCK_N)  # fmt: skip
+                              HAS_KV_LEN, PLAN_BK, MAX_K_LOG2, BLOCK_N)  # fmt: skip
 
     # Merge: weights of the two parts relative to the larger maximum (base 2).
     m = tl.maximum(m_i, m_o)

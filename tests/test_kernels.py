@@ -236,6 +236,30 @@ def test_kv_len(sparse):
     assert (out[2] == 0).all() and torch.isneginf(lse[2]).all()
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_running_max_that_jumps_and_creeps(sparse):
+    """Scores whose row maximum grows along the keys, by less and by more than the kernel's lazy-rescaling
+    threshold (2**8) from one key tile to the next, and shrinks again: the accumulator must be rescaled
+    exactly when the reference maximum moves. The sequence tail (150 = 9 full blocks + 6) is masked."""
+    b, s, h, d = 1, 150, 2, 64
+    q, k, v = _qkv(b, s, h, d, torch.bfloat16, "bshd", seed=13)
+    ramp = torch.tensor([0.5, 0.6, 0.8, 3.0, 3.2, 9.0, 9.5, 2.0, 12.0, 1.0], device=DEVICE)
+    k = (k.float() * ramp.repeat_interleave(16)[:s, None, None]).to(k.dtype)
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    if sparse:
+        plan = _random_plan(b, h, s, s, 16, 0.7, seed=4)
+        out, lse = block_sparse_attention(q, k, v, plan, backend="triton")
+        tok = plan.to_token_mask(s, s)
+    else:
+        plan, tok = None, None
+        out, lse = dense_attention(q, k, v, backend="triton")
+    ref, ref_lse = attention_reference(qh.float(), kh.float(), vh.float(), plan, 0.125)
+    eager = _eager_lowp(qh, kh, vh, tok, 0.125)
+    _assert_close(out.transpose(1, 2), ref, eager, "out")
+    _assert_lse(lse, ref_lse, "lse")
+
+
 # --------------------------------------------------------------------------------------------------
 # Block mass
 # --------------------------------------------------------------------------------------------------
