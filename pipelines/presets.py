@@ -184,7 +184,7 @@ _TINY = "docs/quality_tiny.json"
 _E2E13 = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200.json"
 _E2E13_EAGER = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_rope.json"  # current kernels, eager
 _E2E13_NOW = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_current.json"  # current kernels, compiled
-_E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_presets.json"  # current kernels, eager
+_E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_current.json"  # current kernels
 _WAN13 = "Wan2.1-1.3B 480p 81f, 32,760 tokens"
 _WAN14 = "Wan2.1-14B 720p 81f, 75,600 tokens"
 _EMBEDDED = "embedded model 49x192x256, 2,496 tokens"
@@ -193,6 +193,7 @@ _CLIP = "H200 bf16, whole 30-step render, median over 24 prompts"
 _E2E = "H200 bf16, 50 steps with CFG, steady-state step times composed over the schedule (bench_e2e)"
 _E2E_COMPILED = _E2E + ", transformer.compile_repeated_blocks(), against eager stock"
 _WAN13_COMPILED = _WAN13 + ", compiled"
+_WAN14_COMPILED = _WAN14 + ", compiled"
 _HUNYUAN = "HunyuanVideo 720p 129f, 119,056 tokens"
 _E2E_HY_AUTO = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_dense_auto.json"
 _E2E_ONE_CALL = "H200 bf16, 50 steps, one call per step (embedded guidance), step times composed (bench_e2e)"
@@ -270,7 +271,13 @@ _ROWS: tuple[Preset, ...] = (
                 _E2E_COMPILED,
                 Source(_E2E13_NOW, "rows[row=balanced,compiled=True]/speedup"),
             ),
-            Speed(1.63, _WAN14, _E2E, Source(_E2E14, "rows[row=balanced,compiled=False]/speedup")),
+            Speed(1.73, _WAN14, _E2E, Source(_E2E14, "rows[row=balanced,compiled=False]/speedup")),
+            Speed(
+                1.90,
+                _WAN14_COMPILED,
+                _E2E_COMPILED,
+                Source(_E2E14, "rows[row=balanced,compiled=True]/speedup"),
+            ),
             _embedded_speed("adaspa", 0.77),
             _embedded_graphs_speed("balanced", 1.59),
         ),
@@ -284,6 +291,7 @@ _ROWS: tuple[Preset, ...] = (
         {"sparsity": 0.9},
         speed=(
             Speed(1.77, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=fast,compiled=False]/speedup")),
+            Speed(1.92, _WAN14, _E2E, Source(_E2E14, "rows[row=fast,compiled=False]/speedup")),
             _embedded_speed("adaspa:sparsity=0.9", 0.80),
             _embedded_graphs_speed("fast", 1.50),
         ),
