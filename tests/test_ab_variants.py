@@ -37,6 +37,29 @@ def test_plan_loop_variants_build(monkeypatch, tmp_path):
     try:
         mods = ab.build_variants(list(ab.VARIANTS), tmp_path)
         assert set(mods) == set(ab.VARIANTS)
+        # Every variant computes the same attention: a sparse plan whose rows have a partial last key block,
+        # with key scales that move the running maximum by more and by less than the lazy-rescaling
+        # threshold. (Interpreted on the CPU; the GPU run only records the differences.)
+        import torch
+
+        from dit_accel.kernels import BlockPlan
+
+        g = torch.Generator().manual_seed(0)
+        s, h, d = 72, 2, 32
+        q, k, v = (torch.randn(1, h, s, d, generator=g) for _ in "qkv")
+        k = k * torch.tensor([0.5, 3.0, 0.7, 9.0, 1.0])[:, None].expand(5, 16).reshape(-1)[:s, None]
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+        mask = torch.rand(1, h, 5, 5, generator=g) < 0.6
+        mask[..., -1] = True
+        mask[0, 0, 1] = True  # one full row: the dense-loop shortcut
+        plan = BlockPlan.from_block_mask(mask, 16, 16)
+        outs = {
+            name: mod.sparse_attention_fwd(q, k, v, plan.kv_indices, plan.kv_counts, 16, 16, d**-0.5, None)
+            for name, mod in mods.items()
+        }
+        for name, (out, lse) in outs.items():
+            torch.testing.assert_close(out.float(), outs["current"][0].float(), atol=2e-2, rtol=0, msg=name)
+            torch.testing.assert_close(lse, outs["current"][1], atol=1e-3, rtol=0, msg=name)
     finally:
         _unload_variants()
 
