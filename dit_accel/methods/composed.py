@@ -396,8 +396,9 @@ class ComposedMethod(SparseMethod):
             if phase not in ("fused_search", "search_refresh") and entry.plan is None:
                 _log_once(
                     logging.WARNING,
-                    f"{self.name}: a {phase} step found no searched plan (the run started past the search "
-                    "step, a layer first ran late, or the geometry changed); searching at that step",
+                    f"{self.name}: a {phase} step found no searched plan (a step cache served the search "
+                    "step, the run started past it, a layer first ran late, or the geometry changed); "
+                    "searching at that step",
                 )
                 phase = "search_refresh" if corrected else "fused_search"
             if phase in ("fused_search", "search_refresh"):

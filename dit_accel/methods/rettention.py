@@ -279,8 +279,8 @@ class Correction:
                 return call.run_sparse(plan)
             _log_once(
                 logging.WARNING,
-                "rettention: a sparse step found no correction (the run started past the refresh step, a "
-                "layer first ran late, or the plan changed); refreshing at that step",
+                "rettention: a sparse step found no correction (a step cache served the refresh step, the "
+                "run started past it, a layer first ran late, or the plan changed); refreshing at that step",
             )
             return self._refresh(method, plan, call)
         offset = self.ramp * max(call.step - entry.state["refreshed_at"] - 1, 0)
