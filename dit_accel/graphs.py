@@ -13,7 +13,9 @@ Per forward, after the step tracker has published the forward's :class:`~dit_acc
 - ``method.graph_key(info, config)``: what the method's decisions at this step depend on besides its
   state, the CFG context included when the forward reads state kept per context (the built-in methods:
   "dense", shared by the CFG contexts, or ("sparse", context)); None runs the forward eagerly (search and
-  refresh steps read results back or renew state; re-ttention's ramp changes its output scale every step);
+  refresh steps read results back or renew state). A value that changes every step is read by the kernels
+  from a device tensor that ``method.prepare_replay(info)`` writes before each capture and replay
+  (re-ttention's ramp);
 - the identity of every plan and state value in the method's ledger (methods replace values, never edit
   them in place, so a new plan or statistic is a new key);
 - the arguments: each tensor's shape, dtype, device and strides, every other value as is.
@@ -267,7 +269,9 @@ class CudaGraphs:
         graph = self._graphs.get(key)
         if graph is not None:
             self._count("replayed")
-            self.runtime.replay_records(graph.records, self.runtime.tracker.current)
+            info = self.runtime.tracker.current
+            self.runtime.method.prepare_replay(info)
+            self.runtime.replay_records(graph.records, info)
             return graph.replay(tensors)
         if key in self._failed:
             reason = "capture failed"
@@ -276,6 +280,7 @@ class CudaGraphs:
         elif len(self._graphs) >= MAX_GRAPHS:
             reason = f"{MAX_GRAPHS} graphs captured this run"
         else:
+            self.runtime.method.prepare_replay(self.runtime.tracker.current)
             graph = self._capture(key, refs, forward, args, kwargs, tensors)
             if graph is not None:
                 self._count("captured")

@@ -227,6 +227,7 @@ def _sparse_attention_impl(
     residual_scale: torch.Tensor | None = None,
     rho_offset: float = 0.0,
     clamp_rho: bool = True,
+    rho_offset_t: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_attention import sparse_attention_fwd
 
@@ -243,7 +244,7 @@ def _sparse_attention_impl(
         rho=rho,
         residual=residual,
         residual_scale=residual_scale,
-        rho_add=rho_offset,
+        rho_add=rho_offset_t if rho_offset_t is not None else rho_offset,
         clamp=clamp_rho,
     )
 
@@ -378,7 +379,7 @@ def block_sparse_attention(
     layout: str = "bshd",
     backend: str = "auto",
     correction: SoftmaxCorrection | None = None,
-    rho_offset: float = 0.0,
+    rho_offset: float | torch.Tensor = 0.0,
     clamp_rho: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse softmax attention with the per-row log-sum-exp, optionally corrected (re-ttention).
@@ -396,7 +397,9 @@ def block_sparse_attention(
         backend: "auto", "triton" or "torch".
         correction: statistics from :func:`refresh_attention` with the same plan; the output becomes
             ``min(rho + rho_offset, 1) * O_sparse + R`` (``clamp_rho=False``: no cap), in one pass.
-        rho_offset: added to rho (re-ttention's ramp).
+        rho_offset: added to rho (re-ttention's ramp): a float, or a one-element float32 tensor on q's
+            device whose value is read on the device when the kernel runs (so a CUDA graph that captured
+            the call replays it with the tensor's current value).
         clamp_rho: cap rho + rho_offset at 1.
 
     Returns:
@@ -407,6 +410,7 @@ def block_sparse_attention(
     _check_plan(plan, qh, kh)
     if correction is not None:
         _check_correction(correction, qh)
+    offset_t = _check_rho_offset(rho_offset, qh)
     grad = _needs_grad(qh, kh, vh, *((correction.rho, correction.residual) if correction is not None else ()))
     if _pick(backend, qh, "block_sparse_attention", (plan.block_q, plan.block_k), grad) == "torch":
         if correction is None:
@@ -442,10 +446,23 @@ def block_sparse_attention(
             corr.get("rho"),
             corr.get("residual"),
             corr.get("residual_scale"),
-            float(rho_offset),
+            0.0 if offset_t is not None else float(rho_offset),
             bool(clamp_rho),
+            offset_t,
         )
     return _from_bhsd(out, layout), lse
+
+
+def _check_rho_offset(rho_offset, qh: torch.Tensor) -> torch.Tensor | None:
+    """The offset as a one-element tensor for the kernel, or None for a number."""
+    if not isinstance(rho_offset, torch.Tensor):
+        return None
+    if rho_offset.numel() != 1 or rho_offset.dtype != torch.float32 or rho_offset.device != qh.device:
+        raise ValueError(
+            f"rho_offset must be a number or a one-element float32 tensor on {qh.device}, got a "
+            f"{rho_offset.dtype} tensor of shape {tuple(rho_offset.shape)} on {rho_offset.device}"
+        )
+    return rho_offset.reshape(())
 
 
 def _check_correction(correction: SoftmaxCorrection, qh: torch.Tensor) -> None:

@@ -186,7 +186,7 @@ def corrected_reference(
     residual: torch.Tensor,
     residual_scale: torch.Tensor | None = None,
     kv_len: torch.Tensor | None = None,
-    rho_offset: float = 0.0,
+    rho_offset: float | torch.Tensor = 0.0,
     clamp_rho: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention corrected with cached statistics: ``min(rho + rho_offset, 1) * O_sparse + R``.
@@ -195,7 +195,8 @@ def corrected_reference(
         q, k, v, plan, scale, kv_len: as :func:`attention_reference`.
         rho: fp32 [B, H, S_q]; residual: [B, H, S_q, D] (any float dtype); residual_scale: fp32 [B, H, S_q]
             for a float8 residual, else None.
-        rho_offset: added to rho (re-ttention's ramp); clamp_rho: cap the sum at 1.
+        rho_offset: added to rho (re-ttention's ramp), a number or a one-element tensor; clamp_rho: cap the
+            sum at 1.
 
     Returns:
         out [B, H, S_q, D] in q's dtype; the sparse lse fp32 [B, H, S_q] (uncorrected).

@@ -11,8 +11,9 @@ LSE = -inf.
 
 Correction (re-ttention's sparse step): with ``HAS_CORR`` the epilogue returns
 ``min(rho + rho_add, 1) * O_sparse + R`` (no clamp without ``CLAMP``) where rho [B, H, S] fp32 and the
-residual R (any float dtype, fp8 with a per-row fp32 scale) were cached at a refresh step. The LSE written is
-the sparse one.
+residual R (any float dtype, fp8 with a per-row fp32 scale) were cached at a refresh step. ``rho_add`` is a
+launch argument or, with ``RHO_DEV``, read from a one-element fp32 tensor (a CUDA graph replays the kernel
+with the value in that tensor at replay time, not the one at capture). The LSE written is the sparse one.
 
 Caveats: a plan block must be a multiple of the kernel tile (BLOCK_M divides block_q, BLOCK_N divides
 block_k); fp16 and bf16 only; head_dim that is not a power of two (72, 80, 96) pays for the padding in the
@@ -87,6 +88,7 @@ def _block_sparse_attn_fwd_kernel(
     RHO,
     R,
     R_SCALE,
+    RHO_ADD,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -127,6 +129,7 @@ def _block_sparse_attn_fwd_kernel(
     HAS_CORR: tl.constexpr,
     R_SCALED: tl.constexpr,
     CLAMP: tl.constexpr,
+    RHO_DEV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -175,6 +178,8 @@ def _block_sparse_attn_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     if HAS_CORR:
+        if RHO_DEV:
+            rho_add = tl.load(RHO_ADD)
         r_base = R + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
         row_base = pid_bh.to(tl.int64) * SEQ_Q
         out = _correct(out, offs_m, offs_d, SEQ_Q, r_base, stride_rs, RHO + row_base, R_SCALE + row_base,
@@ -200,14 +205,15 @@ def sparse_attention_fwd(
     rho: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     residual_scale: torch.Tensor | None = None,
-    rho_add: float = 0.0,
+    rho_add: float | torch.Tensor = 0.0,
     clamp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch on (B, H, S, D) views. ``kv_indices is None`` runs every key block (dense).
 
     kv_indices / kv_counts are [B or 1, H or 1, n_qb, max_k] / [B or 1, H or 1, n_qb] (broadcast by zero
     strides). With ``rho`` (fp32 [B, H, S_q], contiguous) and ``residual`` ((B, H, S_q, D) view, last dim
-    contiguous; fp8 needs ``residual_scale`` fp32 [B, H, S_q]) the output is corrected (module docstring).
+    contiguous; fp8 needs ``residual_scale`` fp32 [B, H, S_q]) the output is corrected (module docstring);
+    ``rho_add`` a float or a one-element fp32 tensor on q's device, read by the kernel.
     Returns out (strides like q where q is dense, else contiguous (B, H, S, D)) and lse fp32 [B, H, S_q].
     """
     batch, heads, seq_q, head_dim = q.shape
@@ -221,6 +227,8 @@ def sparse_attention_fwd(
     r = residual if has_corr else out  # unused without HAS_CORR
     rho_arg = rho if has_corr else lse
     scale_arg = residual_scale if residual_scale is not None else lse
+    rho_dev = isinstance(rho_add, torch.Tensor)
+    rho_add_arg = rho_add if rho_dev else lse  # unused without RHO_DEV
 
     def grid(meta):
         return (cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
@@ -239,6 +247,7 @@ def sparse_attention_fwd(
         rho_arg,
         r,
         scale_arg,
+        rho_add_arg,
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],
@@ -250,7 +259,7 @@ def sparse_attention_fwd(
         seq_q,
         seq_k,
         scale * LOG2E,
-        float(rho_add),
+        0.0 if rho_dev else float(rho_add),
         SEQ_BUCKET=seq_bucket(seq_q, seq_k),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad(head_dim),
@@ -264,5 +273,6 @@ def sparse_attention_fwd(
         HAS_CORR=has_corr,
         R_SCALED=residual_scale is not None,
         CLAMP=bool(clamp),
+        RHO_DEV=rho_dev and has_corr,
     )
     return out, lse

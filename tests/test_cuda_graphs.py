@@ -17,7 +17,7 @@ from _tiny import cogvideox_pipeline, run_cogvideox, run_wan, wan, wan_pipeline
 
 import dit_accel
 from dit_accel import graphs
-from dit_accel.methods.composed import ComposedMethod
+from dit_accel.methods.rettention import Correction
 
 STEPS = 10
 METHODS = {
@@ -26,6 +26,7 @@ METHODS = {
     "radial": {"method": "radial", "dense_steps": 3, "block_q": 16},
     "adaspa": {"method": "adaspa", "sparsity": 0.5, "dense_steps": 3, "search_at": (5,), "block_q": 16},
     "rettention (no ramp)": {"method": "rettention", "ramp": 0.0, "dense_steps": 3, "refresh_every": 5},
+    "rettention": {"method": "rettention", "dense_steps": 3, "refresh_every": 5, "clamp": False},
 }
 
 
@@ -84,15 +85,18 @@ def test_batched_cfg_and_a_second_run():
     assert stats[1].graphs["captured"] == 2 and stats[1].graphs["replayed"] == 5
 
 
-def test_the_double_catches_a_key_that_misses_a_per_step_argument(monkeypatch):
-    """re-ttention's ramp moves its output scale every sparse step: its key keeps those steps eager. A key
-    that ignored it would replay the first corrected step's scale, and the recorded graphs show that."""
+def test_the_double_catches_a_per_step_value_baked_into_a_graph(monkeypatch):
+    """re-ttention's ramp moves its output scale every sparse step. The kernel reads it from a device tensor
+    that ``prepare_replay`` writes before each capture and replay, so corrected steps replay with the right
+    scale. Without that write the capture records the forward's own write of the captured step's value, every
+    replay repeats it, and the recorded graphs show the wrong frames."""
     knobs = {"method": "rettention", "dense_steps": 2, "refresh_every": 8, "ramp": 0.05, "clamp": False}
     (eager,), _, _ = _render(knobs, graphs=False)
     (right,), (stats,), _ = _render(knobs, graphs=True)
     assert torch.equal(torch.as_tensor(eager), torch.as_tensor(right))
-    assert stats.graphs["eager: the method searches, refreshes or varies at this step"] > 0
-    monkeypatch.setattr(ComposedMethod, "graph_key", lambda self, info, config: self.phase_of(info, config))
+    corrected = [r for r in stats.records if r["kind"] == "corrected"]
+    assert len({r["step"] for r in corrected}) >= 5 and stats.graphs["replayed"] >= 2 * 4, stats.graphs
+    monkeypatch.setattr(Correction, "prepare_replay", lambda self, method, context, step: None)
     (wrong,), (stats,), _ = _render(knobs, graphs=True)
     assert stats.graphs["replayed"] > 0
     assert not torch.allclose(torch.as_tensor(eager), torch.as_tensor(wrong))
@@ -221,7 +225,7 @@ def _gpu_render(knobs: dict, graphs: bool, compiled: bool = False):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["dense", "window", "adaspa", "rettention (no ramp)"])
+@pytest.mark.parametrize("name", ["dense", "window", "adaspa", "rettention (no ramp)", "rettention"])
 def test_gpu_graphs_match_eager(name):
     """Real CUDA graphs: the same latents as eager (the kernels are deterministic) and the same stats."""
     eager, eager_stats = _gpu_render(METHODS[name], graphs=False)

@@ -156,7 +156,7 @@ class AttentionCall:
         plan: BlockPlan,
         return_lse: bool = False,
         correction: SoftmaxCorrection | None = None,
-        rho_offset: float = 0.0,
+        rho_offset: float | torch.Tensor = 0.0,
         clamp_rho: bool = True,
     ):
         """Block-sparse attention on this call's q, k, v: out in ``layout`` (and lse fp32 [B, H, S_q]);
@@ -253,6 +253,12 @@ class SparseMethod:
         graphs only when it says what its decisions depend on.
         """
         return None
+
+    def prepare_replay(self, info: ForwardInfo) -> None:
+        """Called before a forward at ``info`` is captured as a CUDA graph and before each replay of one:
+        write the per-step values that this method's kernels read from device tensors (a replay runs none of
+        the method's Python, so a value passed as a launch argument would stay the captured one). The default
+        writes nothing."""
 
     def plan_key(self, call: AttentionCall) -> Hashable:
         """What a cached plan depends on; a change rebuilds it."""

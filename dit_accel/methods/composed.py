@@ -309,16 +309,19 @@ class ComposedMethod(SparseMethod):
 
     def graph_key(self, info: ForwardInfo, config: SparseAttentionConfig) -> Hashable | None:
         """ "dense" (the same for every CFG context: a dense call reads no state) and ("sparse", context)
-        forwards repeat; None (eager) for searches and refreshes, for the sparse steps of a correction whose
-        ramp moves its scale every step, and with a loaded pattern set (its plan may change at any step)."""
+        forwards repeat; None (eager) for searches and refreshes, and with a loaded pattern set (its plan
+        may change at any step). A correction's ramp, which moves its scale every step, is read by the
+        kernel from a device tensor that :meth:`prepare_replay` fills."""
         phase = self.phase_of(info, config)
         if phase == "dense":
             return phase
         if phase != "sparse" or self.loaded is not None:
             return None
-        if self.correction is not None and self.correction.ramp:
-            return None
         return (phase, info.context)
+
+    def prepare_replay(self, info: ForwardInfo) -> None:
+        if self.correction is not None:
+            self.correction.prepare_replay(self, info.context, info.step)
 
     def _searches_after(self, call: AttentionCall) -> bool:
         schedule = self.schedule_for(call)

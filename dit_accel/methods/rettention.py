@@ -135,6 +135,9 @@ class Correction:
         self.state_dtype = state_dtype
         self.refresh = refresh
         self._preflight_run: int | None = None
+        # (context, layer, device) -> [one-element fp32 tensor, the value last written to it]: the ramp's
+        # offset as the kernel reads it under cuda_graphs=True (see rho_offset_for).
+        self._offsets: dict = {}
 
     def knobs(self) -> dict:
         return {
@@ -283,9 +286,48 @@ class Correction:
                 "run started past it, a layer first ran late, or the plan changed); refreshing at that step",
             )
             return self._refresh(method, plan, call)
-        offset = self.ramp * max(call.step - entry.state["refreshed_at"] - 1, 0)
+        offset = self.offset(call.step, entry)
+        if call.config.cuda_graphs and self.ramp:
+            offset = self._device_offset(call, offset)
         call.label = "corrected"
         return call.run_sparse(plan, correction=corr, rho_offset=offset, clamp_rho=self.clamp)
+
+    def offset(self, step: int, entry) -> float:
+        """The ramp's addition to rho at ``step`` for a layer refreshed at ``entry.state["refreshed_at"]``."""
+        return self.ramp * max(step - entry.state["refreshed_at"] - 1, 0)
+
+    def _device_offset(self, call: AttentionCall, value: float) -> torch.Tensor:
+        """The offset in a tensor of this (context, layer) that the kernel reads on the device. A CUDA graph
+        captures the read, not the value: :meth:`prepare_replay` writes each step's value before a captured
+        forward is captured or replayed, and an eager forward writes it here. Written only when it changes,
+        so a forward being captured (whose values were written just before) records no write."""
+        key = (call.context, call.layer, call.device)
+        slot = self._offsets.get(key)
+        if slot is None:
+            if call.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("rettention: a corrected layer first ran inside a CUDA graph capture")
+            slot = self._offsets[key] = [
+                torch.full((1,), value, dtype=torch.float32, device=call.device),
+                value,
+            ]
+        elif slot[1] != value:
+            slot[0].fill_(value)
+            slot[1] = value
+        return slot[0]
+
+    def prepare_replay(self, method: ComposedMethod, context: str, step: int) -> None:
+        """Before a captured forward of ``context`` runs at ``step``: write each corrected layer's offset."""
+        if not self.ramp:
+            return
+        entries = method.cache.entries()
+        for (ctx, layer, _), slot in self._offsets.items():
+            entry = entries.get((ctx, layer))
+            if ctx != context or entry is None or "refreshed_at" not in entry.state:
+                continue
+            value = self.offset(step, entry)
+            if slot[1] != value:
+                slot[0].fill_(value)
+                slot[1] = value
 
 
 class RettentionMethod(ComposedMethod):
