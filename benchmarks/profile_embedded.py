@@ -55,6 +55,7 @@ CONFIGS = {
     "balanced": {"method": "adaspa", "sparsity": 0.8},
     "fast": {"method": "adaspa", "sparsity": 0.9},
     "radial": {"method": "radial"},
+    "rettention": {"method": "rettention"},
     "window_0.25_no_warmup": {"method": "window", "density": 0.25, "dense_steps": 0},
 }
 # The same configurations with whole forwards replayed as CUDA graphs (dit_accel.graphs).
