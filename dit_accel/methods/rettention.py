@@ -136,7 +136,7 @@ class Correction:
         self.refresh = refresh
         self._preflight_run: int | None = None
         # (context, layer, device) -> [one-element fp32 tensor, the value last written to it]: the ramp's
-        # offset as the kernel reads it under cuda_graphs=True (see rho_offset_for).
+        # offset as the kernel reads it under cuda_graphs=True (see _device_offset).
         self._offsets: dict = {}
 
     def knobs(self) -> dict:
