@@ -87,49 +87,20 @@ def test_corrected_sparse_matches_oracle(clamp, rdtype):
     _, plain_lse = attention_reference(qh, kh, vh, plan, d**-0.5, kv_len)
     _assert_lse(lse, plain_lse, "corrected lse is the sparse lse")
     assert torch.equal(ref_lse, plain_lse)
+
     # The offset as a device tensor (what a CUDA graph replays with its current value): the same numbers.
-    for backend, expect in (("triton", out), ("torch", None)):
+    def corrected(backend, rho_offset=0.0):
+        return block_sparse_attention(
+            q2, k2, v2, plan, kv_len=kv_len, backend=backend, correction=corr, rho_offset=rho_offset,
+            clamp_rho=clamp,
+        )[0]  # fmt: skip
+
+    for backend in ("triton", "torch"):
         offset = torch.full((1,), 0.3, dtype=torch.float32, device=DEVICE)
-        got, got_lse = block_sparse_attention(
-            q2,
-            k2,
-            v2,
-            plan,
-            kv_len=kv_len,
-            backend=backend,
-            correction=corr,
-            rho_offset=offset,
-            clamp_rho=clamp,
-        )
-        if expect is None:
-            expect, _ = block_sparse_attention(
-                q2,
-                k2,
-                v2,
-                plan,
-                kv_len=kv_len,
-                backend="torch",
-                correction=corr,
-                rho_offset=0.3,
-                clamp_rho=clamp,
-            )
-        assert torch.equal(got, expect), backend
+        expect = out if backend == "triton" else corrected("torch", 0.3)
+        assert torch.equal(corrected(backend, offset), expect), backend
         offset.fill_(0.0)  # the value comes from the tensor
-        zero, _ = block_sparse_attention(
-            q2,
-            k2,
-            v2,
-            plan,
-            kv_len=kv_len,
-            backend=backend,
-            correction=corr,
-            rho_offset=offset,
-            clamp_rho=clamp,
-        )
-        plain, _ = block_sparse_attention(
-            q2, k2, v2, plan, kv_len=kv_len, backend=backend, correction=corr, clamp_rho=clamp
-        )
-        assert torch.equal(zero, plain), backend
+        assert torch.equal(corrected(backend, offset), corrected(backend)), backend
     with pytest.raises(ValueError, match="rho_offset must be a number or a one-element float32 tensor"):
         block_sparse_attention(q2, k2, v2, plan, correction=corr, rho_offset=torch.zeros(2, device=DEVICE))
 

@@ -310,9 +310,8 @@ class Correction:
                 torch.full((1,), value, dtype=torch.float32, device=call.device),
                 value,
             ]
-        elif slot[1] != value:
-            slot[0].fill_(value)
-            slot[1] = value
+        else:
+            _write(slot, value)
         return slot[0]
 
     def prepare_replay(self, method: ComposedMethod, context: str, step: int) -> None:
@@ -324,10 +323,14 @@ class Correction:
             entry = entries.get((ctx, layer))
             if ctx != context or entry is None or "refreshed_at" not in entry.state:
                 continue
-            value = self.offset(step, entry)
-            if slot[1] != value:
-                slot[0].fill_(value)
-                slot[1] = value
+            _write(slot, self.offset(step, entry))
+
+
+def _write(slot: list, value: float) -> None:
+    """Fill an offset slot's tensor with ``value`` unless it already holds it."""
+    if slot[1] != value:
+        slot[0].fill_(value)
+        slot[1] = value
 
 
 class RettentionMethod(ComposedMethod):
