@@ -179,16 +179,14 @@ class Preset:
 
 # ---------------------------------------------------------------------------------------------- the table
 
-_RADIAL = "benchmarks/results/radial_nvidia_h200.json"
 _TINY = "docs/quality_tiny.json"
 _E2E13 = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200.json"
-_E2E13_EAGER = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_rope.json"  # current kernels, eager
-_E2E13_NOW = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_current.json"  # current kernels, compiled
-_E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_current.json"  # current kernels
+_E2E13_NOW = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_lazy.json"  # current kernels
+_E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_current.json"  # current kernels: balanced
+_E2E14_NOW = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_lazy.json"  # current kernels: the others
 _WAN13 = "Wan2.1-1.3B 480p 81f, 32,760 tokens"
 _WAN14 = "Wan2.1-14B 720p 81f, 75,600 tokens"
 _EMBEDDED = "embedded model 49x192x256, 2,496 tokens"
-_COMPOSED = "H200 bf16, 50 steps composed from per-step transformer forwards (random weights, real config)"
 _CLIP = "H200 bf16, whole 30-step render, median over 24 prompts"
 _E2E = "H200 bf16, 50 steps with CFG, steady-state step times composed over the schedule (bench_e2e)"
 _E2E_COMPILED = _E2E + ", transformer.compile_repeated_blocks(), against eager stock"
@@ -197,7 +195,7 @@ _WAN14_COMPILED = _WAN14 + ", compiled"
 _HUNYUAN = "HunyuanVideo 720p 129f, 119,056 tokens"
 _E2E_HY_AUTO = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_dense_auto.json"
 _E2E_ONE_CALL = "H200 bf16, 50 steps, one call per step (embedded guidance), step times composed (bench_e2e)"
-_E2E_HY_PRESETS = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_presets.json"
+_E2E_HY_PRESETS = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_lazy.json"
 _HUNYUAN_ADASPA_NOTE = "adaspa at the Wan sparsities; dense steps on cuDNN, no key mask"
 
 
@@ -242,16 +240,11 @@ _ROWS: tuple[Preset, ...] = (
         "radial",
         {},
         speed=(
-            Speed(1.48, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=radial,compiled=False]/speedup")),
+            Speed(1.50, _WAN13, _E2E, Source(_E2E13_NOW, "rows[row=quality,compiled=False]/speedup")),
             Speed(
                 1.69, _WAN13_COMPILED, _E2E_COMPILED, Source(_E2E13, "rows[row=radial,compiled=True]/speedup")
             ),
-            Speed(
-                1.50,
-                _WAN14,
-                _COMPOSED,
-                Source(_RADIAL, "shapes/wan14b_720p_81f/composed_50_steps/12_of_50/speedup"),
-            ),
+            Speed(1.62, _WAN14, _E2E, Source(_E2E14_NOW, "rows[row=quality,compiled=False]/speedup")),
             _embedded_speed("radial", 0.84),
             _embedded_graphs_speed("radial", 2.07),
         ),
@@ -264,9 +257,9 @@ _ROWS: tuple[Preset, ...] = (
         "adaspa",
         {"sparsity": 0.8},
         speed=(
-            Speed(1.62, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=balanced,compiled=False]/speedup")),
+            Speed(1.66, _WAN13, _E2E, Source(_E2E13_NOW, "rows[row=balanced,compiled=False]/speedup")),
             Speed(
-                1.93,
+                1.96,
                 _WAN13_COMPILED,
                 _E2E_COMPILED,
                 Source(_E2E13_NOW, "rows[row=balanced,compiled=True]/speedup"),
@@ -290,8 +283,20 @@ _ROWS: tuple[Preset, ...] = (
         "adaspa",
         {"sparsity": 0.9},
         speed=(
-            Speed(1.77, _WAN13, _E2E, Source(_E2E13_EAGER, "rows[row=fast,compiled=False]/speedup")),
-            Speed(1.92, _WAN14, _E2E, Source(_E2E14, "rows[row=fast,compiled=False]/speedup")),
+            Speed(1.79, _WAN13, _E2E, Source(_E2E13_NOW, "rows[row=fast,compiled=False]/speedup")),
+            Speed(
+                2.15,
+                _WAN13_COMPILED,
+                _E2E_COMPILED,
+                Source(_E2E13_NOW, "rows[row=fast,compiled=True]/speedup"),
+            ),
+            Speed(1.92, _WAN14, _E2E, Source(_E2E14_NOW, "rows[row=fast,compiled=False]/speedup")),
+            Speed(
+                2.14,
+                _WAN14_COMPILED,
+                _E2E_COMPILED,
+                Source(_E2E14_NOW, "rows[row=fast,compiled=True]/speedup"),
+            ),
             _embedded_speed("adaspa:sparsity=0.9", 0.80),
             _embedded_graphs_speed("fast", 1.50),
         ),
@@ -316,7 +321,7 @@ _ROWS: tuple[Preset, ...] = (
         "balanced",
         "adaspa",
         {"sparsity": 0.8, "dense_backend": "auto"},
-        speed=(Speed(2.51, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=balanced]/speedup")),),
+        speed=(Speed(2.53, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=balanced]/speedup")),),
         note=_HUNYUAN_ADASPA_NOTE,
     ),
     Preset(
@@ -324,7 +329,7 @@ _ROWS: tuple[Preset, ...] = (
         "fast",
         "adaspa",
         {"sparsity": 0.9, "dense_backend": "auto"},
-        speed=(Speed(2.88, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=fast]/speedup")),),
+        speed=(Speed(2.90, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=fast]/speedup")),),
         note=_HUNYUAN_ADASPA_NOTE,
     ),
     *(

@@ -240,7 +240,9 @@ def test_presets_lists_every_family_with_its_numbers(capsys):
     text = capsys.readouterr().out
     for family in presets.FAMILIES:
         assert f"{family} ({presets.FAMILIES[family]})" in text
-    assert "1.48x Wan2.1-1.3B 480p 81f" in text and "37.39 dB / 0.986" in text
+    quality = presets.get_preset("wan", "quality")
+    speed, q = quality.speed[0], quality.quality
+    assert f"{speed.speedup:.2f}x {speed.geometry}" in text and f"{q.psnr:.2f} dB / {q.ssim:.3f}" in text
     assert "[untuned for flux]" in text
     assert cli.main(["presets", "--family", "wan", "--markdown"]) == 0
     text = capsys.readouterr().out
