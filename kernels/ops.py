@@ -325,18 +325,18 @@ def _(q, k, lse, block_q, block_k, scale, kv_len):
 
 
 def _rotary_qk_impl(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, convention: str, rotary_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_rotary import rotary_qk_fwd
 
-    return rotary_qk_fwd(q, k, cos, sin)
+    return rotary_qk_fwd(q, k, cos, sin, convention, rotary_len)
 
 
 _rotary_qk_op = torch.library.custom_op("dit_accel::rotary_qk", _rotary_qk_impl, mutates_args=())
 
 
 @_rotary_qk_op.register_fake
-def _(q, k, cos, sin):
+def _(q, k, cos, sin, convention, rotary_len):
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
         k, memory_format=torch.contiguous_format
     )
@@ -782,18 +782,28 @@ def block_mass(
     return _run(_block_mass_impl, _block_mass_op, qh, kh, lse, block_q, block_k, scale, kv_len)
 
 
-def _rotary_unsupported(q, k, cos, sin) -> str | None:
-    """Why the Triton rotary kernel cannot take these inputs (None: it can)."""
+def _rotary_shapes(q, k, cos, sin, rotary_len: int) -> str | None:
+    """Why these are not [B, S, H, D] q and k with [1 or B, rotary_len, 1, D] tables (None: they are)."""
     if q.dim() != 4 or q.shape != k.shape:
         return f"q and k must be [B, S, H, D] of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
     batch, seq, _, d = q.shape
+    if not 0 <= rotary_len <= seq:
+        return f"rotary_len must lie in [0, S={seq}], got {rotary_len}"
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 4 or t.shape[0] not in (1, batch) or tuple(t.shape[1:]) != (rotary_len, 1, d):
+            want = f"[1 or B, {rotary_len}, 1, {d}] (rotated tokens, 1, D)"
+            return f"{name} must be {want}, got {list(t.shape)}"
+    return None
+
+
+def _rotary_unsupported(q, k, cos, sin) -> str | None:
+    """Why the Triton rotary kernel cannot take these (shape-checked) inputs (None: it can)."""
+    d = q.shape[-1]
     if q.dtype not in _HALF or k.dtype != q.dtype:
         return f"q, k dtypes {q.dtype}, {k.dtype} (the kernel takes float16 or bfloat16)"
     if d % 2 or q.stride(-1) != 1 or k.stride(-1) != 1:
         return "head_dim must be even with unit stride"
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.dim() != 4 or t.shape[0] not in (1, batch) or tuple(t.shape[1:]) != (seq, 1, d):
-            return f"{name} must be [1 or B, S, 1, D]=[., {seq}, 1, {d}], got {tuple(t.shape)}"
         if t.dtype not in (q.dtype, torch.float32, torch.float64):
             return f"{name} must be float32, float64 or q's dtype, got {t.dtype}"
         if t.stride(-1) != 1 or t.device != q.device:
@@ -801,26 +811,56 @@ def _rotary_unsupported(q, k, cos, sin) -> str | None:
     return None
 
 
-def rotary_interleaved(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding on interleaved pairs of q and k (Wan's RoPE), in one pass over each.
+_ROTARY_CONVENTIONS = ("wan", "apply_rotary_emb")
 
-    ``out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i+1]``, ``out[2i+1] = x[2i] sin[2i+1] + x[2i+1] cos[2i]``, in the
-    promoted dtype of x and the tables, written in x's dtype: bit-exact with diffusers' Wan processor
-    (``reference.rotary_interleaved_reference``) on every backend.
+
+def rotary_interleaved(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    backend: str = "auto",
+    *,
+    convention: str = "wan",
+    rotary_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding on interleaved pairs of q and k, in one pass over each, bit-exact with the diffusers
+    code it replaces on every backend.
+
+    Conventions:
+        "wan": diffusers' Wan processor (``reference.rotary_interleaved_reference``): ``out[2i] = x[2i]
+            cos[2i] - x[2i+1] sin[2i+1]``, ``out[2i+1] = x[2i] sin[2i+1] + x[2i+1] cos[2i]``, in the promoted
+            dtype of x and the tables, written in x's dtype.
+        "apply_rotary_emb": ``diffusers.models.embeddings.apply_rotary_emb(use_real=True,
+            use_real_unbind_dim=-1)``, as HunyuanVideo and Flux call it (``reference.
+            rotary_pairs_reference``):
+            ``out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i]``, ``out[2i+1] = x[2i+1] cos[2i+1] + x[2i] sin[2i+1]``
+            in float32 (float64 with float64 tables), written in x's dtype.
 
     Args:
         q, k: [B, S, H, D], float16 or bfloat16 for the Triton kernel (any float dtype on "torch").
-        cos, sin: [1 or B, S, 1, D] tables (float32, float64 or q's dtype).
+        cos, sin: [1 or B, rotary_len, 1, D] tables (float32, float64 or q's dtype).
         backend: "triton" (raises where it cannot run), "torch" (the reference), "auto" (Triton where it
             can run, else the reference; under torch.compile the reference, which the compiler fuses).
+        convention: "wan" or "apply_rotary_emb" (above).
+        rotary_len: rotate the first ``rotary_len`` tokens and return the rest unchanged (HunyuanVideo's text
+            suffix); None: all S.
 
     Returns:
         the rotated (q, k), contiguous on the Triton backend.
+
+    Raises:
+        ValueError: an unknown backend or convention; q, k, cos, sin or rotary_len of the wrong shape.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if convention not in _ROTARY_CONVENTIONS:
+        raise ValueError(f"convention must be one of {_ROTARY_CONVENTIONS}, got {convention!r}")
+    seq = q.shape[1] if q.dim() == 4 else -1
+    rotary_len = seq if rotary_len is None else int(rotary_len)
+    bad = _rotary_shapes(q, k, cos, sin, rotary_len)
+    if bad is not None:
+        raise ValueError(f"rotary_interleaved: {bad}")
     grad = _needs_grad(q, k)
     reason = None
     if backend != "torch":
@@ -830,6 +870,16 @@ def rotary_interleaved(
         if backend == "auto" and torch.compiler.is_compiling():
             reason = "compiling"
     if backend == "torch" or reason is not None:
-        ref = reference.rotary_interleaved_reference
-        return ref(q, cos, sin), ref(k, cos, sin)
-    return _run(_rotary_qk_impl, _rotary_qk_op, q, k, cos, sin)
+        ref = reference.rotary_pairs_reference
+        if convention == "wan":
+            ref = reference.rotary_interleaved_reference
+
+        def rotate(x):
+            if rotary_len == seq:
+                return ref(x, cos, sin)
+            if rotary_len == 0:
+                return x.clone()
+            return torch.cat([ref(x[:, :rotary_len], cos, sin), x[:, rotary_len:]], dim=1)
+
+        return rotate(q), rotate(k)
+    return _run(_rotary_qk_impl, _rotary_qk_op, q, k, cos, sin, convention, rotary_len)

@@ -220,3 +220,13 @@ def rotary_interleaved_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.
     out[..., 0::2] = x1 * c - x2 * s
     out[..., 1::2] = x1 * s + x2 * c
     return out.type_as(x)
+
+
+def rotary_pairs_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs as ``diffusers.models.embeddings.apply_rotary_emb`` applies it
+    with ``use_real=True, use_real_unbind_dim=-1`` (HunyuanVideo, Flux): ``out[2i] = x[2i] cos[2i] - x[2i+1]
+    sin[2i]``, ``out[2i+1] = x[2i+1] cos[2i+1] + x[2i] sin[2i+1]``, with x upcast to float32 (and promoted
+    with the tables), written in x's dtype. x [B, S, H, D]; cos, sin broadcast to it."""
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)

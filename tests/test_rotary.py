@@ -1,5 +1,7 @@
-"""``dit_accel.kernels.rotary_interleaved``: Wan's RoPE on q and k in one Triton pass, against the stock
-arithmetic (``reference.rotary_interleaved_reference``, the code of diffusers' Wan processor).
+"""``dit_accel.kernels.rotary_interleaved``: RoPE on q and k in one Triton pass, against the stock arithmetic
+of its two conventions: ``reference.rotary_interleaved_reference`` (the code of diffusers' Wan processor) and
+``reference.rotary_pairs_reference`` (``diffusers.models.embeddings.apply_rotary_emb``, HunyuanVideo and Flux;
+the reference itself is checked against diffusers' function).
 
 The Triton kernel must be bit-exact with the reference for every table dtype: on the GPU that is asserted
 exactly. Triton's CPU interpreter truncates float32 to bfloat16 instead of rounding to nearest, so on the CPU
@@ -9,9 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 
 from dit_accel.kernels import rotary_interleaved
 from dit_accel.kernels.reference import rotary_interleaved_reference as reference
+from dit_accel.kernels.reference import rotary_pairs_reference
 
 SHAPES = [
     pytest.param((1, 7, 3, 8), id="S7-H3-D8"),
@@ -67,8 +71,13 @@ def test_backends_and_refusals(caplog):
     with pytest.raises(RuntimeError, match="backend='triton' cannot run: dtype torch.float32"):
         rotary_interleaved(q, k, cos, sin, backend="triton")
     q, k, cos, sin = _inputs((1, 4, 2, 8), torch.float16, torch.float32)
-    with pytest.raises(RuntimeError, match=r"cos must be \[1 or B, S, 1, D\]"):
-        rotary_interleaved(q, k, cos[:, :3], sin, backend="triton")
+    for backend in ("triton", "torch"):  # shapes are checked on every backend
+        with pytest.raises(ValueError, match=r"cos must be \[1 or B, 4, 1, 8\] \(rotated tokens, 1, D\)"):
+            rotary_interleaved(q, k, cos[:, :3], sin, backend=backend)
+    with pytest.raises(ValueError, match=r"rotary_len must lie in \[0, S=4\], got 5"):
+        rotary_interleaved(q, k, cos, sin, rotary_len=5)
+    with pytest.raises(ValueError, match="convention must be one of"):
+        rotary_interleaved(q, k, cos, sin, convention="flux")
     with pytest.raises(ValueError, match="backend must be one of"):
         rotary_interleaved(q, k, cos, sin, backend="cuda")
 
@@ -81,3 +90,76 @@ def test_gpu_bit_exact_at_wan_shape(dtype, table_dtype):
     table_dtype = dtype if table_dtype == "same" else table_dtype
     q, k, cos, sin = _inputs((1, 32760, 12, 128), dtype, table_dtype, device="cuda")
     _check(q, k, cos, sin, exact=True)
+
+
+# ------------------------------------------------- the apply_rotary_emb convention (HunyuanVideo, Flux)
+
+
+def _pair_tables(s, d, table_dtype, device=DEVICE, seed=1):
+    # Unlike diffusers' tables (each value repeated for both elements of a pair), every entry differs: a
+    # kernel that read one entry per pair, as the Wan convention does, would fail.
+    g = torch.Generator().manual_seed(seed)
+    angle = torch.randn(s, d, generator=g).double()
+    return angle.cos().to(device, table_dtype), angle.sin().to(device, table_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("table_dtype", ["same", torch.float32, torch.float64])
+def test_pairs_reference_is_diffusers_apply_rotary_emb(dtype, table_dtype):
+    table_dtype = dtype if table_dtype == "same" else table_dtype
+    q, _, _, _ = _inputs((2, 6, 3, 16), dtype, torch.float32, device="cpu")
+    cos, sin = _pair_tables(6, 16, table_dtype, device="cpu")
+    want = apply_rotary_emb(q, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
+    assert torch.equal(rotary_pairs_reference(q, cos[None, :, None], sin[None, :, None]), want)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("table_dtype", ["same", torch.float32, torch.float64])
+def test_triton_matches_apply_rotary_emb(shape, dtype, table_dtype):
+    table_dtype = dtype if table_dtype == "same" else table_dtype
+    b, s, h, d = shape
+    q, k, _, _ = _inputs(shape, dtype, torch.float32)
+    cos, sin = _pair_tables(s, d, table_dtype)
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    out_q, out_k = rotary_interleaved(q, k, cos, sin, backend="triton", convention="apply_rotary_emb")
+    for out, x in ((out_q, q), (out_k, k)):
+        ref = rotary_pairs_reference(x, cos, sin)
+        assert out.dtype == x.dtype and out.shape == x.shape
+        if dtype == torch.float16 or DEVICE == "cuda":
+            assert torch.equal(out, ref), (out.float() - ref.float()).abs().max()
+        else:  # the interpreter truncates the final float32 -> bfloat16 rounding: one bfloat16 ulp
+            torch.testing.assert_close(out.float(), ref.float(), atol=2**-5, rtol=2**-7)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("convention", ["wan", "apply_rotary_emb"])
+def test_rotary_len_rotates_a_prefix_and_copies_the_rest(backend, convention):
+    """HunyuanVideo's single-stream blocks: the video tokens rotated, the text suffix as it was."""
+    q, k, _, _ = _inputs((2, 9, 3, 16), torch.float16, torch.float32)
+    cos, sin = _pair_tables(6, 16, torch.float32)
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    ref = reference if convention == "wan" else rotary_pairs_reference
+    out_q, out_k = rotary_interleaved(q, k, cos, sin, backend, convention=convention, rotary_len=6)
+    for out, x in ((out_q, q), (out_k, k)):
+        assert torch.equal(out[:, 6:], x[:, 6:])
+        assert torch.equal(out[:, :6], ref(x[:, :6], cos, sin))
+    none_q, _ = rotary_interleaved(q, k, cos[:, :0], sin[:, :0], backend, convention=convention, rotary_len=0)
+    assert torch.equal(none_q, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.float64])
+def test_gpu_bit_exact_at_hunyuan_shape(table_dtype):
+    """HunyuanVideo 720p 129f single-stream block: 118,800 video tokens rotated, 256 text tokens copied, 24
+    heads of 128."""
+    video, text = 118800, 256
+    q, k, _, _ = _inputs((1, video + text, 24, 128), torch.bfloat16, torch.float32, device="cuda")
+    cos, sin = _pair_tables(video, 128, table_dtype, device="cuda")
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    out_q, out_k = rotary_interleaved(
+        q, k, cos, sin, "triton", convention="apply_rotary_emb", rotary_len=video
+    )
+    for out, x in ((out_q, q), (out_k, k)):
+        want = torch.cat([rotary_pairs_reference(x[:, :video], cos, sin), x[:, video:]], dim=1)
+        assert torch.equal(out, want)

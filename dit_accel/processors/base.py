@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from .. import compiled, parallel
-from .._diffusers import PROCESSOR_ATTRS
+from .._diffusers import PROCESSOR_ATTRS, apply_rotary_emb
 from ..config import SparseAttentionConfig
-from ..kernels import BlockPlan
+from ..kernels import BlockPlan, rotary_interleaved
 from ..methods.base import AttentionCall, SparseMethod
 from ..tracking import ForwardInfo, Geometry, StepTracker, in_backward
 
@@ -395,6 +395,29 @@ class SparseAttnProcessorBase:
             if hasattr(self.stock, name):
                 setattr(self.stock, name, getattr(self, name))
         return self.stock(*args, **kwargs)
+
+    def _rotary(self, query, key, cos, sin, convention: str, rotary_len: int | None = None):
+        """Rotated (query, key) [B, S, H, D] with [1 or B, rotary_len, 1, D] tables: on the GPU one Triton
+        pass over both, bit-exact with the stock ops (``dit_accel.kernels.rotary_interleaved``); the stock
+        arithmetic on the CPU, with ``backend="torch"`` and under torch.compile (whose inductor fuses it)."""
+        backend = "auto" if query.is_cuda and self.runtime.config.backend != "torch" else "torch"
+        return rotary_interleaved(query, key, cos, sin, backend, convention=convention, rotary_len=rotary_len)
+
+    def _rotary_pairs(self, query, key, freqs, rotary_len: int | None = None):
+        """``apply_rotary_emb(x, freqs, sequence_dim=1)`` (diffusers' embeddings) on the first ``rotary_len``
+        tokens of query and key (all of them by default), the rest unchanged: fused where ``freqs`` is the
+        (cos, sin) pair of [S, D] tables that HunyuanVideo and Flux pass, the stock function otherwise."""
+        if isinstance(freqs, tuple) and len(freqs) == 2 and all(f.dim() == 2 for f in freqs):
+            cos, sin = (f.to(query.device)[None, :, None] for f in freqs)
+            return self._rotary(query, key, cos, sin, "apply_rotary_emb", rotary_len)
+
+        def rotate(x):
+            if rotary_len is None or rotary_len == x.shape[1]:
+                return apply_rotary_emb(x, freqs, sequence_dim=1)
+            head = apply_rotary_emb(x[:, :rotary_len], freqs, sequence_dim=1)
+            return torch.cat([head, x[:, rotary_len:]], dim=1)
+
+        return rotate(query), rotate(key)
 
     def _attend(
         self,

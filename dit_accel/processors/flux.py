@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from .._diffusers import apply_rotary_emb, dispatch_attention_fn, flux_qkv_projections
+from .._diffusers import dispatch_attention_fn, flux_qkv_projections
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase
 
@@ -55,8 +55,7 @@ class FluxSparseAttnProcessor(SparseAttnProcessorBase):
             value = torch.cat([encoder_value, value], dim=1)
 
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            query, key = self._rotary_pairs(query, key, image_rotary_emb)
 
         def dense():
             return dispatch_attention_fn(

@@ -2,7 +2,8 @@
 
 Mirrors ``HunyuanVideoAttnProcessor2_0``. The sequence is [video, text]: text last, padded to a fixed length
 with a boolean key mask [B, 1, 1, N] that keeps a prefix; the sparse path passes it as ``kv_len`` (valid keys
-per batch element) instead of a dense mask. RoPE covers the video part only.
+per batch element) instead of a dense mask. RoPE covers the video part only (on the GPU one Triton pass over
+q and k that also copies the text suffix, bit-exact with the stock ops: ``kernels.rotary_interleaved``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
-from .._diffusers import apply_rotary_emb, dispatch_attention_fn
+from .._diffusers import dispatch_attention_fn
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase, prefix_lengths
 
@@ -48,19 +49,10 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessorBase):
             key = attn.norm_k(key)
 
         if image_rotary_emb is not None:
-            if attn.add_q_proj is None and encoder_hidden_states is not None:
-                text = encoder_hidden_states.shape[1]
-                query = torch.cat(
-                    [apply_rotary_emb(query[:, :-text], image_rotary_emb, sequence_dim=1), query[:, -text:]],
-                    dim=1,
-                )
-                key = torch.cat(
-                    [apply_rotary_emb(key[:, :-text], image_rotary_emb, sequence_dim=1), key[:, -text:]],
-                    dim=1,
-                )
-            else:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            # The video tokens only; in the single-stream blocks the text follows them and is copied as is.
+            single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
+            text = encoder_hidden_states.shape[1] if single_stream else 0
+            query, key = self._rotary_pairs(query, key, image_rotary_emb, query.shape[1] - text)
 
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
             encoder_query = attn.add_q_proj(encoder_hidden_states)

@@ -12,7 +12,6 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from .._diffusers import dispatch_attention_fn, wan_qkv_projections
-from ..kernels import rotary_interleaved
 from ..tracking import Geometry
 from .base import Family, SparseAttnProcessorBase
 
@@ -46,8 +45,7 @@ class WanSparseAttnProcessor(SparseAttnProcessorBase):
 
         if rotary_emb is not None:
             # One pass over q and k on the GPU, bit-exact with the stock processor's eight.
-            backend = "auto" if query.is_cuda and self.runtime.config.backend != "torch" else "torch"
-            query, key = rotary_interleaved(query, key, *rotary_emb, backend=backend)
+            query, key = self._rotary(query, key, *rotary_emb, convention="wan")
 
         def dense():
             return dispatch_attention_fn(
