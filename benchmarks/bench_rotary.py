@@ -4,6 +4,8 @@ For each shape: the stock ops (Wan's processor arithmetic; ``apply_rotary_emb`` 
 HunyuanVideo's concatenation of the unrotated text suffix in its single-stream blocks) and
 ``dit_accel.kernels.rotary_interleaved`` on the same inputs; outputs must be bit-identical, then both are
 timed with ``triton.testing.do_bench`` (median ms). Per-step savings follow from the block counts.
+CogVideoX keeps q and k in (B, H, S, D) with the text first and writes the rotated video tokens back in
+place; both sides do that write here.
 
     source benchmarks/gpu_env.sh && python3 benchmarks/bench_rotary.py --out PATH.json     # about 30 s
 """
@@ -22,7 +24,30 @@ SHAPES = {
     "hunyuan_720p_129f_single": ("apply_rotary_emb", 118800, 256, 24, 128, torch.float32, 40),
     "hunyuan_720p_129f_dual": ("apply_rotary_emb", 118800, 0, 24, 128, torch.float32, 20),
     "flux_1024": ("apply_rotary_emb", 4608, 0, 24, 128, torch.float32, 57),  # 4,096 image + 512 text tokens
+    "cogvideox5b_49f": ("cogvideox", 17550, 226, 48, 64, torch.float32, 84),  # 42 blocks, 2 CFG calls
 }
+
+
+def cogvideox(q, k, cos, sin, fused):
+    """CogVideoX's processor step on (B, H, S, D) q and k: the video tokens, after the text, rotated in
+    place."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from dit_accel.kernels import rotary_interleaved
+
+    q, k = q.clone(), k.clone()  # the step writes in place; the inputs stay as they are
+    text = q.shape[2] - cos.shape[1]
+    if fused:
+        video_q, video_k = rotary_interleaved(
+            q[:, :, text:].transpose(1, 2), k[:, :, text:].transpose(1, 2), cos, sin, "triton",
+            convention="apply_rotary_emb",
+        )  # fmt: skip
+        q[:, :, text:], k[:, :, text:] = video_q.transpose(1, 2), video_k.transpose(1, 2)
+    else:
+        freqs = (cos[0, :, 0], sin[0, :, 0])
+        q[:, :, text:] = apply_rotary_emb(q[:, :, text:], freqs)
+        k[:, :, text:] = apply_rotary_emb(k[:, :, text:], freqs)
+    return q, k
 
 
 def stock(convention, q, k, cos, sin, rotated):
@@ -59,16 +84,29 @@ def main(argv=None) -> dict:
         seq = rotated + suffix
         q = torch.randn(1, seq, heads * d, device="cuda", generator=g).bfloat16().unflatten(2, (heads, d))
         k = torch.randn(1, seq, heads * d, device="cuda", generator=g).bfloat16().unflatten(2, (heads, d))
+        if convention == "cogvideox":  # (B, H, S, D), contiguous, text first
+            q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
         angle = torch.rand(rotated, d // 2, device="cuda", generator=g, dtype=torch.float64) * 100
         cos = angle.cos().repeat_interleave(2, -1).to(table_dtype)[None, :, None]
         sin = angle.sin().repeat_interleave(2, -1).to(table_dtype)[None, :, None]
-        want = stock(convention, q, k, cos, sin, rotated)
-        got = rotary_interleaved(q, k, cos, sin, "triton", convention=convention, rotary_len=rotated)
-        exact = all(torch.equal(a, b) for a, b in zip(got, want))
-        stock_ms = triton.testing.do_bench(lambda: stock(convention, q, k, cos, sin, rotated))
-        fused_ms = triton.testing.do_bench(
-            lambda: rotary_interleaved(q, k, cos, sin, "triton", convention=convention, rotary_len=rotated)
-        )
+        if convention == "cogvideox":
+
+            def run_stock():
+                return cogvideox(q, k, cos, sin, fused=False)
+
+            def run_fused():
+                return cogvideox(q, k, cos, sin, fused=True)
+        else:
+
+            def run_stock():
+                return stock(convention, q, k, cos, sin, rotated)
+
+            def run_fused():
+                return rotary_interleaved(q, k, cos, sin, "triton", convention=convention, rotary_len=rotated)
+
+        exact = all(torch.equal(a, b) for a, b in zip(run_fused(), run_stock()))
+        stock_ms = triton.testing.do_bench(run_stock)
+        fused_ms = triton.testing.do_bench(run_fused)
         row = {
             "shape": name,
             "convention": convention,

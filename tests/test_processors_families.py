@@ -170,3 +170,38 @@ def test_flux_lora_scale():
     ref = _forward(model, x)
     dit_accel.apply(model, method="dense")
     assert torch.equal(_forward(model, x), ref)
+
+
+ROTARY_FAMILIES = {"wan": "wan", "hunyuan_video": "apply_rotary_emb", "flux": "apply_rotary_emb",
+                   "cogvideox": "apply_rotary_emb"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(ROTARY_FAMILIES))
+def test_fused_rotary_step_is_bit_exact_with_the_stock_processor(name, monkeypatch):
+    """The rotary step each of these processors hands to ``kernels.rotary_interleaved`` (on CUDA): forced onto
+    the Triton kernel (Triton's interpreter here, float16, where it rounds exactly), the dense method still
+    equals the stock model bit for bit, so the views, the text tokens left unrotated and the write-back are
+    right."""
+    from dit_accel.processors import base
+
+    model, inputs = TRANSFORMERS[name]()
+    model = model.half()
+    x = {k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs(2).items()}
+    if name == "cogvideox":  # its pipeline, not the model, makes the tables: 3 x 3 x 5 video tokens, dim 8
+        angle = torch.randn(45, 4, generator=torch.Generator().manual_seed(0)).repeat_interleave(2, -1)
+        x["image_rotary_emb"] = (angle.cos(), angle.sin())
+    ref = _forward(model, x)
+    seen = []
+
+    def on_triton(q, k, cos, sin, backend, **kwargs):
+        seen.append((kwargs["convention"], q.shape[1], kwargs["rotary_len"]))
+        return base_rotary(q, k, cos, sin, "triton", **kwargs)
+
+    base_rotary = base.rotary_interleaved
+    monkeypatch.setattr(base, "rotary_interleaved", on_triton)
+    dit_accel.apply(model, method="dense")
+    out = _forward(model, x)
+    assert seen and {c for c, _, _ in seen} == {ROTARY_FAMILIES[name]}
+    if name == "hunyuan_video":  # single-stream blocks rotate the video tokens and copy the text after them
+        assert any(rot is not None and rot < seq for _, seq, rot in seen)
+    assert torch.equal(out, ref), f"{name}: max diff {(out - ref).abs().max():.3e}"

@@ -2,7 +2,8 @@
 
 Mirrors ``CogVideoXAttnProcessor2_0`` and ``FusedCogVideoXAttnProcessor2_0`` (after
 ``fuse_qkv_projections``). The sequence is [text, video]: text first (226 tokens in the released models);
-RoPE covers the video part; attention runs in (B, H, S, D).
+RoPE covers the video part (on the GPU one Triton pass over q and k, bit-exact with the stock ops:
+``kernels.rotary_interleaved``); attention runs in (B, H, S, D).
 """
 
 from __future__ import annotations
@@ -67,9 +68,15 @@ class CogVideoXSparseAttnProcessor(SparseAttnProcessorBase):
             key = attn.norm_k(key)
 
         if image_rotary_emb is not None:
-            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
-            if not attn.is_cross_attention:
-                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+            video = slice(text_seq_length, None)
+            if attn.is_cross_attention:
+                query[:, :, video] = apply_rotary_emb(query[:, :, video], image_rotary_emb)
+            else:  # the video tokens of q and k, as (B, S, H, D) views: one fused pass on the GPU
+                video_q, video_k = self._rotary_pairs(
+                    query[:, :, video].transpose(1, 2), key[:, :, video].transpose(1, 2), image_rotary_emb
+                )
+                query[:, :, video] = video_q.transpose(1, 2)
+                key[:, :, video] = video_k.transpose(1, 2)
 
         def dense():
             return F.scaled_dot_product_attention(
