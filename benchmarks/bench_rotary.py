@@ -8,12 +8,16 @@ CogVideoX keeps q and k in (B, H, S, D) with the text first and writes the rotat
 place; both sides do that write here.
 
     source benchmarks/gpu_env.sh && python3 benchmarks/bench_rotary.py --out PATH.json     # about 30 s
+
+``--smoke`` runs the same code on the CPU (Triton's interpreter, float16, every shape shrunk, one timed call):
+``tests/test_bench_rotary.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -66,27 +70,47 @@ def stock(convention, q, k, cos, sin, rotated):
     )
 
 
+def _do_bench_ms(fn) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn)
+
+
+def _smoke_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("needs a CUDA GPU")
-    import triton
+    unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown}; known: {', '.join(SHAPES)}")
+    if not args.smoke and not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (or --smoke)")
+    device, dtype = ("cpu", torch.float16) if args.smoke else ("cuda", torch.bfloat16)
+    timer = _smoke_ms if args.smoke else _do_bench_ms
 
     from dit_accel.kernels import rotary_interleaved
 
-    report = {"benchmark": "bench_rotary", "device": torch.cuda.get_device_name(), "rows": []}
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    report = {"benchmark": "bench_rotary", "device": gpu, "dtype": str(dtype), "rows": []}
     for name in args.shapes.split(","):
         convention, rotated, suffix, heads, d, table_dtype, calls = SHAPES[name]
-        g = torch.Generator(device="cuda").manual_seed(0)
+        if args.smoke:
+            rotated, suffix, heads, d = max(rotated // 4000, 3), min(suffix, 3), 2, min(d, 16)
+        g = torch.Generator(device=device).manual_seed(0)
         seq = rotated + suffix
-        q = torch.randn(1, seq, heads * d, device="cuda", generator=g).bfloat16().unflatten(2, (heads, d))
-        k = torch.randn(1, seq, heads * d, device="cuda", generator=g).bfloat16().unflatten(2, (heads, d))
+        q = torch.randn(1, seq, heads * d, device=device, generator=g).to(dtype).unflatten(2, (heads, d))
+        k = torch.randn(1, seq, heads * d, device=device, generator=g).to(dtype).unflatten(2, (heads, d))
         if convention == "cogvideox":  # (B, H, S, D), contiguous, text first
             q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
-        angle = torch.rand(rotated, d // 2, device="cuda", generator=g, dtype=torch.float64) * 100
+        angle = torch.rand(rotated, d // 2, device=device, generator=g, dtype=torch.float64) * 100
         cos = angle.cos().repeat_interleave(2, -1).to(table_dtype)[None, :, None]
         sin = angle.sin().repeat_interleave(2, -1).to(table_dtype)[None, :, None]
         if convention == "cogvideox":
@@ -105,8 +129,7 @@ def main(argv=None) -> dict:
                 return rotary_interleaved(q, k, cos, sin, "triton", convention=convention, rotary_len=rotated)
 
         exact = all(torch.equal(a, b) for a, b in zip(run_fused(), run_stock()))
-        stock_ms = triton.testing.do_bench(run_stock)
-        fused_ms = triton.testing.do_bench(run_fused)
+        stock_ms, fused_ms = timer(run_stock), timer(run_fused)
         row = {
             "shape": name,
             "convention": convention,
