@@ -223,6 +223,14 @@ ROWS: list[dict] = [
     {"name": "adaspa_0.8", "method": "adaspa", "sparsity": 0.8},
     {"name": "adaspa_0.9", "method": "adaspa", "sparsity": 0.9},
     {"name": "rettention_window_0.05", "method": "rettention", "base": "window", "density": 0.05},
+    {
+        "name": "rettention_window_0.05_auto",
+        "method": "rettention",
+        "base": "window",
+        "density": 0.05,
+        "dense_backend": "auto",
+        "note": "dense steps on dense_attention(backend='auto'), as HunyuanVideo's presets run theirs",
+    },
     {"name": "rettention_window_0.1", "method": "rettention", "base": "window", "density": 0.1},
     {"name": "rettention_radial", "method": "rettention", "base": "radial"},
     {"name": "rettention_adaspa_0.95", "method": "rettention", "base": "adaspa", "sparsity": 0.95},
@@ -654,7 +662,7 @@ class Runner:
         self.log(f"[{self.name}] plan: {len(planned)} rows, about {est_s / 60:.1f} min on the reference GPU")
         for r, c, s, why in planned:
             self.log(
-                f"    {r['name']:<24}{'compiled' if c else 'eager':<10}{why or _schedule_text(s['cond'])}"
+                f"    {r['name']:<24} {'compiled' if c else 'eager':<10}{why or _schedule_text(s['cond'])}"
             )
         if self.args.plan_only:
             return self.result
@@ -755,6 +763,7 @@ class Runner:
             except Exception as e:  # noqa: BLE001
                 res.setdefault("notes", []).append(f"uninstall failed: {type(e).__name__}: {e}")
         res["wall_s"] = time.perf_counter() - t0
+        res["tuned"] = self._new_tunings()
         if res.get("status") == "ok":
             self.results[(row["name"], compiled)] = res
             self._speedups(res)
@@ -762,6 +771,18 @@ class Runner:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _new_tunings(self) -> list[dict]:
+        """The autotuner picks made since the previous row (a tuning key is tuned once per process, at
+        its first launch, so later rows at other densities inherit it)."""
+        try:
+            from dit_accel.kernels.triton_common import tuned_configs
+        except ImportError:  # no Triton: nothing was tuned
+            return []
+        picks = tuned_configs()
+        seen = getattr(self, "_tunings_seen", 0)
+        self._tunings_seen = len(picks)
+        return picks[seen:]
 
     def _time_row(self, row, compiled, schedule, res) -> None:
         knobs = row_knobs(row, self.geom["family"])

@@ -442,6 +442,25 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         _record(exact, kernel.fn, compiled, len(args), {**kwargs, **meta})
 
 
+def tuned_configs() -> list[dict]:
+    """The tiles the autotuners picked so far in this process, one dict per tuning key: the kernel's name,
+    its tuning key values and the config (for benchmark records; the key holds no plan density, so the first
+    launch of a key decides the tile for every later density)."""
+    out = []
+    for key, (config, _meta) in _TUNED.items():
+        kernel = key[0]
+        names = list(kernel.keys)
+        out.append(
+            {
+                "kernel": kernel.fn.__name__,
+                "key": dict(zip(names, (str(v) for v in key[1 : 1 + len(names)]))),
+                "dtypes": [str(d) for d in key[1 + len(names) :]],
+                "config": str(config),
+            }
+        )
+    return out
+
+
 def _pow2_at_least(n: int) -> int:
     # triton.next_power_of_2 is a JIT function: calling it from Python costs a microsecond per call.
     return 1 << max(n - 1, 0).bit_length()

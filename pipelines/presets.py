@@ -193,9 +193,9 @@ _E2E_COMPILED = _E2E + ", transformer.compile_repeated_blocks(), against eager s
 _WAN13_COMPILED = _WAN13 + ", compiled"
 _WAN14_COMPILED = _WAN14 + ", compiled"
 _HUNYUAN = "HunyuanVideo 720p 129f, 119,056 tokens"
-_E2E_HY_AUTO = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_dense_auto.json"
 _E2E_ONE_CALL = "H200 bf16, 50 steps, one call per step (embedded guidance), step times composed (bench_e2e)"
-_E2E_HY_PRESETS = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_lazy.json"
+_E2E_HY_PRESETS = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_rotary.json"  # fused rotary step
+_E2E_HY_METHODS = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_rotary_methods.json"
 _HUNYUAN_ADASPA_NOTE = "adaspa at the Wan sparsities; dense steps on cuDNN, no key mask"
 
 
@@ -313,7 +313,7 @@ _ROWS: tuple[Preset, ...] = (
         "quality",
         "radial",
         {"dense_backend": "auto"},
-        speed=(Speed(2.27, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_AUTO, "rows[row=quality]/speedup")),),
+        speed=(Speed(2.50, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_METHODS, "rows[row=quality]/speedup")),),
         note="radial with HunyuanVideo's defaults (docs/radial.md); dense steps on cuDNN, no key mask",
     ),
     Preset(
@@ -321,7 +321,7 @@ _ROWS: tuple[Preset, ...] = (
         "balanced",
         "adaspa",
         {"sparsity": 0.8, "dense_backend": "auto"},
-        speed=(Speed(2.53, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=balanced]/speedup")),),
+        speed=(Speed(2.71, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=balanced]/speedup")),),
         note=_HUNYUAN_ADASPA_NOTE,
     ),
     Preset(
@@ -329,7 +329,7 @@ _ROWS: tuple[Preset, ...] = (
         "fast",
         "adaspa",
         {"sparsity": 0.9, "dense_backend": "auto"},
-        speed=(Speed(2.90, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=fast]/speedup")),),
+        speed=(Speed(3.13, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=fast]/speedup")),),
         note=_HUNYUAN_ADASPA_NOTE,
     ),
     *(

@@ -334,6 +334,12 @@ def test_launch_goes_through_the_autotuner_once_per_key(monkeypatch):
     torch.testing.assert_close(again_lse, first_lse, atol=0, rtol=0)
     block_sparse_attention(q, k, v, _random_plan(1, 2, 70, 70, 32, 0.5, seed=2), backend="triton")
     assert tuned == [16, 32] and len(triton_common._TUNED) == 2
+    picks = triton_common.tuned_configs()  # what benchmarks record per row
+    assert [(p["kernel"], p["key"]["PLAN_BQ"]) for p in picks] == [
+        ("_block_sparse_attn_fwd_kernel", "16"),
+        ("_block_sparse_attn_fwd_kernel", "32"),
+    ]
+    assert picks[0]["dtypes"][0] == "torch.float16" and "BLOCK_M" in picks[0]["config"]
 
 
 def test_exact_launch_key_separates_what_triton_specialises_on():
