@@ -231,6 +231,15 @@ ROWS: list[dict] = [
         "dense_backend": "auto",
         "note": "dense steps on dense_attention(backend='auto'), as HunyuanVideo's presets run theirs",
     },
+    {
+        "name": "rettention_window_0.05_lean",
+        "method": "rettention",
+        "base": "window",
+        "density": 0.05,
+        "dense_steps": 0.1,
+        "refresh_every": 10,
+        "note": "5 dense warm-up steps, a refresh every 10 (docs/rettention.md: the quality margin spent)",
+    },
     {"name": "rettention_window_0.1", "method": "rettention", "base": "window", "density": 0.1},
     {"name": "rettention_radial", "method": "rettention", "base": "radial"},
     {"name": "rettention_adaspa_0.95", "method": "rettention", "base": "adaspa", "sparsity": 0.95},
@@ -662,7 +671,7 @@ class Runner:
         self.log(f"[{self.name}] plan: {len(planned)} rows, about {est_s / 60:.1f} min on the reference GPU")
         for r, c, s, why in planned:
             self.log(
-                f"    {r['name']:<24} {'compiled' if c else 'eager':<10}{why or _schedule_text(s['cond'])}"
+                f"    {r['name']:<28} {'compiled' if c else 'eager':<10}{why or _schedule_text(s['cond'])}"
             )
         if self.args.plan_only:
             return self.result
