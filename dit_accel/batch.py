@@ -1216,13 +1216,27 @@ def run(args) -> int:
 
     import torch
     from accelerate import PartialState
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     plan = make_plan(args)
     # The processes wait for each other at the end: one whose share of the jobs is done may wait for as long
     # as one clip takes elsewhere, far past torch.distributed's default timeout of 30 minutes.
     state = PartialState(cpu=plan.device == "cpu", timeout=_WAIT_TIMEOUT)
+    try:
+        return _run_ranks(args, plan, state)
+    finally:
+        # Gloo's worker threads outlive a process group nobody destroyed, and the interpreter's teardown can
+        # then abort the process (SIGABRT, "terminate called without an active exception") after its work
+        # is done, failing the launch.
+        if state.num_processes > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_ranks(args, plan: Plan, state) -> int:
+    """This process's part of the batch (every process runs it; the jobs are split by rank)."""
+    import torch
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
     rank, world = state.process_index, state.num_processes
     if args.processes is not None and args.processes != world and rank == 0:
         print(f"dit-accel batch: --processes {args.processes}, but launched as {world}", file=sys.stderr)

@@ -660,3 +660,34 @@ def test_cuda_graphs_flag_reaches_every_accelerated_job_and_is_recorded(tmp_path
     accelerated, stock = _entries(out)
     assert accelerated["job"]["knobs"] == {"sparsity": 0.8, **BLOCKS, "cuda_graphs": True}
     assert stock["job"]["knobs"] == {} and [e["cuda_graphs"] for e in (accelerated, stock)] == [True, True]
+
+
+def test_the_process_group_is_destroyed_when_the_ranks_finish(tmp_path, monkeypatch):
+    """Every process destroys the process group before exiting (done or failed): an undestroyed gloo group
+    can abort a finished process at interpreter exit, which fails the whole launch."""
+    import accelerate
+
+    destroyed = []
+
+    class TwoRanks:
+        num_processes = 2
+
+        def __init__(self, **kwargs):
+            pass
+
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a red circle\n")
+    monkeypatch.setattr(accelerate, "PartialState", TwoRanks)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: destroyed.append(True))
+    args = batch.build_parser().parse_args([str(jobs), "--out-dir", str(tmp_path / "out"), *SMALL])
+    monkeypatch.setattr(batch, "_run_ranks", lambda *a: 1)
+    assert batch.run(args) == 1 and destroyed == [True]
+
+    def fails(*a):
+        raise RuntimeError("a rank failed")
+
+    monkeypatch.setattr(batch, "_run_ranks", fails)
+    with pytest.raises(RuntimeError, match="a rank failed"):
+        batch.run(args)
+    assert destroyed == [True, True]
