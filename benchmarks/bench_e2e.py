@@ -505,6 +505,7 @@ class Runner:
         self._probes: dict[tuple, dict] = {}
         self.use_cache = {"on": True, "off": False}.get(args.step_cache, self.geom["step_cache"])
         self.cache_costs: dict[bool, dict] = {}
+        self._tunings_seen = 0  # autotuner picks already reported by earlier rows
         self.stock_out = None
         self.model = None
         self.started = time.perf_counter()
@@ -789,8 +790,7 @@ class Runner:
         except ImportError:  # no Triton: nothing was tuned
             return []
         picks = tuned_configs()
-        seen = getattr(self, "_tunings_seen", 0)
-        self._tunings_seen = len(picks)
+        seen, self._tunings_seen = self._tunings_seen, len(picks)
         return picks[seen:]
 
     def _time_row(self, row, compiled, schedule, res) -> None:

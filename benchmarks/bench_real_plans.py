@@ -74,10 +74,7 @@ def synthetic_like(plan: BlockPlan, seed: int = 0) -> BlockPlan:
     g = torch.Generator(device="cpu").manual_seed(seed)
     shape = (*counts.shape, plan.num_kv_blocks)
     scores = torch.rand(shape, generator=g).to(counts.device)
-    order = scores.argsort(dim=-1, descending=True)
-    rank = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(shape[-1], device=counts.device).expand_as(order)
-    )
+    rank = scores.argsort(dim=-1).argsort(dim=-1)  # each block's place in its row's random order
     mask = rank < counts.unsqueeze(-1)
     return BlockPlan.from_block_mask(mask, plan.block_q, plan.block_k)
 
