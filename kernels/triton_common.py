@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import os
+import statistics
+import time
 
 import torch
 import triton
@@ -404,13 +406,119 @@ def _record(key, jit_fn, compiled, n_args: int, named: dict) -> None:
     _COMPILED[key] = (compiled, tuple(named[name] for name in params))
 
 
+# How a tuning key's first launch picks its config among the pruned candidates (DIT_ACCEL_TUNER):
+# - "triton": Triton's autotuner, which times the candidates one after another (``do_bench`` defaults: 25 ms of
+#   warm-up, 100 ms of repetitions, so about four calls of a 26 ms kernel each). A slow stretch of the GPU
+#   lands on whichever candidate is timed then: at Wan-14B it once picked a tile 11% slower than the best.
+# - "interleaved": :func:`tune_interleaved`, every candidate once per round, many rounds, medians.
+TUNERS = ("triton", "interleaved")
+_TUNER = os.environ.get("DIT_ACCEL_TUNER", "triton")
+if _TUNER not in TUNERS:
+    raise ValueError(f"DIT_ACCEL_TUNER must be one of {TUNERS}, got {_TUNER!r}")
+TUNE_MIN_ROUNDS = 5
+TUNE_MAX_ROUNDS = 50
+TUNE_BUDGET_MS = 400.0  # rounds stop once the candidates' timed calls add up to this (after the minimum)
+_SPIN_CYCLES = 4_000_000  # ~2 ms at H200 clocks: the host queues a whole round behind it
+# Tuning record per key of _TUNED: the tuner, each candidate's median ms (interleaved) and the wall seconds.
+_TUNING: dict = {}
+
+
+def candidate_configs(kernel, args, kwargs) -> list[triton.Config]:
+    """The configs a ``@triton.autotune`` kernel would time for this launch (its early pruning applied)."""
+    configs = list(kernel.configs)
+    if kernel.early_config_prune is not None:
+        configs = list(kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)), **kwargs))
+    return configs
+
+
+def cuda_round_timer(calls) -> list[float]:
+    """Milliseconds of each of ``calls`` run once, in order, on the current stream. A spin kernel goes first
+    so the host has queued the whole round before the GPU reaches it: the events then time the kernels, not
+    the host's launch gaps between them."""
+    start = [torch.cuda.Event(enable_timing=True) for _ in calls]
+    end = [torch.cuda.Event(enable_timing=True) for _ in calls]
+    torch.cuda._sleep(_SPIN_CYCLES)
+    for s, e, call in zip(start, end, calls):
+        s.record()
+        call()
+        e.record()
+    end[-1].synchronize()
+    return [s.elapsed_time(e) for s, e in zip(start, end)]
+
+
+def tune_interleaved(calls, time_round=cuda_round_timer, min_rounds: int = TUNE_MIN_ROUNDS,
+                     max_rounds: int = TUNE_MAX_ROUNDS, budget_ms: float = TUNE_BUDGET_MS):  # fmt: skip
+    """(index of the fastest of ``calls``, each call's median ms). Every round times each call once; round r
+    starts at call r mod n (no call always runs first, right after the spin). Rounds continue until
+    ``min_rounds`` are done and the timed calls add up to ``budget_ms``, or ``max_rounds``. A drift of the
+    GPU's speed over the tuning (clocks, power, a neighbour) hits every candidate alike; ties go to the
+    earlier call."""
+    n = len(calls)
+    times: list[list[float]] = [[] for _ in calls]
+    spent = 0.0
+    for r in range(max_rounds):
+        order = [(r + i) % n for i in range(n)]
+        for i, ms in zip(order, time_round([calls[i] for i in order])):
+            times[i].append(ms)
+            spent += ms
+        if r + 1 >= min_rounds and spent >= budget_ms:
+            break
+    medians = [statistics.median(ts) for ts in times]
+    return min(range(n), key=lambda i: (medians[i], i)), medians
+
+
+_COMPILE_ERRORS: tuple = ()
+
+
+def _compile_errors() -> tuple:
+    # What a candidate that cannot run raises at its first call (the autotuner skips those too).
+    global _COMPILE_ERRORS
+    if not _COMPILE_ERRORS:
+        from triton.compiler.errors import CompileTimeAssertionFailure
+        from triton.runtime.errors import OutOfResources, PTXASError
+
+        _COMPILE_ERRORS = (OutOfResources, CompileTimeAssertionFailure, PTXASError)
+    return _COMPILE_ERRORS
+
+
+def _tune(kernel, grid, args, kwargs) -> tuple[triton.Config, dict]:
+    """``kernel``'s config for this launch, picked by :func:`tune_interleaved` over its candidates, and the
+    tuning record. Each candidate runs once first (Triton compiles it); one that does not fit the GPU is
+    dropped."""
+    configs = candidate_configs(kernel, args, kwargs)
+    t0 = time.perf_counter()
+    runnable, calls, first_error = [], [], None
+    for config in configs:
+        meta = config.all_kwargs()
+
+        def call(meta=meta):
+            kernel.fn[grid](*args, **kwargs, **meta)
+
+        try:
+            call()
+        except _compile_errors() as e:
+            first_error = first_error or e
+            continue
+        runnable.append(config)
+        calls.append(call)
+    if not runnable:
+        raise first_error
+    best, ms = 0, None  # a single candidate is not timed
+    if len(runnable) > 1:
+        best, medians = tune_interleaved(calls, cuda_round_timer)
+        ms = {str(c): round(m, 4) for c, m in zip(runnable, medians)}
+    record = {"tuner": "interleaved", "ms": ms, "seconds": round(time.perf_counter() - t0, 3)}
+    return runnable[best], record
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for a ``@triton.autotune`` kernel whose tuning keys are all passed by
     keyword, whose configs have no pre-hook, and whose grid (a tuple, or a function of the config's
     parameters only) depends on nothing but the launch's own arguments.
 
-    The first launch for a tuning key goes through the autotuner (which tunes on a miss); later launches with
-    that key call the JIT function with the recorded config directly. The autotuner otherwise rebuilds dicts of
+    The first launch for a tuning key goes through the autotuner (which tunes on a miss), or with
+    ``DIT_ACCEL_TUNER=interleaved`` through :func:`tune_interleaved` over the autotuner's candidates; later
+    launches with that key call the JIT function with the recorded config directly. The autotuner otherwise rebuilds dicts of
     all ~50 arguments on every launch to find its key: host time that a host-bound model (short sequences,
     many small calls) pays on every attention call. Where direct launches are on, a launch whose exact key
     (:func:`_exact_key`) was seen before skips Triton's binder as well and calls the compiled kernel's
@@ -423,9 +531,17 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     )
     tuned = _TUNED.get(key)
     if tuned is None:
+        if _TUNER == "interleaved" and all(c.pre_hook is None for c in kernel.configs):
+            config, _TUNING[key] = _tune(kernel, grid, args, kwargs)
+            kernel.best_config = config
+            kernel.fn[grid](*args, **kwargs, **config.all_kwargs())  # the launch's own output, by the pick
+            _TUNED[key] = (config, config.all_kwargs())
+            return
+        t0 = time.perf_counter()
         kernel[grid](*args, **kwargs)
         if kernel.best_config.pre_hook is None:
             _TUNED[key] = (kernel.best_config, kernel.best_config.all_kwargs())
+            _TUNING[key] = {"tuner": "triton", "seconds": round(time.perf_counter() - t0, 3)}
         return
     config, meta = tuned
     if not _DIRECT_ON:
@@ -444,8 +560,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 def tuned_configs() -> list[dict]:
     """The tiles the autotuners picked so far in this process, one dict per tuning key: the kernel's name,
-    its tuning key values and the config (for benchmark records; the key holds no plan density, so the first
-    launch of a key decides the tile for every later density)."""
+    its tuning key values, the config, and how it was tuned (``tuning``: the tuner, its wall seconds, compiles
+    included, and with the interleaved tuner every candidate's median ms). For benchmark records; the key
+    holds no plan density, so the first launch of a key decides the tile for every later density."""
     out = []
     for key, (config, _meta) in _TUNED.items():
         kernel = key[0]
@@ -456,6 +573,7 @@ def tuned_configs() -> list[dict]:
                 "key": dict(zip(names, (str(v) for v in key[1 : 1 + len(names)]))),
                 "dtypes": [str(d) for d in key[1 + len(names) :]],
                 "config": str(config),
+                "tuning": _TUNING.get(key),
             }
         )
     return out

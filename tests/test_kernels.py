@@ -342,6 +342,183 @@ def test_launch_goes_through_the_autotuner_once_per_key(monkeypatch):
     assert picks[0]["dtypes"][0] == "torch.float16" and "BLOCK_M" in picks[0]["config"]
 
 
+def _drifting_timer(costs, slow_calls, factor):
+    """A fake round timer: call i costs ``costs[i]`` ms, except that the first ``slow_calls`` calls timed in
+    the whole tuning run ``factor`` times slower (a GPU whose clocks are still rising)."""
+    timed = [0]
+
+    def time_round(calls):
+        out = []
+        for call in calls:
+            out.append(costs[call()] * (factor if timed[0] < slow_calls else 1.0))
+            timed[0] += 1
+        return out
+
+    return time_round
+
+
+def test_interleaved_tuner_is_not_fooled_by_a_slow_start():
+    """The fastest candidate is the first one, and the GPU runs 1.3x slower for the first six timed calls.
+    Timing the candidates one after another (four calls each, as the autotuner does for a 26 ms kernel) would
+    pick the third; interleaved rounds pick the first."""
+    from dit_accel.kernels.triton_common import tune_interleaved
+
+    costs = [0.90, 1.00, 0.95]
+    calls = [lambda i=i: i for i in range(3)]
+
+    timer = _drifting_timer(costs, slow_calls=6, factor=1.3)
+    sequential = [sorted(timer([c])[0] for _ in range(4))[1:3] for c in calls]  # median of four, per call
+    assert min(range(3), key=lambda i: sum(sequential[i])) == 2  # the scenario fools sequential timing
+
+    best, medians = tune_interleaved(calls, _drifting_timer(costs, slow_calls=6, factor=1.3), budget_ms=0)
+    assert best == 0 and medians == pytest.approx(costs)
+
+
+def test_interleaved_tuner_rotates_which_candidate_runs_first():
+    """A round's first call pays a penalty (it follows the spin kernel): rotating the order spreads it, so
+    no candidate is always the one that pays."""
+    from dit_accel.kernels.triton_common import tune_interleaved
+
+    costs = [0.90, 1.00, 0.95]
+    calls = [lambda i=i: i for i in range(3)]
+    rounds = []
+
+    def time_round(fns):
+        ids = [fn() for fn in fns]
+        rounds.append(ids)
+        return [costs[i] + (0.5 if pos == 0 else 0.0) for pos, i in enumerate(ids)]
+
+    best, medians = tune_interleaved(calls, time_round, min_rounds=5, budget_ms=0)
+    assert best == 0 and medians == pytest.approx(costs)
+    assert [r[0] for r in rounds] == [0, 1, 2, 0, 1] and all(sorted(r) == [0, 1, 2] for r in rounds)
+
+
+def test_interleaved_tuner_runs_until_its_budget_or_its_round_limit():
+    from dit_accel.kernels.triton_common import tune_interleaved
+
+    calls = [lambda: 0, lambda: 1]
+    n = []
+
+    def time_round(fns):
+        n.append(1)
+        return [10.0 for _ in fns]
+
+    tune_interleaved(calls, time_round, min_rounds=3, max_rounds=50, budget_ms=100)
+    assert len(n) == 5  # 20 ms a round: the budget is reached after five
+    n.clear()
+    tune_interleaved(calls, time_round, min_rounds=3, max_rounds=4, budget_ms=1e9)
+    assert len(n) == 4
+
+
+def test_tune_drops_a_candidate_that_does_not_fit_and_times_the_rest(monkeypatch):
+    """A candidate whose first call raises OutOfResources (too much shared memory) is left out, as the
+    autotuner leaves it out; if none fits, the error is raised."""
+    from types import SimpleNamespace
+
+    from triton.runtime.errors import OutOfResources
+
+    from dit_accel.kernels import triton_common
+
+    ran = []
+
+    class Jit:
+        too_big = {64}
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                if kwargs["BLOCK_M"] in self.too_big:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+                ran.append(kwargs["BLOCK_M"])
+                return kwargs["BLOCK_M"]
+
+            return run
+
+    configs = [triton_common.cfg(*c) for c in ((64, 64, 4, 3), (16, 16, 4, 1), (32, 32, 4, 1))]
+    kernel = SimpleNamespace(configs=configs, early_config_prune=None, arg_names=["x"], fn=Jit())
+
+    def time_round(calls):
+        out = []
+        for call in calls:
+            call()
+            out.append({16: 2.0, 32: 1.0}[ran[-1]])
+        return out
+
+    monkeypatch.setattr(triton_common, "cuda_round_timer", time_round)
+    config, record = triton_common._tune(kernel, (1,), (torch.zeros(1),), {})
+    assert config.kwargs["BLOCK_M"] == 32
+    assert record["tuner"] == "interleaved" and set(record["ms"]) == {str(configs[1]), str(configs[2])}
+    assert 64 not in ran and ran[:2] == [16, 32]  # each candidate ran once before the timing
+
+    Jit.too_big = {64, 16, 32}
+    with pytest.raises(OutOfResources):
+        triton_common._tune(kernel, (1,), (torch.zeros(1),), {})
+
+
+@pytest.mark.interpret
+def test_interleaved_tuner_picks_the_tile_and_the_launch_returns_its_output(monkeypatch):
+    """With DIT_ACCEL_TUNER=interleaved, the first launch of a key times the autotuner's candidates and keeps
+    the fastest: the output is the kernel's under that tile (bit-identical to the next, recorded launch) and
+    the pick and the candidates' medians are in ``tuned_configs()``."""
+    from dit_accel.kernels import triton_attention, triton_common
+
+    kernel = triton_attention._block_sparse_attn_fwd_kernel
+    slow, fast = triton_common.cfg(16, 16, 4, 1), triton_common.cfg(16, 16, 2, 1)
+    monkeypatch.setattr(kernel, "configs", [slow, fast])
+    monkeypatch.setattr(triton_common, "_TUNER", "interleaved")
+    monkeypatch.setattr(triton_common, "_TUNED", {})
+    monkeypatch.setattr(triton_common, "_TUNING", {})
+    rounds = []
+
+    def time_round(calls):
+        rounds.append(len(calls))
+        return [1.0 if call.__defaults__[0]["num_warps"] == 4 else 0.5 for call in calls]
+
+    monkeypatch.setattr(triton_common, "cuda_round_timer", time_round)
+    q, k, v = _qkv(1, 70, 2, 32, torch.float16, "bshd", seed=3)
+    plan = _random_plan(1, 2, 70, 70, 16, 0.5, seed=2)
+    first, first_lse = block_sparse_attention(q, k, v, plan, backend="triton")
+    assert rounds and set(rounds) == {2}
+    (pick,) = triton_common.tuned_configs()
+    assert pick["config"] == str(fast) and pick["tuning"]["tuner"] == "interleaved"
+    assert pick["tuning"]["ms"] == {str(slow): 1.0, str(fast): 0.5}
+    tuned_rounds = len(rounds)
+    again, again_lse = block_sparse_attention(q, k, v, plan, backend="triton")
+    assert len(rounds) == tuned_rounds  # no tuning at the second launch
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(again_lse, first_lse, atol=0, rtol=0)
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    ref, _ = attention_reference(qh.float(), kh.float(), vh.float(), plan, 32**-0.5)
+    torch.testing.assert_close(first.transpose(1, 2).float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_interleaved_tuner_times_kernels_and_picks_a_correct_tile(monkeypatch):
+    """On the GPU: the round timer orders work by its size (the spin ahead of the round keeps host gaps
+    out), and a tuned launch gives the reference's output with every candidate timed."""
+    from dit_accel.kernels import triton_common
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    small, big = a[:1024], a
+    ms = triton_common.cuda_round_timer([lambda: small @ a, lambda: big @ a])
+    assert 0 < ms[0] < ms[1]
+
+    monkeypatch.setattr(triton_common, "_TUNER", "interleaved")
+    monkeypatch.setattr(triton_common, "_TUNED", {})
+    monkeypatch.setattr(triton_common, "_TUNING", {})
+    s, h, d = 4000, 4, 128
+    q, k, v = _qkv(1, s, h, d, torch.bfloat16, "bshd", seed=9)
+    plan = _random_plan(1, h, s, s, 128, 0.3, seed=9)
+    out, lse = block_sparse_attention(q, k, v, plan, backend="triton")
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    ref, ref_lse = attention_reference(qh.float(), kh.float(), vh.float(), plan, d**-0.5)
+    eager = _eager_lowp(qh, kh, vh, plan.to_token_mask(s, s), d**-0.5, None)
+    _assert_close(out.transpose(1, 2), ref, eager, "tuned out")
+    _assert_lse(lse, ref_lse, "tuned lse")
+    (pick,) = triton_common.tuned_configs()
+    assert pick["tuning"]["tuner"] == "interleaved" and len(pick["tuning"]["ms"]) > 1
+    assert all(m > 0 for m in pick["tuning"]["ms"].values())
+
+
 def test_exact_launch_key_separates_what_triton_specialises_on():
     """A direct launch reuses a compiled kernel only under an identical key: the key must differ wherever
     Triton's binder could pick another specialisation (alignment, dtype, int value, constexpr, grid)."""
