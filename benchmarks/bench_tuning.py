@@ -110,6 +110,7 @@ def time_tiles(q, k, v, plan, smoke: bool, rep_ms: int) -> dict[str, float | str
     """Median ms of the attention kernel on these inputs under every candidate tile, interleaved."""
     from dit_accel.kernels import block_sparse_attention, triton_attention, triton_common
 
+    triton_common._TUNED.clear()  # this process's only tuning: the key below is this launch's
     block_sparse_attention(q, k, v, plan, backend="triton")  # tunes (and records the key)
     key = _attention_key()
     kernel = triton_attention._block_sparse_attn_fwd_kernel
