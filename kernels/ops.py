@@ -1,10 +1,11 @@
 """Public attention ops: validation, layout handling and backend dispatch.
 
 Backends: ``"triton"`` (our kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``; never falls back),
-``"torch"`` (the fp32 references in ``reference.py``), ``"auto"`` (Triton where it can run, else the
-reference, with the reason logged once). ``dense_attention`` also has ``"cudnn"`` (PyTorch's cuDNN
-attention through ``torch.ops.aten``) and ``"xformers"`` (``xformers.ops.fmha``, imported lazily by
-``xformers_attention.py`` only), both with the log-sum-exp; its ``"auto"`` picks from a table of
+``"torch"`` (fp32 torch: on the CPU without grad ``torch_sparse.py``, which computes only a plan's blocks
+with PyTorch's CPU flash kernel; elsewhere the references in ``reference.py``), ``"auto"`` (Triton where
+it can run, else ``"torch"``, with the reason logged once). ``dense_attention`` also has ``"cudnn"``
+(PyTorch's cuDNN attention through ``torch.ops.aten``) and ``"xformers"`` (``xformers.ops.fmha``, imported
+lazily by ``xformers_attention.py`` only), both with the log-sum-exp; its ``"auto"`` picks from a table of
 measured results.
 
 The Triton kernels have no backward: for inputs that require grad (grad mode on), ``"triton"`` refuses the
@@ -24,7 +25,7 @@ import os
 
 import torch
 
-from . import reference
+from . import reference, torch_sparse
 from .correction import RESIDUAL_DTYPES, SoftmaxCorrection
 from .plan import BlockPlan, _check_block_size, num_blocks
 
@@ -413,7 +414,15 @@ def block_sparse_attention(
     offset_t = _check_rho_offset(rho_offset, qh)
     grad = _needs_grad(qh, kh, vh, *((correction.rho, correction.residual) if correction is not None else ()))
     if _pick(backend, qh, "block_sparse_attention", (plan.block_q, plan.block_k), grad) == "torch":
-        if correction is None:
+        tensors = (qh, kh, vh, *(correction.tensors().values() if correction is not None else ()))
+        if torch_sparse.available(*tensors):
+            out, lse = torch_sparse.sparse_attention(qh.float(), kh.float(), vh.float(), plan, scale, kv_len)
+            if correction is not None:
+                out = reference.apply_correction(
+                    out, correction.rho, correction.residual, correction.residual_scale, rho_offset, clamp_rho
+                )
+            out = out.to(qh.dtype)
+        elif correction is None:
             out, lse = reference.attention_reference(qh, kh, vh, plan, scale, kv_len)
         else:
             out, lse = reference.corrected_reference(
@@ -511,9 +520,16 @@ def refresh_attention(
         raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype}")
     grad = _needs_grad(qh, kh, vh)
     if _pick(backend, qh, "refresh_attention", (plan.block_q, plan.block_k), grad) == "torch":
-        out, lse, rho, resid, r_scale = reference.refresh_reference(
-            qh, kh, vh, plan, scale, kv_len, residual_dtype
-        )
+        if torch_sparse.available(qh, kh, vh):
+            qf, kf, vf = qh.float(), kh.float(), vh.float()
+            out, lse = torch_sparse.dense_attention(qf, kf, vf, scale, kv_len)
+            out_in, lse_in = torch_sparse.sparse_attention(qf, kf, vf, plan, scale, kv_len)
+            rho, resid, r_scale = reference.refresh_statistics(out, lse, out_in, lse_in, residual_dtype)
+            out = out.to(qh.dtype)
+        else:
+            out, lse, rho, resid, r_scale = reference.refresh_reference(
+                qh, kh, vh, plan, scale, kv_len, residual_dtype
+            )
         resid = resid.contiguous()
     else:
         out, lse, rho, resid, r_scale = _run(
@@ -735,7 +751,10 @@ def dense_attention(
 
         out, lse = xformers_attention(qh, kh, vh, scale, return_lse)
     elif chosen == "torch":
-        out, lse = reference.attention_reference(qh, kh, vh, None, scale, kv_len)
+        if torch_sparse.available(qh, kh, vh):
+            out, lse = torch_sparse.dense_attention(qh, kh, vh, scale, kv_len)
+        else:
+            out, lse = reference.attention_reference(qh, kh, vh, None, scale, kv_len)
     else:
         block = 16 if _interpret() else 128
         out, lse = _run(
@@ -778,6 +797,8 @@ def block_mass(
         raise ValueError(f"lse must be float32, got {lse.dtype}")
     block_q, block_k = _check_block_size("block_q", block_q), _check_block_size("block_k", block_k)
     if _pick(backend, qh, "block_mass", (block_q, block_k)) == "torch":
+        if torch_sparse.available(qh, kh, lse):
+            return torch_sparse.block_mass(qh, kh, lse, block_q, block_k, scale, kv_len)
         return reference.block_mass_reference(qh, kh, lse, block_q, block_k, scale, kv_len)
     return _run(_block_mass_impl, _block_mass_op, qh, kh, lse, block_q, block_k, scale, kv_len)
 

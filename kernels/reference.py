@@ -169,11 +169,18 @@ def refresh_reference(
     qf, kf, vf = q.float(), k.float(), v.float()
     out, lse = attention_reference(qf, kf, vf, None, scale, kv_len)
     out_in, lse_in = attention_reference(qf, kf, vf, plan, scale, kv_len)
+    rho, stored, r_scale = refresh_statistics(out, lse, out_in, lse_in, residual_dtype or q.dtype)
+    return out.to(q.dtype), lse, rho, stored, r_scale
+
+
+def refresh_statistics(out, lse, out_in, lse_in, residual_dtype: torch.dtype):
+    """(rho, R in ``residual_dtype``, R's fp8 scale or None) from the fp32 dense pass (out, lse) and in-mask
+    pass (out_in, lse_in) of :func:`refresh_reference`."""
     rho = torch.where(torch.isinf(lse), 1.0, torch.exp(lse_in - _lse_finite(lse)))
     rho = torch.where(torch.isinf(lse_in) & ~torch.isinf(lse), 0.0, rho)
     resid = out - rho.unsqueeze(-1) * out_in
-    stored, r_scale = quantize_residual(resid, residual_dtype or q.dtype)
-    return out.to(q.dtype), lse, rho, stored, r_scale
+    stored, r_scale = quantize_residual(resid, residual_dtype)
+    return rho, stored, r_scale
 
 
 def corrected_reference(
@@ -202,11 +209,17 @@ def corrected_reference(
         out [B, H, S_q, D] in q's dtype; the sparse lse fp32 [B, H, S_q] (uncorrected).
     """
     out, lse = attention_reference(q.float(), k.float(), v.float(), plan, scale, kv_len)
+    out = apply_correction(out, rho, residual, residual_scale, rho_offset, clamp_rho)
+    return out.to(q.dtype), lse
+
+
+def apply_correction(out, rho, residual, residual_scale, rho_offset, clamp_rho: bool) -> torch.Tensor:
+    """``min(rho + rho_offset, 1) * out + R`` (no cap without ``clamp_rho``) in fp32, for the fp32 sparse
+    output ``out`` of :func:`corrected_reference`."""
     r = rho.float() + rho_offset
     if clamp_rho:
         r = r.clamp(max=1.0)
-    out = r.unsqueeze(-1) * out + dequantize_residual(residual, residual_scale)
-    return out.to(q.dtype), lse
+    return r.unsqueeze(-1) * out + dequantize_residual(residual, residual_scale)
 
 
 def rotary_interleaved_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

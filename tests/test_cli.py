@@ -205,7 +205,8 @@ def test_compare_writes_both_and_prints_the_numbers(smoke_weights, tmp_path, cap
 
     side = Image.open(tmp_path / "clip_compare.gif")
     assert Image.open(out).size == (32, 32) and side.size == (68, 32) and side.n_frames == 5
-    assert re.search(r"preset 'fast': adaspa .* vs dense: PSNR [\d.]+ dB .* SSIM [\d.]+", text)
+    # PSNR is inf where every plan keeps every block (the CPU path then runs the dense kernel stock runs)
+    assert re.search(r"preset 'fast': adaspa .* vs dense: PSNR ([\d.]+|inf) dB .* SSIM [\d.]+", text)
     assert re.search(r"speedup [\d.]+x; density [\d.]+ over \d+ sparse", text)
 
 

@@ -20,6 +20,18 @@ from dit_accel import graphs
 from dit_accel.methods.rettention import Correction
 
 STEPS = 10
+
+
+@pytest.fixture(autouse=True)
+def _reference_attention(monkeypatch):
+    """The recorded graphs stand in for CUDA, where attention never takes the CPU path of
+    ``backend="torch"`` (its plan checks read tensors on the host, which a capture refuses): the torch
+    backend runs the reference here, eager and captured alike."""
+    from dit_accel.kernels import torch_sparse
+
+    monkeypatch.setattr(torch_sparse, "available", lambda *tensors: False)
+
+
 METHODS = {
     "dense": {"method": "dense"},
     "window": {"method": "window", "density": 0.5, "dense_steps": 3},

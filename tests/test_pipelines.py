@@ -159,11 +159,15 @@ def test_family_presets_compare_and_remove(name):
 
     result = accel.compare(seed=0, **call)  # the fast preset
     assert np.array_equal(result.dense, stock)  # the reference is stock attention
-    assert result.accelerated.shape == stock.shape and not np.array_equal(result.accelerated, stock)
+    assert result.accelerated.shape == stock.shape
     n = len(result.psnr)
     assert n == len(result.ssim) == (stock.shape[0] * stock.shape[1] if accel.kind == "video" else len(stock))
-    assert all(math.isfinite(v) for v in result.psnr + result.ssim)
-    assert math.isfinite(result.psnr_mean) and 0 < result.ssim_mean <= 1
+    if result.density < 1:
+        assert not np.array_equal(result.accelerated, stock)
+        assert all(math.isfinite(v) for v in result.psnr + result.ssim)
+        assert math.isfinite(result.psnr_mean) and 0 < result.ssim_mean <= 1
+    else:  # every plan kept every block: on the CPU that runs the dense kernel stock runs
+        assert np.array_equal(result.accelerated, stock) and result.psnr_mean == math.inf
     assert result.seconds > 0 and result.seconds_dense > 0 and math.isfinite(result.speedup)
     assert result.sparse_calls > 0 and 0 < result.density <= 1 and result.calls == len(result.stats.records)
     assert accel.stats().records == result.stats.records  # still installed, showing the accelerated render
