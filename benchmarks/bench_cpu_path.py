@@ -46,7 +46,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def capture_call(pipe, preset: str, call: dict) -> dict | None:
-    """q, k, v (B, H, S, D) and the plan of the first sparse call of a render with ``preset``."""
+    """q, k, v (B, H, S, D) and the plan of the first sparse call of a render with ``preset`` (a preset name
+    or a method spec)."""
     captured = []
     original = methods_base.block_sparse_attention
 
@@ -58,7 +59,8 @@ def capture_call(pipe, preset: str, call: dict) -> dict | None:
             captured.append({"q": qh, "k": kh, "v": vh, "plan": plan})
         return original(q, k, v, plan, **kwargs)
 
-    accel = wrap(pipe, preset)
+    name, knobs = bench.parse_config(preset)
+    accel = wrap(pipe, name, **knobs)
     try:
         with mock.patch.object(methods_base, "block_sparse_attention", spy):
             accel(**call, output_type="np", generator=torch.Generator().manual_seed(0))

@@ -10,11 +10,11 @@ from _bench import load_benchmark
 def test_smoke_run_times_calls_and_renders_on_both_paths(tmp_path, monkeypatch):
     module = load_benchmark("bench_cpu_path", monkeypatch)
     out = tmp_path / "cpu.json"
-    module.main(["--smoke", "--presets", "balanced", "--out", str(out)])
+    module.main(["--smoke", "--presets", "balanced,rettention", "--out", str(out)])
     report = json.loads(out.read_text())
     call = report["calls"]["balanced"]
     assert call["sparse_cpu_path_ms"] > 0 and call["sparse_reference_ms"] > 0
     assert 0 < call["plan_density"] <= 1
     for path in ("cpu_path", "reference"):
         names = [r["name"] for r in report["renders"][path]]
-        assert names == ["stock", "balanced"] and all(r["error"] is None for r in report["renders"][path])
+        assert names == ["stock", "balanced", "rettention"] and all(r["error"] is None for r in report["renders"][path])
