@@ -17,4 +17,5 @@ def test_smoke_run_times_calls_and_renders_on_both_paths(tmp_path, monkeypatch):
     assert 0 < call["plan_density"] <= 1
     for path in ("cpu_path", "reference"):
         names = [r["name"] for r in report["renders"][path]]
-        assert names == ["stock", "balanced", "rettention"] and all(r["error"] is None for r in report["renders"][path])
+        assert names == ["stock", "balanced", "rettention"]
+        assert all(r["error"] is None for r in report["renders"][path])
