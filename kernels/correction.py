@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .reference import refresh_statistics
+
 __all__ = ["RESIDUAL_DTYPES", "SoftmaxCorrection", "correction_from_outputs"]
 
 # Storage dtypes of the residual; float8 (e4m3) carries a per-row fp32 scale.
@@ -85,15 +87,7 @@ def correction_from_outputs(
     """
     if layout == "bshd":
         out, out_sparse = out.transpose(1, 2), out_sparse.transpose(1, 2)
-    no_key = torch.isinf(lse)
-    rho = torch.exp(lse_sparse - torch.where(no_key, 0.0, lse))
-    rho = torch.where(no_key, 1.0, torch.where(torch.isinf(lse_sparse), 0.0, rho)).float()
-    resid = out.float() - rho.unsqueeze(-1) * out_sparse.float()
-    dtype = residual_dtype or out.dtype
-    if dtype == torch.float8_e4m3fn:
-        amax = resid.abs().amax(-1)
-        scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-        return SoftmaxCorrection(
-            rho.contiguous(), (resid / scale.unsqueeze(-1)).to(dtype).contiguous(), scale
-        )
-    return SoftmaxCorrection(rho.contiguous(), resid.to(dtype).contiguous())
+    rho, resid, scale = refresh_statistics(
+        out.float(), lse, out_sparse.float(), lse_sparse, residual_dtype or out.dtype
+    )
+    return SoftmaxCorrection(rho.float().contiguous(), resid.contiguous(), scale)
