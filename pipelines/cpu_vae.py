@@ -51,7 +51,7 @@ def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _convertible_conv(module: torch.nn.Module) -> bool:
-    """A zero-padded 3D convolution with a spatial kernel: 1x1 spatial kernels are as fast on the stock path."""
+    """A zero-padded 3D convolution with a spatial kernel; 1x1 spatial kernels are as fast when stock."""
     return (
         isinstance(module, torch.nn.Conv3d)
         and module.padding_mode == "zeros"
