@@ -23,6 +23,9 @@ Speed column afterwards, on any machine (no rendering; reads the rows the GPU ru
     python benchmarks/sweep_dense_steps.py --from benchmarks/results/dense_steps_nvidia_h200.json \
         --speed benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200.json
 
+On the CPU at the training geometry (about 10 minutes a prompt on 2 cores):
+``--device cpu --steps 30 --frames 49 --height 192 --width 256 --prompts 4``.
+
 CPU smoke run (tiny clip, 2 prompts, 2 fractions): ``--device cpu --prompts 2 --warmups 0,0.25 --steps 4``.
 """
 
@@ -147,6 +150,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmups", default=",".join(f"{f:g}" for f in WARMUPS), help="dense-step fractions")
     parser.add_argument("--methods", help="comma-separated labels (default: every available method)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: 30 on GPU, 10 on CPU)")
+    for dim in ("frames", "height", "width"):
+        parser.add_argument(
+            f"--{dim}", type=int, help=f"clip {dim} (default: the embedded model's for the device)"
+        )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument(
@@ -193,9 +200,9 @@ def render(args, save=None) -> dict:
     rows, notes = sweep_rows(warmups, methods)
     defaults = render_defaults(args.device)
     call = {
-        "num_frames": defaults["frames"],
-        "height": defaults["height"],
-        "width": defaults["width"],
+        "num_frames": args.frames or defaults["frames"],
+        "height": args.height or defaults["height"],
+        "width": args.width or defaults["width"],
         "num_inference_steps": args.steps or defaults["steps"],
         "guidance_scale": args.guidance,
     }

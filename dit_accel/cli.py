@@ -676,8 +676,8 @@ def _bench(args) -> int:
     print(bench.format_table(rows))
     if device == "cpu":
         print(
-            "(on the CPU dit_accel runs its torch reference instead of its GPU kernels: these times check "
-            "the command, they say nothing about speed on a GPU)"
+            "(on the CPU dit_accel runs PyTorch's CPU flash kernel on each plan's blocks, not its GPU "
+            "kernels: these ratios say nothing about speed on a GPU)"
         )
     if args.out is not None:
         print(f"wrote {args.out}")

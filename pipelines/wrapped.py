@@ -189,12 +189,9 @@ def load_pipeline(
         weights_dir = load_kwargs.pop("weights_dir", path)
         if load_kwargs:
             raise ValueError(f"the embedded model takes only weights_dir, got {sorted(load_kwargs)}")
-        pipe = model.load_tiny_video_pipeline(
-            device=device or "cpu", dtype=torch_dtype, weights_dir=weights_dir
+        return model.load_tiny_video_pipeline(
+            device=device or "cpu", dtype=torch_dtype, weights_dir=weights_dir, fast_cpu_vae=fast_cpu_vae
         )
-        if fast_cpu_vae:
-            cpu_vae.speed_up_pipeline(pipe)
-        return pipe
     from diffusers import DiffusionPipeline
 
     if torch_dtype is not None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..cpu_vae import speed_up_vae
 from .data import vocabulary
 
 __all__ = [
@@ -353,7 +354,9 @@ def _resolve_weights_dir(weights_dir) -> Path:
     return Path(env) if env else WEIGHTS_DIR
 
 
-def load_tiny_video_pipeline(device="cpu", dtype: torch.dtype | None = None, weights_dir=None):
+def load_tiny_video_pipeline(
+    device="cpu", dtype: torch.dtype | None = None, weights_dir=None, fast_cpu_vae: bool = True
+):
     """The embedded trained text-to-video model as a stock ``diffusers.WanPipeline``, offline.
 
     Args:
@@ -362,6 +365,8 @@ def load_tiny_video_pipeline(device="cpu", dtype: torch.dtype | None = None, wei
             encoder stays float32 (it is tiny, and T5 layers are fragile in half precision).
         weights_dir: folder with the safetensors files and ``tiny_video.json``; default the package's
             ``weights/`` folder, or ``$DIT_ACCEL_TINY_VIDEO_WEIGHTS`` when set.
+        fast_cpu_vae: decode with :mod:`dit_accel.pipelines.cpu_vae`'s fast CPU kernels when the VAE runs on
+            the CPU in float32 (same frames to float32 rounding, about 5x faster at 49 x 192 x 256).
 
     Returns:
         a ``WanPipeline``; call it with ``prompt=...`` and a geometry whose frames are 4k + 1 and whose
@@ -406,6 +411,8 @@ def load_tiny_video_pipeline(device="cpu", dtype: torch.dtype | None = None, wei
     for name in ("vae", "transformer"):
         _place(components[name], device, dtype)
     components["text_encoder"].to(device, torch.float32)
+    if fast_cpu_vae:
+        speed_up_vae(components["vae"])
     return build_pipeline(components)
 
 
