@@ -87,6 +87,40 @@ def test_a_plan_chunked_over_query_blocks_matches(monkeypatch):
     torch.testing.assert_close(chunked[1], whole[1], atol=1e-6, rtol=0)
 
 
+def test_the_gather_workspace_is_reused_grown_and_private_to_each_thread():
+    """Gathers land in a per-thread buffer: a second call of one shape reuses it, a bigger one grows it, and
+    calls running at once on two threads (each its own buffer) still match the reference."""
+    import threading
+
+    small = (_qkv(1, 2, 90, 90, 16, seed=10), _plan(1, 2, 90, 90, 16, 16, 0.4, seed=11))
+    big = (_qkv(2, 3, 200, 200, 32, seed=12), _plan(2, 3, 200, 200, 16, 16, 0.6, seed=13))
+    expected = [reference.attention_reference(*qkv, plan, 0.25) for qkv, plan in (small, big)]
+    torch_sparse._workspace.__dict__.clear()
+    _close(*torch_sparse.sparse_attention(*small[0], small[1], 0.25), *expected[0])
+    buf = torch_sparse._workspace.k
+    _close(*torch_sparse.sparse_attention(*small[0], small[1], 0.25), *expected[0])
+    assert torch_sparse._workspace.k is buf
+    _close(*torch_sparse.sparse_attention(*big[0], big[1], 0.25), *expected[1])
+    assert torch_sparse._workspace.k.numel() > buf.numel()
+
+    results, buffers = {}, {}
+
+    def work(i):
+        qkv, plan = (small, big)[i % 2]
+        for _ in range(3):
+            results[i] = torch_sparse.sparse_attention(*qkv, plan, 0.25)
+        buffers[i] = torch_sparse._workspace.k
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (out, lse) in results.items():
+        _close(out, lse, *expected[i % 2])
+    assert len({id(b) for b in buffers.values()}) == 4
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ops_torch_backend_takes_the_fast_path_for_half_and_strided_inputs(dtype, monkeypatch):
     """``backend="torch"`` on the CPU without grad: the fast path, in q's layout and dtype, within the
