@@ -4,6 +4,7 @@ stock modules, and are taken exactly where they should be."""
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny_pipes import wan
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 from torch.profiler import ProfilerActivity, profile
@@ -124,3 +125,12 @@ def test_load_pipeline_patches_the_embedded_vae_unless_told_not_to():
     assert not any(getattr(m, cpu_vae._PATCHED, False) for m in pipe.transformer.modules())
     plain = load_pipeline("embedded", fast_cpu_vae=False)
     assert not any(getattr(m, cpu_vae._PATCHED, False) for m in plain.vae.modules())
+
+
+def test_speed_up_pipeline_patches_only_vae_components():
+    pipe = wan()
+    n = cpu_vae.speed_up_pipeline(pipe)
+    assert n == sum(getattr(m, cpu_vae._PATCHED, False) for m in pipe.vae.modules()) > 0
+    assert not any(getattr(m, cpu_vae._PATCHED, False) for m in pipe.transformer.modules())
+    assert cpu_vae.speed_up_pipeline(pipe) == 0
+    assert cpu_vae.speed_up_pipeline(object()) == 0
