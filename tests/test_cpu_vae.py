@@ -128,7 +128,7 @@ def test_load_pipeline_patches_the_embedded_vae_unless_told_not_to():
 
 
 def test_speed_up_pipeline_patches_only_vae_components():
-    pipe = wan()
+    pipe, _ = wan()
     n = cpu_vae.speed_up_pipeline(pipe)
     assert n == sum(getattr(m, cpu_vae._PATCHED, False) for m in pipe.vae.modules()) > 0
     assert not any(getattr(m, cpu_vae._PATCHED, False) for m in pipe.transformer.modules())
