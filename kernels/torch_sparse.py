@@ -91,7 +91,9 @@ def _gather(blocks: torch.Tensor, index: torch.Tensor, slot: str) -> torch.Tenso
     n = index.numel() * blocks.shape[1]
     buf = getattr(_workspace, slot, None)
     if buf is None or buf.numel() < n or buf.dtype != blocks.dtype:
-        buf = torch.empty(n, dtype=blocks.dtype, device=blocks.device)
+        # A normal tensor even inside inference_mode: an inference tensor could not be written outside it.
+        with torch.inference_mode(False):
+            buf = torch.empty(n, dtype=blocks.dtype, device=blocks.device)
         setattr(_workspace, slot, buf)
     return torch.index_select(blocks, 0, index, out=buf[:n].view(index.numel(), blocks.shape[1]))
 

@@ -121,6 +121,18 @@ def test_the_gather_workspace_is_reused_grown_and_private_to_each_thread():
     assert len({id(b) for b in buffers.values()}) == 4
 
 
+@pytest.mark.parametrize("first_inference", [True, False], ids=["inference-first", "plain-first"])
+def test_the_gather_workspace_serves_inference_mode_and_plain_calls_in_either_order(first_inference):
+    """A buffer made inside ``torch.inference_mode`` (diffusers' pipelines run there) is still written by a
+    later call outside it, and the other way round."""
+    (q, k, v), plan = _qkv(1, 2, 90, 90, 16, seed=14), _plan(1, 2, 90, 90, 16, 16, 0.4, seed=15)
+    expected = reference.attention_reference(q, k, v, plan, 0.25)
+    torch_sparse._workspace.__dict__.clear()
+    for inference in (first_inference, not first_inference, first_inference):
+        with torch.inference_mode(inference):
+            _close(*torch_sparse.sparse_attention(q, k, v, plan, 0.25), *expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ops_torch_backend_takes_the_fast_path_for_half_and_strided_inputs(dtype, monkeypatch):
     """``backend="torch"`` on the CPU without grad: the fast path, in q's layout and dtype, within the
