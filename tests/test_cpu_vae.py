@@ -4,7 +4,7 @@ stock modules, and are taken exactly where they should be."""
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_pipes import wan
+from _tiny_pipes import PIPELINES, wan
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 from torch.profiler import ProfilerActivity, profile
@@ -134,3 +134,30 @@ def test_speed_up_pipeline_patches_only_vae_components():
     assert not any(getattr(m, cpu_vae._PATCHED, False) for m in pipe.transformer.modules())
     assert cpu_vae.speed_up_pipeline(pipe) == 0
     assert cpu_vae.speed_up_pipeline(object()) == 0
+
+
+def _render(pipe, call) -> torch.Tensor:
+    out = pipe(**call, generator=torch.Generator().manual_seed(0), output_type="pt")
+    frames = getattr(out, "frames", None)
+    return torch.as_tensor(frames if frames is not None else out.images)
+
+
+@pytest.mark.parametrize(
+    "name, patches",
+    [
+        ("hunyuan_video", True),
+        ("cogvideox", True),
+        ("ltx", True),
+        ("mochi", True),
+        ("qwenimage", True),
+        ("flux", False),
+    ],
+)
+def test_every_family_renders_the_same_with_its_vae_patched(name, patches):
+    """load_pipeline patches whatever pipeline it loads: each family's tiny pipeline renders the same frames
+    (to float32 rounding) with its VAE's 3D convolutions on oneDNN; a 2D VAE has nothing to patch."""
+    pipe, call = PIPELINES[name]()
+    pipe.set_progress_bar_config(disable=True)
+    ref = _render(pipe, call)
+    assert (cpu_vae.speed_up_pipeline(pipe) > 0) == patches
+    torch.testing.assert_close(_render(pipe, call), ref, rtol=1e-4, atol=1e-4)
