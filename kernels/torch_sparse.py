@@ -85,9 +85,9 @@ _workspace = threading.local()
 
 def _gather(blocks: torch.Tensor, index: torch.Tensor, slot: str) -> torch.Tensor:
     """``blocks.index_select(0, index)`` into a buffer this thread reuses (one per ``slot``; it grows to the
-    largest gather, at most ``_CHUNK_ELEMENTS`` fp32 elements). A fresh gather of tens of MB pays a page
-    fault per 4 kB on every call: 3x the copy itself on two cores (24 ms against 8 ms for 51 MB). The result
-    is valid until the next gather into the same slot."""
+    largest gather: ``_CHUNK_ELEMENTS`` fp32 elements, or one row's blocks where a row holds more). A fresh
+    gather of tens of MB pays a page fault per 4 kB on every call: 3x the copy itself on two cores (24 ms
+    against 8 ms for 51 MB). The result is valid until the next gather into the same slot."""
     n = index.numel() * blocks.shape[1]
     buf = getattr(_workspace, slot, None)
     if buf is None or buf.numel() < n or buf.dtype != blocks.dtype:
