@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dit_accel import batch, cli
-from dit_accel.pipelines import wrapped
+from dit_accel.pipelines import presets, wrapped
 
 SMALL = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "2", "--device", "cpu"]
 BLOCKS = {"block_q": 16}
@@ -658,7 +658,8 @@ def test_cuda_graphs_flag_reaches_every_accelerated_job_and_is_recorded(tmp_path
         cli.main(["batch", str(jobs), "--out-dir", str(out), *SMALL, "--no-progress", "--cuda-graphs"]) == 0
     )
     accelerated, stock = _entries(out)
-    assert accelerated["job"]["knobs"] == {"sparsity": 0.8, **BLOCKS, "cuda_graphs": True}
+    balanced = dict(presets.get_preset("wan", "balanced").knobs)
+    assert accelerated["job"]["knobs"] == {**balanced, **BLOCKS, "cuda_graphs": True}
     assert stock["job"]["knobs"] == {} and [e["cuda_graphs"] for e in (accelerated, stock)] == [True, True]
 
 

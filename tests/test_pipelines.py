@@ -120,7 +120,11 @@ def test_resolve_checks_names_before_any_model():
     with pytest.raises(ValueError, match="takes no knob 'decay'"):
         presets.resolve("flux", "quality", {"decay": 0.2})
     with pytest.raises(ValueError, match="sparsity"):
-        presets.resolve(None, "balanced", {"sparsity": 1.5})
+        presets.resolve(None, "fast", {"sparsity": 1.5})
+    with pytest.raises(ValueError, match="refresh_every"):  # balanced is re-ttention on Wan and HunyuanVideo
+        presets.resolve(None, "balanced", {"refresh_every": 0})
+    with pytest.raises(ValueError, match="preset 'balanced' of wan is rettention: .*takes \\['density'"):
+        presets.resolve("wan", "balanced", {"sparsity": 0.7})  # adaspa's knob; the window base's are named
     with pytest.raises(ValueError, match="unknown method 'sparse'"):
         presets.resolve("wan", None, {"method": "sparse"})
     with pytest.raises(ValueError, match="video method"):
@@ -128,7 +132,12 @@ def test_resolve_checks_names_before_any_model():
     with pytest.raises(ValueError, match="preset 'fast' is method 'adaspa'"):
         presets.resolve("wan", "fast", {"method": "window"})
     s = presets.resolve("wan", None, {})
-    assert (s.preset, s.method, dict(s.knobs)) == ("balanced", "adaspa", {"sparsity": 0.8})
+    assert (s.preset, s.method, dict(s.knobs)) == (
+        "balanced",
+        "rettention",
+        {"density": 0.05, "dense_steps": 0.1, "refresh_every": 10},
+    )
+    assert presets.resolve("flux", None, {}).method == "adaspa"  # untuned families keep adaspa
 
 
 # ---------------------------------------------------------------- every family
@@ -195,11 +204,12 @@ def test_wan22_experts_share_the_preset():
 
 def test_knobs_override_the_preset_and_change_between_calls():
     pipe, call = _build("wan")
-    accel = dit_accel.pipelines.wrap(pipe, preset="balanced", sparsity=0.7, **BLOCKS)
-    assert accel.handle.method.sparsity == 0.7 and accel.preset == "balanced"
+    accel = dit_accel.pipelines.wrap(pipe, preset="balanced", refresh_every=4, **BLOCKS)
+    assert accel.handle.method.correction.refresh_every == 4 and accel.preset == "balanced"
     first = accel.handle
-    accel.configure(sparsity=0.75)  # keeps the preset and the earlier overrides
-    assert accel.handle is not first and accel.handle.method.sparsity == 0.75
+    accel.configure(density=0.1)  # keeps the preset and the earlier overrides
+    assert accel.handle is not first and accel.handle.method.correction.refresh_every == 4
+    assert accel.handle.method.pattern.density == 0.1
     assert accel.handle.config.block_q == 16 and dit_accel.api.get_handle(pipe) is accel.handle
     assert first._removed  # replaced, never stacked
     accel.configure(preset="fast")  # starts over from the preset
