@@ -66,8 +66,16 @@ CONFIGS = {
     "adaspa_0.8": {"method": "adaspa", "sparsity": 0.8},
     "radial": {"method": "radial"},
     "rettention": {"method": "rettention"},
-    # re-ttention's lean schedule (the balanced preset) on the auto blocks (128 tokens here) and 16-token ones
-    "rettention_lean": {"method": "rettention", "density": 0.05, "dense_steps": 0.1, "refresh_every": 10},
+    # re-ttention's lean schedule (the balanced preset) on 128- and 16-token blocks; the preset's own blocks
+    # at this size are 16 (window.py). profile_embedded_lean_nvidia_h200.json, run before that cap, calls
+    # the 128-token one "rettention_lean".
+    "rettention_lean_128": {
+        "method": "rettention",
+        "density": 0.05,
+        "block_q": 128,
+        "dense_steps": 0.1,
+        "refresh_every": 10,
+    },
     "rettention_lean_16": {
         "method": "rettention",
         "density": 0.05,

@@ -30,7 +30,8 @@ class SparseAttentionConfig:
         block_q: query block size in tokens of a block plan (a power of two >= 16 for the Triton kernels).
             None (the default): chosen per call from the sequence length S so that a row has at least about
             16 blocks: the power of two at or above S / 16, between 16 and 128 (128 above 1,024 tokens, 16
-            up to 256). Giving one of block_q / block_k sets both.
+            up to 256). A method may cap that per call (``SparseMethod.blocks_for``): the per-frame window
+            keeps blocks at most 1/8 of a latent frame. Giving one of block_q / block_k sets both.
         block_k: key block size in tokens (None: as block_q).
         dense_steps: dense warm-up: an int counts steps, a float in [0, 1) is a fraction of the run's steps
             (rounded down). Steps are counted per CFG context, from 0. None (the default): the method's

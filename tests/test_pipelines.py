@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from _tiny_pipes import FAMILY, PIPELINES
 
 import dit_accel
-from dit_accel.methods import method_names
+from dit_accel.methods import create_method, method_names
 from dit_accel.pipelines import presets, wrapped
 from dit_accel.pipelines.quality import render_output
 from dit_accel.processors import SUPPORTED
@@ -76,6 +77,16 @@ def test_rows_without_a_measurement_say_untuned():
     assert {p.family for p in presets.table() if p.speed} == {"wan", "hunyuan_video"}  # those benchmarked
 
 
+def _embedded_blocks(method: str, knobs: dict) -> tuple[int, int]:
+    """(block_q, block_k) of ``method`` with ``knobs`` at the embedded model's quality geometry (49 x 192 x
+    256: a latent grid of 13 x 12 x 16 tokens, no text in self-attention)."""
+    config = dit_accel.SparseAttentionConfig.from_knobs(method=method, **knobs)
+    instance = create_method(config)
+    config = instance.configure(config, (presets._family("wan"),))
+    call = SimpleNamespace(config=config, q_len=2496, k_len=2496, grid=(13, 12, 16), text_len=0)
+    return instance.blocks_for(call)
+
+
 def test_measured_numbers_are_read_back_from_their_sources():
     quality_rows = {r["method"]: r for r in json.loads((ROOT / "docs/quality_tiny.json").read_text())["rows"]}
     checked = 0
@@ -99,6 +110,7 @@ def test_measured_numbers_are_read_back_from_their_sources():
         assert presets.resolved_knobs(method, knobs, "wan") == presets.resolved_knobs(
             p.method, p.knobs, "wan"
         )
+        assert _embedded_blocks(method, knobs) == _embedded_blocks(p.method, p.knobs), (p.family, p.name)
         if p.family != "wan":
             assert p.method != "radial"  # radial's knobs differ per family: Wan's quality does not carry over
         checked += 1

@@ -360,3 +360,35 @@ def test_refresh_paths_agree_and_auto_picks_by_density():
         plan = SimpleNamespace(density=lambda d=density: d)
         call = SimpleNamespace(device=torch.device(device), entry=entry)
         assert correction._refresh_path(plan, call) == path
+
+
+def test_per_frame_window_caps_the_automatic_blocks():
+    """With automatic blocks the per-frame window uses blocks of at most 1/8 of a frame: 16 tokens on the
+    embedded model's 192-token frames (the automatic 128 would span two thirds of a frame), the automatic 128
+    at Wan's real sizes. The band, explicit blocks and frames that do not match the sequence keep theirs."""
+    from dit_accel.methods.window import WindowPattern
+
+    frame = WindowPattern(0.05, per_frame=True)
+    assert frame.max_block((13, 12, 16), 2496, 2496, 0) == 16  # embedded model, 49 x 192 x 256
+    assert frame.max_block((21, 30, 52), 32760, 32760, 0) == 128  # Wan2.1-1.3B 480p
+    assert frame.max_block((33, 45, 80), 119056, 119056, 256) == 256  # HunyuanVideo 720p: above 128, no cap
+    assert frame.max_block((13, 12, 16), 2500, 2500, 0) is None  # not the grid's tokens: the band runs
+    assert frame.max_block(None, 2496, 2496, 0) is None
+    assert WindowPattern(0.05).max_block((13, 12, 16), 2496, 2496, 0) is None  # the band has no frames
+
+    model, _ = TRANSFORMERS["wan"]()
+    g = torch.Generator().manual_seed(0)
+    # latent grid 4 x 16 x 16: 1,024 tokens, automatic blocks of 64; a 256-token frame holds 8 blocks of 32
+    x = {
+        "hidden_states": torch.randn(1, 16, 4, 32, 32, generator=g),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
+    }
+    for knobs, block in [({}, 32), ({"per_frame": False}, 64), ({"block_q": 64}, 64)]:
+        handle = dit_accel.apply(
+            model, method="rettention", density=0.1, dense_steps=0, refresh_every=2, **knobs
+        )
+        _drive(model, x, range(2), 2)
+        assert {plan.block_q for plan, _ in handle.method._plans.values()} == {block}, knobs
+        assert {plan.block_k for plan, _ in handle.method._plans.values()} == {block}, knobs
+        handle.remove()

@@ -227,6 +227,12 @@ class SparseMethod:
         self.cache.offload = config.state_offload
         return config
 
+    def blocks_for(self, call: AttentionCall) -> tuple[int, int]:
+        """(block_q, block_k) of ``call``'s plans. The processor sets them on the call before anything else
+        reads them. The default is the config's (``SparseAttentionConfig.blocks_for``); a method whose
+        pattern needs finer blocks than the automatic ones may make them smaller when the user set none."""
+        return call.config.blocks_for(call.q_len)
+
     def dense_reason(self, call: AttentionCall) -> str | None:
         """Why this call runs dense ("dense layer", "warm-up"), or None."""
         if call.config.is_dense_layer(call.layer_index, call.num_layers):

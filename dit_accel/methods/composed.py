@@ -70,6 +70,11 @@ class Pattern:
         """What a static plan depends on besides the attention shape and block sizes."""
         return (call.grid, call.text_len, call.text_position)
 
+    def max_block(self, grid, q_len: int, k_len: int, text_len: int) -> int | None:
+        """The largest block size (tokens) this pattern can draw at this geometry, or None (no limit): the
+        automatic block size is capped to it. ``grid`` is the latent grid (T, H, W) or None."""
+        return None
+
     def build(self, call: AttentionCall) -> BlockPlan:
         """The static plan of this call's geometry (B = H = 1 broadcasts), on the CPU or any device."""
         raise NotImplementedError(f"{type(self).__name__} is searched; it has no static plan")
@@ -278,6 +283,15 @@ class ComposedMethod(SparseMethod):
                     "dense",
                 )
         return schedule
+
+    def blocks_for(self, call: AttentionCall) -> tuple[int, int]:
+        """The config's blocks; the automatic ones capped at the pattern's :meth:`Pattern.max_block`."""
+        block_q, block_k = call.config.blocks_for(call.q_len)
+        if call.config.block_q is None:
+            cap = self.pattern.max_block(call.grid, call.q_len, call.k_len, call.text_len or 0)
+            if cap is not None and cap < block_q:
+                block_q = block_k = cap
+        return block_q, block_k
 
     def dense_reason(self, call: AttentionCall) -> str | None:
         """Why this call runs dense ("dense layer", "warm-up", "last steps"), or None."""

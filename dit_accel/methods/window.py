@@ -10,6 +10,12 @@ position pos; in every frame j the window keeps n_f = max(1, round(density * s /
 blocks centred on the block that holds token j*s + pos, clipped to frame j's blocks. A call without a grid,
 or whose sequence is not the grid's tokens plus the text, falls back to the band (logged once).
 
+Block size: with the automatic blocks (``block_q=None``) the per-frame window caps them at the largest power
+of two (at least 16) that fits 8 times in a frame (:data:`BLOCKS_PER_FRAME`), so a one-block window stays a
+small part of its frame: 16 tokens on the embedded model's 192-token frames, where the automatic 128 would
+cover two thirds of a frame; the automatic 128 at Wan's and HunyuanVideo's real sizes (1,560-3,600-token
+frames). The band has no frames and keeps the automatic blocks.
+
 Every query keeps all text key blocks and text query blocks keep every key block (DESIGN.md §4). At
 density >= 1 the plan is full. Windows are whole blocks: where that makes the kept share of the keys differ
 from ``density`` by more than 1.5x either way (short sequences, large blocks), a warning says so once.
@@ -35,6 +41,10 @@ logger = logging.getLogger("dit_accel")
 @functools.cache
 def _log_once(msg: str) -> None:
     logger.warning(msg)
+
+
+# The per-frame window's automatic blocks fit at least this many times in a frame (module docstring).
+BLOCKS_PER_FRAME = 8
 
 
 def _band_halfwidth(density: float, n_kblocks: int) -> int:
@@ -132,6 +142,12 @@ class WindowPattern(Pattern):
 
     def knobs(self) -> dict:
         return {"density": self.density, "per_frame": self.per_frame}
+
+    def max_block(self, grid, q_len: int, k_len: int, text_len: int) -> int | None:
+        if not self.per_frame or grid is None or not q_len == k_len == grid[0] * grid[1] * grid[2] + text_len:
+            return None
+        fit = max(grid[1] * grid[2] // BLOCKS_PER_FRAME, 16)
+        return 1 << (fit.bit_length() - 1)
 
     def build(self, call: AttentionCall) -> BlockPlan:
         bq, bk = call.block_q, call.block_k

@@ -173,6 +173,7 @@ class Runtime:
             config=self.config,
         )
         method = self.method
+        call.block_q, call.block_k = method.blocks_for(call)
         if capture is not None:
             call.entry = capture.entry
             out = method.attention(q, k, v, call)
