@@ -69,20 +69,8 @@ CONFIGS = {
     # re-ttention's lean schedule (the balanced preset) on 128- and 16-token blocks; the preset's own blocks
     # at this size are 16 (window.py). profile_embedded_lean_nvidia_h200.json, run before that cap, calls
     # the 128-token one "rettention_lean".
-    "rettention_lean_128": {
-        "method": "rettention",
-        "density": 0.05,
-        "block_q": 128,
-        "dense_steps": 0.1,
-        "refresh_every": 10,
-    },
-    "rettention_lean_16": {
-        "method": "rettention",
-        "density": 0.05,
-        "block_q": 16,
-        "dense_steps": 0.1,
-        "refresh_every": 10,
-    },
+    "rettention_lean_128": {**_wan_preset("balanced"), "block_q": 128},
+    "rettention_lean_16": {**_wan_preset("balanced"), "block_q": 16},
     "window_0.25_no_warmup": {"method": "window", "density": 0.25, "dense_steps": 0},
 }
 # The same configurations with whole forwards replayed as CUDA graphs (dit_accel.graphs).
