@@ -16,8 +16,11 @@ Per forward, after the step tracker has published the forward's :class:`~dit_acc
   refresh steps read results back or renew state). A value that changes every step is read by the kernels
   from a device tensor that ``method.prepare_replay(info)`` writes before each capture and replay
   (re-ttention's ramp);
-- the identity of every plan and state value in the method's ledger (methods replace values, never edit
-  them in place, so a new plan or statistic is a new key);
+- the identity of every plan and state value in the method's ledger (a new plan or search result is a new
+  object, so a new key). A value written in place keeps its identity and its graphs, which then read the new
+  contents: re-ttention's refreshed statistics under ``cuda_graphs=True`` (``StateLedger.store(in_place=
+  True)``), so its corrected forwards replay across refreshes. Host bookkeeping (``CacheEntry.marks``) is
+  not part of the key;
 - the arguments: each tensor's shape, dtype, device and strides, every other value as is.
 
 A key seen for the first time runs eagerly (Triton compiles and tunes there, diffusers fills its caches);
@@ -25,8 +28,8 @@ when that forward left the ledger as it found it, the next forward with the key 
 and every later one replayed: inputs copied into the graph's static tensors, outputs cloned. Each replay adds
 the attention-call records the captured forward made, stamped with the current step, so ``stats()`` reads
 as in an eager run. Graphs are dropped when a run starts (weights, LoRA scales or adapters may change
-between runs) and when the method's state moves on (a new plan or statistic: the old graphs could never match
-again), and share one memory pool per transformer.
+between runs) and when the method's state moves on (a new plan or state object: the old graphs could never
+match again), and share one memory pool per transformer.
 
 Forwards that run eagerly instead, with the reason counted in ``stats().graphs``: not on a CUDA device,
 under ``torch.compile``, with grad enabled, with ``timing=True`` (per-call events), under context
@@ -160,8 +163,8 @@ class CudaGraphs:
         self._checked_run = None
 
     def _prune(self, state) -> None:
-        """Drop what was kept for an earlier ledger state. A run's ledger never returns to one (methods
-        replace values), and the graphs of one would keep its plans and statistics alive."""
+        """Drop what was kept for an earlier ledger state. A run's ledger never returns to one (a changed
+        value is a new object), and the graphs of one would keep its plans and statistics alive."""
         if state == self._state:
             return
         self._state = state

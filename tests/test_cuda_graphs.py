@@ -115,8 +115,8 @@ def test_the_double_catches_a_per_step_value_baked_into_a_graph(monkeypatch):
 
 
 def test_graphs_of_an_earlier_state_are_dropped(monkeypatch):
-    """re-ttention without ramp refreshes its statistics every 5 steps: each refresh makes the graphs of the
-    statistics before it unreachable, and they are dropped rather than kept alive with what they hold."""
+    """re-ttention on adaspa searches a new plan at its refreshes (3 and 6): each new plan makes the graphs
+    of the plans before it unreachable, and they are dropped rather than kept alive with what they hold."""
     live = []
     new_graph = RecordedGraphs._new_graph
 
@@ -125,11 +125,57 @@ def test_graphs_of_an_earlier_state_are_dropped(monkeypatch):
         return new_graph(self)
 
     monkeypatch.setattr(RecordedGraphs, "_new_graph", counting)
-    (eager,), _, _ = _render(METHODS["rettention (no ramp)"], graphs=False)
-    (graphed,), (stats,), _ = _render(METHODS["rettention (no ramp)"], graphs=True)
+    knobs = {
+        "method": "rettention",
+        "base": "adaspa",
+        "sparsity": 0.5,
+        "ramp": 0.0,
+        "dense_steps": 3,
+        "refresh_every": 3,
+        "search_at": (3, 6),
+        "block_q": 16,
+    }
+    (eager,), _, _ = _render(knobs, graphs=False)
+    (graphed,), (stats,), _ = _render(knobs, graphs=True)
     assert torch.equal(torch.as_tensor(eager), torch.as_tensor(graphed))
-    assert len(live) == stats.graphs["captured"] >= 3
+    searches = {r["step"] for r in stats.records if "search" in r["kind"]}
+    assert searches == {3, 6}
+    # dense, then per context one graph of the first plans (step 5) and one of the second (step 8)
+    assert len(live) == stats.graphs["captured"] == 5
     assert max(live) <= 1  # at each capture: at most the other CFG context's graph of the same state
+
+
+def test_rettention_graphs_outlive_a_refresh():
+    """Under cuda_graphs=True a refresh writes its statistics into the tensors held (the ledger's
+    ``in_place``), so the corrected forward captured after the first refresh replays after every later one,
+    reading the new statistics and the new ramp offset: one corrected graph per context for the whole
+    run, and eager's frames."""
+    knobs = {"method": "rettention", "dense_steps": 2, "refresh_every": 3, "ramp": 0.05, "clamp": False}
+    (eager,), _, _ = _render(knobs, graphs=False)
+    (graphed,), (stats,), recorded = _render(knobs, graphs=True)
+    assert torch.equal(torch.as_tensor(eager), torch.as_tensor(graphed))
+    assert {r["step"] for r in stats.records if r["kind"] == "refresh"} == {2, 5, 8}
+    counts = stats.graphs
+    # dense: cond 0 eager, uncond 0 captured, step 1 replayed; per context: 2 refresh, 3 first of its kind,
+    # 4 captured, 5 refresh, 6 and 7 replayed, 8 refresh, 9 replayed
+    assert counts["captured"] == 1 + 2 and counts["eager: first forward of its kind"] == 1 + 2
+    assert counts["replayed"] == 2 + 2 * 3
+    assert counts["eager: the method searches, refreshes or varies at this step"] == 2 * 3
+    # three graphs in all, each replayed once at its capture (that gives its output) and then at every replay
+    assert sorted(g.replays for g in recorded[0].made) == [1 + 2, 1 + 3, 1 + 3]
+
+
+def test_the_double_catches_statistics_left_stale(monkeypatch):
+    """The control for the test above: a ledger that kept the held statistics without writing the new ones
+    into them replays the corrected graphs on the first refresh's statistics, and the frames differ."""
+    from dit_accel.methods import ledger
+
+    knobs = {"method": "rettention", "dense_steps": 2, "refresh_every": 3, "ramp": 0.0}
+    (eager,), _, _ = _render(knobs, graphs=False)
+    monkeypatch.setattr(ledger, "_copy_into", lambda held, value: True)
+    (stale,), (stats,), _ = _render(knobs, graphs=True)
+    assert stats.graphs["replayed"] == 2 + 2 * 3
+    assert not torch.allclose(torch.as_tensor(eager), torch.as_tensor(stale))
 
 
 def test_searches_run_eagerly():

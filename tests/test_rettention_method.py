@@ -47,9 +47,9 @@ def _record_stores(handle) -> list:
     stored = []
     store = handle.method.cache.store
 
-    def recording(entry, name, value, placement=None):
-        stored.append((entry.context, entry.layer, entry.state.get("refreshed_at"), value))
-        store(entry, name, value, placement)
+    def recording(entry, name, value, placement=None, in_place=False):
+        stored.append((entry.context, entry.layer, entry.marks.get("refreshed_at"), value))
+        store(entry, name, value, placement, in_place)
 
     handle.method.cache.store = recording
     return stored
@@ -295,6 +295,32 @@ def test_state_dtype_knob_and_new_runs_drop_state():
     )
     assert handle.stats().memory["correction"] > 0
     assert len(handle.method.cache) == 0, "the pipeline's end-of-call reset dropped the state"
+
+
+def _correction(dtype=torch.bfloat16, value=1.0):
+    shape = (1, 2, 8)
+    scale = torch.ones(shape) if dtype == torch.float8_e4m3fn else None
+    residual = torch.full((*shape, 4), value).to(dtype)
+    return dit_accel.kernels.SoftmaxCorrection(torch.full(shape, value), residual, scale)
+
+
+def test_ledger_writes_in_place_only_over_the_same_layout():
+    """``store(in_place=True)`` keeps the held object (its identity is what a CUDA graph's key holds) and
+    writes the new values into it; another layout, or nothing held, stores the new value itself."""
+    cache = ledger.StateLedger()
+    entry = cache.entry("cond", "blocks.0", key=None)
+    first = _correction()
+    cache.store(entry, "correction", first, in_place=True)
+    assert entry.state["correction"] is first
+    cache.store(entry, "correction", _correction(value=2.0), in_place=True)
+    assert entry.state["correction"] is first and torch.equal(first.rho, torch.full((1, 2, 8), 2.0))
+    assert torch.equal(first.residual, torch.full((1, 2, 8, 4), 2.0, dtype=torch.bfloat16))
+    downgraded = _correction(torch.float8_e4m3fn, value=3.0)
+    cache.store(entry, "correction", downgraded, in_place=True)
+    assert entry.state["correction"] is downgraded
+    replaced = _correction(torch.float8_e4m3fn, value=4.0)
+    cache.store(entry, "correction", replaced)
+    assert entry.state["correction"] is replaced and torch.equal(downgraded.rho, torch.full((1, 2, 8), 3.0))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ The default :meth:`SparseMethod.attention` runs dense on warm-up steps and dense
 (context, layer)) and rebuilt when :meth:`SparseMethod.plan_key` changes (geometry, block sizes, batch) or
 when :meth:`SparseMethod.reuse_plan` says so. Methods keep any other per-(context, layer) tensors (a cached
 LSE, correction terms) in ``call.entry.state``, through the method's :class:`StateLedger` (``method.cache``)
-when they should count against its byte budget; every entry is dropped when a new run starts.
+when they should count against its byte budget, and host bookkeeping about them (steps, plan ids) in
+``call.entry.marks``; every entry is dropped when a new run starts.
 
 The built-in methods are compositions of a pattern, the shared schedule and an optional correction
 (:mod:`dit_accel.methods.composed`); a user method may subclass :class:`SparseMethod` directly:

@@ -61,6 +61,32 @@ def _device_of(value) -> torch.device | None:
     return None
 
 
+def _same_layout(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+def _copy_into(held, value) -> bool:
+    """Write ``value`` into ``held`` when both have the same layout (type, shapes, dtypes, devices)."""
+    if isinstance(held, torch.Tensor) and isinstance(value, torch.Tensor):
+        pairs = [(held, value)]
+    elif isinstance(held, SoftmaxCorrection) and isinstance(value, SoftmaxCorrection):
+        pairs = [
+            (held.rho, value.rho),
+            (held.residual, value.residual),
+            (held.residual_scale, value.residual_scale),
+        ]
+    else:
+        return False
+    if not all(_same_layout(a, b) for a, b in pairs):
+        return False
+    for a, b in pairs:
+        if a is not None:
+            a.copy_(b)
+    return True
+
+
 def _map(value, fn):
     if isinstance(value, torch.Tensor):
         return fn(value)
@@ -83,7 +109,11 @@ class CacheEntry:
         density: the plan's density, computed once when it is set.
         step: the step the plan was built at.
         state: named per-(context, layer) values (cached LSE, correction); values stored through the ledger
-            are counted against its budget.
+            are counted against its budget. Their identity is part of a CUDA graph's key
+            (:func:`dit_accel.graphs.ledger_state`).
+        marks: the method's host bookkeeping about its state (the step a statistic was refreshed at, the
+            plan it belongs to). Not counted and not part of a graph's key: a method whose graphed kernels
+            depend on a mark covers it by ``graph_key`` or writes it to the device in ``prepare_replay``.
         context, layer: the entry's place.
     """
 
@@ -92,6 +122,7 @@ class CacheEntry:
     density: float | None = None
     step: int | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    marks: dict[str, Any] = field(default_factory=dict)
     context: str = ""
     layer: str = ""
 
@@ -243,9 +274,22 @@ class StateLedger:
         return None
 
     # --- values -------------------------------------------------------------------------------------
-    def store(self, entry: CacheEntry, name: str, value, placement: Placement | None = None) -> None:
-        """Keep ``value`` as ``entry.state[name]`` (on the host when ``placement.host``)."""
+    def store(
+        self, entry: CacheEntry, name: str, value, placement: Placement | None = None, in_place: bool = False
+    ) -> None:
+        """Keep ``value`` as ``entry.state[name]`` (on the host when ``placement.host``).
+
+        ``in_place``: when the value held under ``name`` is on the device with ``value``'s layout (shapes,
+        dtypes, device), write ``value`` into it instead. The held object, and so its identity in a CUDA
+        graph's key, stays: graphs captured over it read the new values (re-ttention's refreshed statistics
+        under ``cuda_graphs=True``). Otherwise ``value`` replaces it as usual.
+        """
         host = placement is not None and placement.host
+        held = entry.state.get(name)
+        if in_place and not host and held is not None and not self._is_host(entry, name):
+            if _copy_into(held, value):
+                self._staged.pop((entry.context, entry.layer, name), None)
+                return
         hosted = set(entry.state.get("_host", ()))
         hosted.discard(name)
         if host:

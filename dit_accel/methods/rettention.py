@@ -220,12 +220,24 @@ class Correction:
 
     # --- refresh and corrected steps -------------------------------------------------------------------
     def _place(self, method: ComposedMethod, call: AttentionCall, dtype: torch.dtype, device):
+        """Where this refresh's statistics go (None: dropped). The ones held are released first, except
+        under ``cuda_graphs=True``, where the new ones are written into them (:meth:`_store`)."""
         entry = call.entry
-        entry.state["refreshed_at"] = call.step
-        method.cache.release(entry, "correction")
-        return method.cache.place(
+        entry.marks["refreshed_at"] = call.step
+        placement = method.cache.place(
             entry, "correction", self._sizes(call, dtype), self._corrected_count(call), device
         )
+        if placement is None or not call.config.cuda_graphs:
+            method.cache.release(entry, "correction")
+        return placement
+
+    def _store(self, method: ComposedMethod, plan: BlockPlan, corr, call: AttentionCall, placement) -> None:
+        """Keep a refresh's statistics. Under ``cuda_graphs=True`` they are written into the ones held when
+        those have the same layout: the held tensors keep their identity, so the corrected forwards captured
+        before this refresh replay after it, reading the new statistics (docs/graphs.md). Eager runs release
+        the old statistics before computing the new ones, so they never hold both."""
+        method.cache.store(call.entry, "correction", corr, placement, in_place=call.config.cuda_graphs)
+        call.entry.marks["corrected_plan"] = id(plan)
 
     def _refresh(self, method: ComposedMethod, plan: BlockPlan, call: AttentionCall):
         placement = self._place(method, call, call.dtype, call.device)
@@ -237,8 +249,7 @@ class Correction:
             self._store_from_dense(method, plan, out, lse, call, placement)
             return out
         out, _, corr = call.run_refresh(plan, residual_dtype=placement.dtype)
-        method.cache.store(call.entry, "correction", corr, placement)
-        call.entry.state["corrected_plan"] = id(plan)
+        self._store(method, plan, corr, call, placement)
         return out
 
     def _refresh_path(self, plan: BlockPlan, call: AttentionCall) -> str:
@@ -254,8 +265,7 @@ class Correction:
         corr = correction_from_outputs(
             out, lse, out_sparse, lse_sparse, layout=call.layout, residual_dtype=placement.dtype
         )
-        method.cache.store(call.entry, "correction", corr, placement)
-        call.entry.state["corrected_plan"] = id(plan)
+        self._store(method, plan, corr, call, placement)
 
     def refresh_from_dense(self, method, plan: BlockPlan, out, lse, call: AttentionCall) -> None:
         """After a fused search (``out``, ``lse`` from its dense pass): the statistics of the new plan."""
@@ -273,11 +283,11 @@ class Correction:
             following = method.cache.next_host_entry(entry, "correction")
             if following is not None:
                 method.cache.prefetch(following, "correction", call.device)
-        if corr is not None and entry.state.get("corrected_plan") != id(plan):
+        if corr is not None and entry.marks.get("corrected_plan") != id(plan):
             corr = None  # statistics of another plan: renew them
-            entry.state.pop("refreshed_at", None)
+            entry.marks.pop("refreshed_at", None)
         if corr is None:
-            if "refreshed_at" in entry.state:
+            if "refreshed_at" in entry.marks:
                 call.label = "sparse"  # the state budget dropped this layer's correction
                 return call.run_sparse(plan)
             _log_once(
@@ -293,8 +303,8 @@ class Correction:
         return call.run_sparse(plan, correction=corr, rho_offset=offset, clamp_rho=self.clamp)
 
     def offset(self, step: int, entry) -> float:
-        """The ramp's addition to rho at ``step`` for a layer refreshed at ``entry.state["refreshed_at"]``."""
-        return self.ramp * max(step - entry.state["refreshed_at"] - 1, 0)
+        """The ramp's addition to rho at ``step`` for a layer refreshed at ``entry.marks["refreshed_at"]``."""
+        return self.ramp * max(step - entry.marks["refreshed_at"] - 1, 0)
 
     def _device_offset(self, call: AttentionCall, value: float) -> torch.Tensor:
         """The offset in a tensor of this (context, layer) that the kernel reads on the device. A CUDA graph
@@ -321,7 +331,7 @@ class Correction:
         entries = method.cache.entries()
         for (ctx, layer, _), slot in self._offsets.items():
             entry = entries.get((ctx, layer))
-            if ctx != context or entry is None or "refreshed_at" not in entry.state:
+            if ctx != context or entry is None or "refreshed_at" not in entry.marks:
                 continue
             _write(slot, self.offset(step, entry))
 
