@@ -250,6 +250,24 @@ ROWS: list[dict] = [
         "dense_backend": "auto",
         "note": "the lean schedule with its dense steps on dense_attention(backend='auto') (HunyuanVideo)",
     },
+    *(
+        {
+            "name": f"rettention_window_0.05_lean_r{every}{suffix}",
+            "method": "rettention",
+            "base": "window",
+            "density": 0.05,
+            "dense_steps": 0.1,
+            "refresh_every": every,
+            **knobs,
+            "note": f"the lean schedule with a refresh every {every} steps: a candidate for the fast preset "
+            "(docs/rettention.md)" + note,
+        }
+        for every in (15, 25)
+        for suffix, knobs, note in (
+            ("", {}, ""),
+            ("_auto", {"dense_backend": "auto"}, ", dense steps on dense_attention(backend='auto')"),
+        )
+    ),
     {"name": "rettention_window_0.1", "method": "rettention", "base": "window", "density": 0.1},
     {"name": "rettention_radial", "method": "rettention", "base": "radial"},
     {"name": "rettention_adaspa_0.95", "method": "rettention", "base": "adaspa", "sparsity": 0.95},
