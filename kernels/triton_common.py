@@ -419,6 +419,11 @@ TUNE_MIN_ROUNDS = 5
 TUNE_MAX_ROUNDS = 50
 TUNE_BUDGET_MS = 400.0  # rounds stop once the candidates' timed calls add up to this (after the minimum)
 _SPIN_CYCLES = 4_000_000  # ~2 ms at H200 clocks: the host queues a whole round behind it
+# Zeroed before each timed call, as triton.testing.do_bench does: every candidate starts with a cold L2. Without
+# it each candidate finds the previous one's last K/V blocks in L2, which favours the tiles that re-read K/V
+# most (docs/kernels.md: the interleaved tuner picked 64x64 at Wan-14B, 7.5% slower under do_bench).
+_FLUSH_BYTES = 256 * 2**20
+_FLUSH: dict = {}
 # Tuning record per key of _TUNED: the tuner, each candidate's median ms (interleaved) and the wall seconds.
 _TUNING: dict = {}
 
@@ -431,14 +436,23 @@ def candidate_configs(kernel, args, kwargs) -> list[triton.Config]:
     return configs
 
 
-def cuda_round_timer(calls) -> list[float]:
+def cuda_round_timer(calls, flush_l2: bool = True) -> list[float]:
     """Milliseconds of each of ``calls`` run once, in order, on the current stream. A spin kernel goes first
     so the host has queued the whole round before the GPU reaches it: the events then time the kernels, not
-    the host's launch gaps between them."""
+    the host's launch gaps between them. ``flush_l2``: zero a 256 MB buffer before each call (untimed), so
+    every call starts with a cold L2 as under ``do_bench``."""
     start = [torch.cuda.Event(enable_timing=True) for _ in calls]
     end = [torch.cuda.Event(enable_timing=True) for _ in calls]
+    flush = None
+    if flush_l2:
+        device = torch.cuda.current_device()
+        flush = _FLUSH.get(device)
+        if flush is None:
+            flush = _FLUSH[device] = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
     torch.cuda._sleep(_SPIN_CYCLES)
     for s, e, call in zip(start, end, calls):
+        if flush is not None:
+            flush.zero_()
         s.record()
         call()
         e.record()
