@@ -45,6 +45,7 @@ __all__ = [
     "family_presets",
     "get_preset",
     "markdown_table",
+    "merged_knobs",
     "resolve",
     "resolved_knobs",
     "table",
@@ -498,6 +499,22 @@ class Settings:
         return f"{head}{self.method_name}" + (f" ({knobs})" if knobs else "")
 
 
+# Knobs that choose the same thing another way: one given on top of a preset replaces the preset's other.
+_ALTERNATIVES = {
+    "tau": "sparsity",
+    "sparsity": "tau",
+    "refresh_at": "refresh_every",
+    "refresh_every": "refresh_at",
+}
+
+
+def merged_knobs(preset_knobs: Mapping[str, Any], knobs: Mapping[str, Any]) -> dict:
+    """``knobs`` on top of a preset's (or earlier overrides): a knob's alternative below is dropped
+    (``tau`` replaces ``sparsity``, ``refresh_at`` replaces ``refresh_every``, and the other way round)."""
+    dropped = {_ALTERNATIVES[k] for k in knobs if k in _ALTERNATIVES and _ALTERNATIVES[k] not in knobs}
+    return {**{k: v for k, v in preset_knobs.items() if k not in dropped}, **knobs}
+
+
 def resolve(
     family: str | None, preset: str | None = None, knobs: Mapping[str, Any] | None = None
 ) -> Settings:
@@ -527,7 +544,7 @@ def resolve(
             _check_unknown_family(preset, knobs)
             return Settings(None, knobs, preset)
         row = get_preset(family, preset)
-        return _checked(family, Settings(method, {**row.knobs, **knobs}, preset))
+        return _checked(family, Settings(method, merged_knobs(row.knobs, knobs), preset))
     if method is not None:
         return _checked(family, Settings(method, knobs, None))
     preset = preset or "balanced"
@@ -535,7 +552,7 @@ def resolve(
         _check_unknown_family(preset, knobs)
         return Settings(None, knobs, preset)
     row = get_preset(family, preset)
-    return _checked(family, Settings(row.method, {**row.knobs, **knobs}, preset))
+    return _checked(family, Settings(row.method, merged_knobs(row.knobs, knobs), preset))
 
 
 def _check_unknown_family(preset: str, knobs: dict) -> None:

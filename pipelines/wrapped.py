@@ -33,7 +33,7 @@ from dit_accel.api import _transformers, get_handle
 from dit_accel.processors import SUPPORTED, family_for
 
 from . import cpu_vae, quality
-from .presets import FAMILIES, Settings, resolve
+from .presets import FAMILIES, Settings, merged_knobs, resolve
 
 __all__ = [
     "EMBEDDED",
@@ -423,7 +423,7 @@ class AcceleratedPipeline:
         elif "method" in knobs and knobs["method"] != self.settings.method:
             new_preset, new_knobs = None, dict(knobs)
         else:
-            new_preset, new_knobs = self._preset, {**self._knobs, **knobs}
+            new_preset, new_knobs = self._preset, merged_knobs(self._knobs, knobs)
         settings = resolve(self.family, new_preset, new_knobs)
         previous = (self._preset, self._knobs, self.settings, self._removed)
         self._preset, self._knobs, self.settings = new_preset, new_knobs, settings

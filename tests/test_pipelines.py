@@ -224,6 +224,10 @@ def test_knobs_override_the_preset_and_change_between_calls():
     assert accel.handle.method.pattern.density == 0.1
     assert accel.handle.config.block_q == 16 and dit_accel.api.get_handle(pipe) is accel.handle
     assert first._removed  # replaced, never stacked
+    accel.configure(refresh_at=(0.3,))  # replaces the override's refresh_every, the other way to say it
+    assert accel.knobs["refresh_at"] == (0.3,) and "refresh_every" not in accel.knobs
+    assert accel.handle.method.correction.refresh_every is None
+    assert "refresh_every" not in dit_accel.pipelines.wrap(pipe, preset="balanced", refresh_at=(0.5,)).knobs
     accel.configure(preset="fast")  # starts over from the preset
     assert accel.knobs == {"sparsity": 0.9}
     assert accel.handle.config.block_q == dit_accel.SparseAttentionConfig().block_q  # the override is gone
@@ -253,6 +257,7 @@ def test_knob_errors_name_the_methods_knobs_and_change_nothing():
     with pytest.raises(ValueError, match="takes no knob 'density'"):
         accel.configure(density=0.2)
     assert accel.handle is handle and accel.method == "adaspa" and dit_accel.api.get_handle(pipe) is handle
+    assert accel.configure(tau=0.9).knobs == {"tau": 0.9}, "tau replaces the preset's sparsity"
 
 
 def test_unsupported_pipelines_name_what_is_supported(tmp_path):

@@ -102,6 +102,29 @@ def test_wan_separate_cfg_schedule_and_ramp(sparse_calls):
     assert handle.stats().summary().count("corrected") >= 4
 
 
+def test_refresh_at_fractions_keep_the_schedule_shape_at_any_step_count(sparse_calls):
+    """``refresh_at`` names the refreshes after the first (fractions of the run or indices): a front-loaded
+    schedule, the same shape at 10 and 50 steps, with the ramp counted from each refresh."""
+    from dit_accel.methods.schedule import Schedule
+
+    fifty = Schedule(50, warmup=0.1, refresh_at=(0.2, 0.4))
+    assert fifty.refresh_steps == (5, 10, 20) and fifty.phases().count("sparse") == 42
+    assert Schedule(30, warmup=0.1, refresh_at=(0.2, 0.4)).refresh_steps == (3, 6, 12)
+    # before or at the first pass, or past the run: dropped; indices and fractions mix
+    assert Schedule(20, warmup=4, refresh_at=(0.1, 4, 9, 0.75, 25)).refresh_steps == (4, 9, 15)
+    pipe = wan_pipeline()
+    handle = dit_accel.apply(
+        pipe, method="rettention", density=0.3, dense_steps=0.2, refresh_at=(0.4, 0.7), **BLOCKS
+    )
+    run_wan(pipe, steps=10, frames=33)
+    for ctx in ("cond", "uncond"):
+        assert _kinds(handle, ctx) == [D, D, R, C, R, C, C, R, C, C]
+    offsets = {s: round(off, 6) for c, s, _, off, _, corr in sparse_calls if corr and c == "cond"}
+    assert offsets == {3: 0.0, 5: 0.0, 6: 0.04, 8: 0.0, 9: 0.04}
+    assert handle.method.correction.knobs()["refresh_at"] == (0.4, 0.7)
+    assert handle.method.correction.refresh_every is None
+
+
 def test_cogvideox_batched_cfg_text_first_family_schedule():
     pipe = cogvideox_pipeline()
     handle = dit_accel.apply(pipe, method="rettention", density=0.3, **BLOCKS)
@@ -333,6 +356,9 @@ def test_ledger_writes_in_place_only_over_the_same_layout():
         pytest.param({"base": "adaspa", "decay": 0.2}, "radial", id="foreign-knob-names-its-base"),
         pytest.param({"base": "nope"}, "base", id="base"),
         pytest.param({"refresh_every": 0}, "refresh_every", id="period"),
+        pytest.param({"refresh_every": 5, "refresh_at": (0.5,)}, "not both", id="period-and-steps"),
+        pytest.param({"refresh_at": (1.5,)}, "refresh_at", id="refresh-at-fraction"),
+        pytest.param({"refresh_at": "0.5"}, "refresh_at", id="refresh-at-type"),
         pytest.param({"ramp": -0.1}, "ramp", id="ramp"),
         pytest.param({"clamp": 1}, "clamp", id="clamp"),
         pytest.param({"state_dtype": "int8"}, "state_dtype", id="dtype"),

@@ -166,6 +166,7 @@ class ComposedMethod(SparseMethod):
             pattern.searched,
             correction.refresh_every if correction is not None else None,
             dense_last_steps,
+            correction.refresh_at if correction is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -271,10 +272,11 @@ class ComposedMethod(SparseMethod):
             )
             return None
         refresh = self.correction.refresh_every if self.correction is not None else None
+        refresh_at = self.correction.refresh_at if self.correction is not None else None
         key = (n, warmup, last)
         schedule = self._schedules.get(key)
         if schedule is None:
-            schedule = Schedule(n, warmup, self.search_at, self.pattern.searched, refresh, last)
+            schedule = Schedule(n, warmup, self.search_at, self.pattern.searched, refresh, last, refresh_at)
             self._schedules[key] = schedule
             if schedule.warmup_steps >= n and n > 1:
                 _log_once(

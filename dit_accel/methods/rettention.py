@@ -15,7 +15,8 @@ Per query row i with the base pattern's key set S_i, scores s_ij and full log-su
 
 Any base pattern works (``base="window"`` | ``"radial"`` | ``"adaspa"``); the window defaults to the paper's
 video pattern on video families (the in-frame window repeated in every frame, ``per_frame``). Schedule
-(:mod:`dit_accel.methods.schedule`): dense warm-up, then a refresh every ``refresh_every`` steps; with the
+(:mod:`dit_accel.methods.schedule`): dense warm-up, then a refresh every ``refresh_every`` steps (or at the
+steps ``refresh_at`` names, fractions of the run or indices); with the
 adaspa base each search happens at a refresh (a new plan needs new statistics). Defaults: the paper's
 schedules where it gives one (PixArt 20 steps: dense 0-4, refresh at 5, 10, 15; CogVideoX: dense 0-14 of 50,
 refresh every 5: ``Family.defaults["rettention"]``), elsewhere warm-up 25% and refresh every 5 steps,
@@ -42,6 +43,7 @@ from .adaspa import SearchedPattern
 from .base import AttentionCall
 from .composed import ComposedMethod, family_default
 from .radial import RadialPattern
+from .schedule import Schedule
 from .window import WindowPattern
 
 __all__ = ["BASES", "Correction", "RettentionMethod"]
@@ -85,6 +87,10 @@ class Correction:
 
     Args:
         refresh_every: refresh period in steps (None: the family default, else 5).
+        refresh_at: refresh steps after the first one (at the end of the warm-up), as fractions of the run
+            (floats in [0, 1], rounded half up) or step indices (ints), instead of a period: fractions keep
+            the schedule's shape at any step count, and refreshes can come closer together early in the
+            run, where attention changes fastest. Not with ``refresh_every``.
         ramp: lambda, added to rho after each sparse step.
         clamp: cap rho~ at 1.
         corrected_layers: indices of the replaced layers that get a correction (negative counts from the
@@ -106,7 +112,21 @@ class Correction:
         corrected_layers: tuple[int, ...] | None = None,
         state_dtype: str = "auto",
         refresh: str = "auto",
+        refresh_at: tuple[float | int, ...] | float | int | None = None,
     ):
+        if refresh_at is not None:
+            if refresh_every is not None:
+                raise ValueError(
+                    f"rettention takes refresh_every={refresh_every!r} or refresh_at={refresh_at!r}, not both"
+                )
+            if isinstance(refresh_at, (int, float)):
+                refresh_at = (refresh_at,)
+            if isinstance(refresh_at, str) or not isinstance(refresh_at, (tuple, list)):
+                raise ValueError(
+                    f"rettention refresh_at must be a tuple of step indices or fractions, got {refresh_at!r}"
+                )
+            refresh_at = tuple(refresh_at)
+            Schedule(1, refresh_at=refresh_at)  # each an int >= 0 or a fraction in [0, 1]
         if refresh_every is not None and (
             isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1
         ):
@@ -128,7 +148,11 @@ class Correction:
         if refresh not in REFRESH_PATHS:
             raise ValueError(f"rettention refresh must be one of {REFRESH_PATHS}, got {refresh!r}")
         self._requested_period = refresh_every
-        self.refresh_every = DEFAULT_REFRESH_EVERY if refresh_every is None else refresh_every
+        self.refresh_at = refresh_at
+        if refresh_at is not None:
+            self.refresh_every = None
+        else:
+            self.refresh_every = DEFAULT_REFRESH_EVERY if refresh_every is None else refresh_every
         self.ramp = float(ramp)
         self.clamp = clamp
         self.corrected_layers = corrected_layers
@@ -142,6 +166,7 @@ class Correction:
     def knobs(self) -> dict:
         return {
             "refresh_every": self.refresh_every,
+            "refresh_at": self.refresh_at,
             "ramp": self.ramp,
             "clamp": self.clamp,
             "corrected_layers": self.corrected_layers,
@@ -150,7 +175,7 @@ class Correction:
         }
 
     def configure(self, families: tuple, defaults: list) -> None:
-        if self._requested_period is None:
+        if self._requested_period is None and self.refresh_at is None:
             period = family_default(families, "rettention", "refresh_every")
             self.refresh_every = DEFAULT_REFRESH_EVERY if period is None else period
 
@@ -348,7 +373,7 @@ class RettentionMethod(ComposedMethod):
 
     Args:
         base: "window" (default), "radial" or "adaspa".
-        refresh_every, ramp, clamp, corrected_layers, state_dtype, refresh: the correction
+        refresh_every, refresh_at, ramp, clamp, corrected_layers, state_dtype, refresh: the correction
             (:class:`Correction`).
         density, per_frame: the window base's knobs (density default 0.1; per_frame default: on for video
             families).
@@ -381,6 +406,7 @@ class RettentionMethod(ComposedMethod):
         tau: float | None = None,
         head_adaptive: bool | None = None,
         search_at: tuple[float | int, ...] | float | int | None = None,
+        refresh_at: tuple[float | int, ...] | float | int | None = None,
     ):
         if base not in BASES:
             raise ValueError(f"rettention base must be one of {sorted(BASES)}, got {base!r}")
@@ -419,7 +445,7 @@ class RettentionMethod(ComposedMethod):
         search = (0.6,) if search_at is None else search_at
         super().__init__(
             pattern,
-            Correction(refresh_every, ramp, clamp, corrected_layers, state_dtype, refresh),
+            Correction(refresh_every, ramp, clamp, corrected_layers, state_dtype, refresh, refresh_at),
             search_at=search if base == "adaspa" else (),
         )
 

@@ -23,7 +23,10 @@ With warm-up count w and n steps:
   Without a correction they are ``cached_search`` steps. With one, each moves to the first refresh step at or
   after it and turns that refresh into a ``search_refresh`` (a new plan invalidates the cached statistics,
   so both are renewed together from the refresh's fresh LSE);
-- refresh steps (corrected): w, w + p, w + 2p, ... < n for the refresh period p;
+- refresh steps (corrected): w, w + p, w + 2p, ... < n for the refresh period p; or, with ``refresh_at``
+  (step indices or fractions of the run, rounded half up), w and each of those strictly after w and before n.
+  Fractions keep a schedule's shape at any step count: ``refresh_at=(0.2, 0.4)`` after a 10% warm-up
+  refreshes at 5, 10 and 20 of 50 steps and at 3, 6 and 12 of 30;
 - ``dense_last_steps``: the last this-many steps run dense (for every method).
 
 50 steps, adaspa defaults (warm-up 0.2, search at 0.6): 0-9 dense, 10 fused search, 11-29 sparse, 30 cached
@@ -65,7 +68,9 @@ class Schedule:
         warmup: dense warm-up: a fraction of num_steps (float, rounded half up) or a number of steps (int).
         search_at: cached-search steps (fractions or indices); only used with ``searched``.
         searched: the pattern is searched from attention mass (a fused search after the warm-up).
-        refresh_every: the refresh period of a corrected method (None: not corrected).
+        refresh_every: the refresh period of a corrected method (None: not corrected, unless
+            ``refresh_at`` is given).
+        refresh_at: the refresh steps after the first pass (indices or fractions), instead of a period.
         dense_last_steps: the last this-many steps run dense.
     """
 
@@ -75,6 +80,7 @@ class Schedule:
     searched: bool = False
     refresh_every: int | None = None
     dense_last_steps: int = 0
+    refresh_at: tuple[float | int, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
@@ -88,13 +94,21 @@ class Schedule:
         p = self.refresh_every
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ValueError(f"refresh_every must be an int >= 1, got {p!r}")
+        if self.refresh_at is not None:
+            if p is not None:
+                raise ValueError("give refresh_every or refresh_at, not both")
+            if isinstance(self.refresh_at, (int, float)):
+                object.__setattr__(self, "refresh_at", (self.refresh_at,))
+            object.__setattr__(self, "refresh_at", tuple(self.refresh_at))
+            for v in self.refresh_at:
+                step_index(v, self.num_steps, "refresh_at")
         d = self.dense_last_steps
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise ValueError(f"dense_last_steps must be an int >= 0, got {d!r}")
 
     @property
     def corrected(self) -> bool:
-        return self.refresh_every is not None
+        return self.refresh_every is not None or self.refresh_at is not None
 
     @property
     def needs_first_pass(self) -> bool:
@@ -130,7 +144,10 @@ class Schedule:
         f = self.fused_step
         if f is None or not self.corrected:
             return ()
-        return tuple(range(f, self.num_steps, self.refresh_every))
+        if self.refresh_at is None:
+            return tuple(range(f, self.num_steps, self.refresh_every))
+        steps = {step_index(v, self.num_steps, "refresh_at") for v in self.refresh_at}
+        return (f, *sorted(t for t in steps if f < t < self.num_steps))
 
     @property
     def search_steps(self) -> tuple[int, ...]:
