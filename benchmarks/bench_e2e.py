@@ -252,17 +252,21 @@ ROWS: list[dict] = [
     },
     *(
         {
-            "name": f"rettention_window_0.05_lean_r{every}{suffix}",
+            "name": f"rettention_window_0.05_{name}{suffix}",
             "method": "rettention",
             "base": "window",
             "density": 0.05,
             "dense_steps": 0.1,
-            "refresh_every": every,
+            **schedule,
             **knobs,
-            "note": f"the lean schedule with a refresh every {every} steps: a candidate for the fast preset "
-            "(docs/rettention.md)" + note,
+            "note": f"{what}: a candidate preset (docs/rettention.md)" + note,
         }
-        for every in (15, 25)
+        for name, schedule, what in (
+            ("lean_r15", {"refresh_every": 15}, "the lean schedule with a refresh every 15 steps"),
+            ("lean_r25", {"refresh_every": 25}, "the lean schedule with a refresh every 25 steps"),
+            ("front3", {"refresh_at": (0.2, 0.4)}, "10% warm-up, refreshes at 10%, 20% and 40% of the run"),
+            ("front2", {"refresh_at": (0.3,)}, "10% warm-up, refreshes at 10% and 30% of the run"),
+        )
         for suffix, knobs, note in (
             ("", {}, ""),
             ("_auto", {"dense_backend": "auto"}, ", dense steps on dense_attention(backend='auto')"),
