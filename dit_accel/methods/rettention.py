@@ -119,14 +119,7 @@ class Correction:
                 raise ValueError(
                     f"rettention takes refresh_every={refresh_every!r} or refresh_at={refresh_at!r}, not both"
                 )
-            if isinstance(refresh_at, (int, float)):
-                refresh_at = (refresh_at,)
-            if isinstance(refresh_at, str) or not isinstance(refresh_at, (tuple, list)):
-                raise ValueError(
-                    f"rettention refresh_at must be a tuple of step indices or fractions, got {refresh_at!r}"
-                )
-            refresh_at = tuple(refresh_at)
-            Schedule(1, refresh_at=refresh_at)  # each an int >= 0 or a fraction in [0, 1]
+            refresh_at = Schedule(1, refresh_at=refresh_at).refresh_at  # checked, as a tuple
         if refresh_every is not None and (
             isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1
         ):

@@ -97,9 +97,12 @@ class Schedule:
         if self.refresh_at is not None:
             if p is not None:
                 raise ValueError("give refresh_every or refresh_at, not both")
-            if isinstance(self.refresh_at, (int, float)):
-                object.__setattr__(self, "refresh_at", (self.refresh_at,))
-            object.__setattr__(self, "refresh_at", tuple(self.refresh_at))
+            at = self.refresh_at
+            if isinstance(at, (int, float)):
+                at = (at,)
+            if not isinstance(at, (tuple, list)):
+                raise ValueError(f"refresh_at must be a tuple of step indices or fractions, got {at!r}")
+            object.__setattr__(self, "refresh_at", tuple(at))
             for v in self.refresh_at:
                 step_index(v, self.num_steps, "refresh_at")
         d = self.dense_last_steps
@@ -129,14 +132,18 @@ class Schedule:
         w = self.warmup_steps
         return w if self.needs_first_pass and w < self.num_steps else None
 
+    def _steps_after(self, first: int, values, name: str) -> tuple[int, ...]:
+        """``values`` (indices or fractions) as sorted steps strictly after ``first``, within the run."""
+        steps = {step_index(v, self.num_steps, name) for v in values}
+        return tuple(sorted(t for t in steps if first < t < self.num_steps))
+
     @property
     def cached_steps(self) -> tuple[int, ...]:
         """Sorted cached-search steps strictly after the first pass, within the run (searched only)."""
         f = self.fused_step
         if f is None or not self.searched:
             return ()
-        steps = {step_index(v, self.num_steps, "search_at") for v in self.search_at}
-        return tuple(sorted(t for t in steps if f < t < self.num_steps))
+        return self._steps_after(f, self.search_at, "search_at")
 
     @property
     def refresh_steps(self) -> tuple[int, ...]:
@@ -146,8 +153,7 @@ class Schedule:
             return ()
         if self.refresh_at is None:
             return tuple(range(f, self.num_steps, self.refresh_every))
-        steps = {step_index(v, self.num_steps, "refresh_at") for v in self.refresh_at}
-        return (f, *sorted(t for t in steps if f < t < self.num_steps))
+        return (f, *self._steps_after(f, self.refresh_at, "refresh_at"))
 
     @property
     def search_steps(self) -> tuple[int, ...]:
