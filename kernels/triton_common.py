@@ -440,7 +440,8 @@ def cuda_round_timer(calls, flush_l2: bool = True) -> list[float]:
     """Milliseconds of each of ``calls`` run once, in order, on the current stream. A spin kernel goes first
     so the host has queued the whole round before the GPU reaches it: the events then time the kernels, not
     the host's launch gaps between them. ``flush_l2``: zero a 256 MB buffer before each call (untimed), so
-    every call starts with a cold L2 as under ``do_bench``."""
+    every call starts with a cold L2 as under ``do_bench``. The calls should be warm (run once before):
+    a first call's host set-up (compilation, a library's initialisation) outlasts the spin and is timed."""
     start = [torch.cuda.Event(enable_timing=True) for _ in calls]
     end = [torch.cuda.Event(enable_timing=True) for _ in calls]
     flush = None
