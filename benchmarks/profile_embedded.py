@@ -57,6 +57,10 @@ def _wan_preset(name: str) -> dict:
     return {"method": p.method, **p.knobs}
 
 
+def _rettention_at(*fractions):
+    return {"method": "rettention", "density": 0.05, "dense_steps": 0.1, "refresh_at": fractions}
+
+
 CONFIGS = {
     "stock": None,
     "dense": {"method": "dense"},
@@ -72,6 +76,9 @@ CONFIGS = {
     "rettention_lean_128": {**_wan_preset("balanced"), "block_q": 128},
     "rettention_lean_16": {**_wan_preset("balanced"), "block_q": 16},
     "window_0.25_no_warmup": {"method": "window", "density": 0.25, "dense_steps": 0},
+    # re-ttention with refreshes named as fractions of the run (docs/rettention.md, "Where the full steps go")
+    "rettention_front3": _rettention_at(0.2, 0.4),
+    "rettention_front2": _rettention_at(0.3),
 }
 # The same configurations with whole forwards replayed as CUDA graphs (dit_accel.graphs).
 CONFIGS.update(
