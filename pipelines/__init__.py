@@ -4,7 +4,7 @@ quality harness.
     from dit_accel import pipelines
 
     pipe = pipelines.from_pretrained("embedded", preset="balanced")      # or a folder, or a hub id
-    pipe = pipelines.wrap(existing_pipe, preset="fast", sparsity=0.85)   # a pipeline already built
+    pipe = pipelines.wrap(existing_pipe, preset="fast", density=0.08)    # a pipeline already built
     pipe.compile()                                                       # optional: torch.compile blocks
     out = pipe(prompt="...", num_inference_steps=30)                     # the pipeline's own arguments
     result = pipe.compare(prompt="...", seed=0)                          # dense vs accelerated, same seed

@@ -7,7 +7,8 @@ Each row carries what was measured for exactly its method and knobs, or nothing:
 - speed: the speedup over stock diffusers attention at a real geometry of the family, from a GPU benchmark's
   JSON (the file and the key are named, and a test reads them back);
 - quality: PSNR / SSIM against dense on the embedded trained model (a stock WanPipeline) from the quality
-  harness (``docs/quality_tiny.json``, the row whose knobs resolve to the same method configuration).
+  harness (``docs/quality_tiny.json`` at 30 steps, or a results file the row names with its steps and prompt
+  count; the row whose knobs resolve to the same method configuration).
 
 A row without a speed measurement at its family's geometry is *untuned* for that family and says so. Knobs of
 such rows are chosen by analogy (see docs/pipelines.md); no number is given for them.
@@ -110,7 +111,7 @@ class Speed:
     Attributes:
         speedup: the value as printed (rounded to 2 decimals); a test reads it back from ``source``.
         geometry: the model and clip it was measured at.
-        what: how it was measured.
+        what: how it was measured, starting with the GPU ("H200 bf16, ...").
         source: the measured value (a speedup), or with ``baseline`` the preset's time.
         baseline: the stock time, when the speedup is ``baseline / source``.
     """
@@ -120,6 +121,10 @@ class Speed:
     what: str
     source: Source
     baseline: Source | None = None
+
+    @property
+    def gpu(self) -> str:
+        return self.what.split(" ", 1)[0]
 
     def measured(self, root: Path | str) -> float:
         value = self.source.read(root)
@@ -134,7 +139,9 @@ class Quality:
         psnr: mean PSNR in dB over every frame of every prompt (2 decimals).
         ssim: mean SSIM (3 decimals).
         density: mean fraction of blocks computed by the sparse attention calls (3 decimals).
-        row: the ``method`` label of the row in ``docs/quality_tiny.json``.
+        row: the ``method`` label of the row in the quality harness's JSON at ``path``.
+        steps: denoising steps of the renders (the harness's default is 30; the speed is measured at 50).
+        prompts: held-out prompts averaged over.
     """
 
     psnr: float
@@ -142,6 +149,8 @@ class Quality:
     density: float
     row: str
     path: str = "docs/quality_tiny.json"
+    steps: int = 30
+    prompts: int = 24
 
 
 @dataclass(frozen=True)
@@ -188,7 +197,6 @@ class Preset:
 _TINY = "docs/quality_tiny.json"
 _E2E13 = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200.json"
 _E2E13_NOW = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_lazy.json"  # current kernels
-_E2E14 = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_current.json"  # current kernels: balanced
 _E2E14_NOW = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_lazy.json"  # current kernels: the others
 # The balanced preset: re-ttention's lean schedule (docs/rettention.md), its bench_e2e row and quality row.
 _LEAN: dict[str, Any] = {"density": 0.05, "dense_steps": 0.1, "refresh_every": 10}
@@ -196,7 +204,6 @@ _LEAN_ROW = "rettention_window_0.05_lean"
 # On the embedded model's 192-token frames the per-frame window's automatic blocks are 16 tokens (window.py);
 # its quality and speed rows were run with those blocks given explicitly.
 _LEAN_SPEC = "rettention:density=0.05,block_q=16,dense_steps=0.1,refresh_every=10"
-_E2E13_LEAN = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_rettention_lean.json"
 _E2E14_LEAN = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_rettention_lean.json"
 _WAN13 = "Wan2.1-1.3B 480p 81f, 32,760 tokens"
 _WAN14 = "Wan2.1-14B 720p 81f, 75,600 tokens"
@@ -208,33 +215,53 @@ _WAN13_COMPILED = _WAN13 + ", compiled"
 _WAN14_COMPILED = _WAN14 + ", compiled"
 _HUNYUAN = "HunyuanVideo 720p 129f, 119,056 tokens"
 _E2E_ONE_CALL = "H200 bf16, 50 steps, one call per step (embedded guidance), step times composed (bench_e2e)"
-_E2E_HY_PRESETS = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_rotary.json"  # fused rotary step
 _E2E_HY_METHODS = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_rotary_methods.json"
-_E2E_HY_LEAN = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_rettention_lean.json"
-_HUNYUAN_ADASPA_NOTE = "adaspa at the Wan sparsities; dense steps on cuDNN, no key mask"
+# Stock, balanced and fast side by side in one run per geometry on one H100 (2026-12-05), and the quality of
+# both re-ttention schedules at 50 steps, the length their speed is measured at.
+_H100 = "nvidia_h100_80gb_hbm3"
+_E2E13_H100 = f"benchmarks/results/e2e_wan1.3b_480p_81f_{_H100}_rettention_schedules.json"
+_E2E14_H100 = f"benchmarks/results/e2e_wan14b_720p_81f_{_H100}_rettention_schedules.json"
+_E2E_HY_H100 = f"benchmarks/results/e2e_hunyuan_720p_129f_{_H100}_rettention_schedules.json"
+_GRAPHS_H100 = f"benchmarks/results/profile_embedded_inplace_{_H100}.json"
+_Q50_H100 = f"benchmarks/results/quality_tiny_rettention_50steps_{_H100}.json"
+_CLIP50_H100 = "H100 bf16, whole 50-step render, median over 16 prompts"
+_E2E_H100 = _E2E.replace("H200", "H100")
+_E2E_COMPILED_H100 = _E2E_COMPILED.replace("H200", "H100")
+_E2E_ONE_CALL_H100 = _E2E_ONE_CALL.replace("H200", "H100")
+# The fast preset: re-ttention with one refresh at 30% of the run (docs/rettention.md), its bench_e2e row and
+# quality row.
+_FAST: dict[str, Any] = {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3,)}
+_FAST_ROW = "rettention_window_0.05_front2"
+_FAST_SPEC = "rettention:density=0.05,block_q=16,dense_steps=0.1,refresh_at=(0.3,)"
 
 
-def _embedded_speed(row: str, speedup: float) -> Speed:
+def _e2e_speed(speedup: float, geometry: str, what: str, path: str, row: str, compiled: bool | None) -> Speed:
+    """A bench_e2e row's speedup (``compiled``: which of the row's two timings; None: the row has one)."""
+    which = "" if compiled is None else f",compiled={compiled}"
+    return Speed(speedup, geometry, what, Source(path, f"rows[row={row}{which}]/speedup"))
+
+
+def _embedded_speed(row: str, speedup: float, path: str = _TINY, what: str = _CLIP) -> Speed:
+    """The embedded model's whole render in the quality harness, against its dense reference row."""
     return Speed(
         speedup,
         _EMBEDDED,
-        _CLIP,
-        Source(_TINY, f'rows[method="{row}"]/seconds'),
-        Source(_TINY, "rows[method=dense (reference)]/seconds"),
+        what,
+        Source(path, f'rows[method="{row}"]/seconds'),
+        Source(path, "rows[method=dense (reference)]/seconds"),
     )
 
 
 _GRAPHS = "benchmarks/results/profile_embedded_graphs_nvidia_h200.json"
-_GRAPHS_LEAN = "benchmarks/results/profile_embedded_lean_nvidia_h200.json"
 
 
-def _embedded_graphs_speed(row: str, speedup: float, path: str = _GRAPHS) -> Speed:
+def _embedded_graphs_speed(row: str, speedup: float, path: str = _GRAPHS, gpu: str = "H200") -> Speed:
     """The embedded model with ``cuda_graphs=True`` (docs/graphs.md), against stock without graphs in the
     same run."""
     return Speed(
         speedup,
         _EMBEDDED + ", cuda_graphs=True",
-        "H200 bf16, whole 30-step render, median of 5 interleaved rounds (profile_embedded)",
+        f"{gpu} bf16, whole 30-step render, median of 5 interleaved rounds (profile_embedded)",
         Source(path, f"renders/{row}+graphs/seconds"),
         Source(path, "renders/stock/seconds"),
     )
@@ -274,56 +301,41 @@ _ROWS: tuple[Preset, ...] = (
         "rettention",
         _LEAN,
         speed=(
-            Speed(1.87, _WAN13, _E2E, Source(_E2E13_LEAN, f"rows[row={_LEAN_ROW},compiled=False]/speedup")),
-            Speed(
-                2.23,
-                _WAN13_COMPILED,
-                _E2E_COMPILED,
-                Source(_E2E13_LEAN, f"rows[row={_LEAN_ROW},compiled=True]/speedup"),
-            ),
-            Speed(2.17, _WAN14, _E2E, Source(_E2E14_LEAN, f"rows[row={_LEAN_ROW},compiled=False]/speedup")),
+            _e2e_speed(1.83, _WAN13, _E2E_H100, _E2E13_H100, _LEAN_ROW, False),
+            _e2e_speed(2.27, _WAN13_COMPILED, _E2E_COMPILED_H100, _E2E13_H100, _LEAN_ROW, True),
+            _e2e_speed(2.13, _WAN14, _E2E_H100, _E2E14_H100, _LEAN_ROW, False),
             Speed(
                 2.43,
                 _WAN14_COMPILED,
                 _E2E_COMPILED,
                 Source(_E2E14_LEAN, f"rows[row={_LEAN_ROW},compiled=True]/speedup"),
             ),
-            _embedded_speed(_LEAN_SPEC, 0.90),
-            _embedded_graphs_speed("rettention_lean_16", 1.63, _GRAPHS_LEAN),
+            _embedded_speed(_LEAN_SPEC, 0.89, _Q50_H100, _CLIP50_H100),
+            _embedded_graphs_speed("balanced", 1.71, _GRAPHS_H100, "H100"),
         ),
-        quality=Quality(27.94, 0.940, 0.194, _LEAN_SPEC),
+        quality=Quality(31.07, 0.962, 0.194, _LEAN_SPEC, _Q50_H100, steps=50, prompts=16),
         note=(
             "re-ttention on a 5% per-frame window: first 10% of steps dense, statistics refreshed every 10 "
-            "steps (docs/rettention.md)"
+            "steps (docs/rettention.md); at 30 steps (3 refreshes) 27.94 dB / 0.940 over 24 prompts "
+            "(docs/quality_tiny.md)"
         ),
     ),
     Preset(
         "wan",
         "fast",
-        "adaspa",
-        {"sparsity": 0.9},
+        "rettention",
+        _FAST,
         speed=(
-            Speed(1.79, _WAN13, _E2E, Source(_E2E13_NOW, "rows[row=fast,compiled=False]/speedup")),
-            Speed(
-                2.15,
-                _WAN13_COMPILED,
-                _E2E_COMPILED,
-                Source(_E2E13_NOW, "rows[row=fast,compiled=True]/speedup"),
-            ),
-            Speed(1.92, _WAN14, _E2E, Source(_E2E14_NOW, "rows[row=fast,compiled=False]/speedup")),
-            Speed(
-                2.14,
-                _WAN14_COMPILED,
-                _E2E_COMPILED,
-                Source(_E2E14_NOW, "rows[row=fast,compiled=True]/speedup"),
-            ),
-            _embedded_speed("adaspa:sparsity=0.9", 0.89),
-            _embedded_graphs_speed("fast", 1.50),
+            _e2e_speed(1.92, _WAN13, _E2E_H100, _E2E13_H100, _FAST_ROW, False),
+            _e2e_speed(2.47, _WAN13_COMPILED, _E2E_COMPILED_H100, _E2E13_H100, _FAST_ROW, True),
+            _e2e_speed(2.33, _WAN14, _E2E_H100, _E2E14_H100, _FAST_ROW, False),
+            _embedded_speed(_FAST_SPEC, 0.91, _Q50_H100, _CLIP50_H100),
+            _embedded_graphs_speed("rettention_front2", 1.56, _GRAPHS_H100, "H100"),
         ),
-        quality=Quality(22.91, 0.853, 0.138, "adaspa:sparsity=0.9"),
+        quality=Quality(27.61, 0.923, 0.128, _FAST_SPEC, _Q50_H100, steps=50, prompts=16),
         note=(
-            "adaspa at sparsity 0.9; at Wan's real geometries the balanced preset now runs faster than this "
-            "one at more quality (docs/pipelines.md#presets): fast is due to be retuned"
+            "re-ttention on a 5% per-frame window: first 10% of steps dense, one refresh at 30% of the run "
+            "(docs/rettention.md); not yet timed compiled at Wan2.1-14B"
         ),
     ),
     # HunyuanVideo's stock attention passes a key mask (padded text), which sends SDPA to a slower kernel
@@ -344,18 +356,16 @@ _ROWS: tuple[Preset, ...] = (
         "balanced",
         "rettention",
         {**_LEAN, "dense_backend": "auto"},
-        speed=(
-            Speed(3.71, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_LEAN, f"rows[row={_LEAN_ROW}_auto]/speedup")),
-        ),
+        speed=(_e2e_speed(3.73, _HUNYUAN, _E2E_ONE_CALL_H100, _E2E_HY_H100, _LEAN_ROW + "_auto", None),),
         note="Wan's balanced schedule; dense steps and refreshes' dense pass on cuDNN, no key mask",
     ),
     Preset(
         "hunyuan_video",
         "fast",
-        "adaspa",
-        {"sparsity": 0.9, "dense_backend": "auto"},
-        speed=(Speed(3.13, _HUNYUAN, _E2E_ONE_CALL, Source(_E2E_HY_PRESETS, "rows[row=fast]/speedup")),),
-        note=_HUNYUAN_ADASPA_NOTE,
+        "rettention",
+        {**_FAST, "dense_backend": "auto"},
+        speed=(_e2e_speed(4.29, _HUNYUAN, _E2E_ONE_CALL_H100, _E2E_HY_H100, _FAST_ROW + "_auto", None),),
+        note="Wan's fast schedule; dense steps and refreshes' dense pass on cuDNN, no key mask",
     ),
     *(
         row
@@ -385,10 +395,21 @@ def _method_config(p: Preset) -> tuple:
     return p.method, tuple(sorted((k, v) for k, v in p.knobs.items() if k != "dense_backend"))
 
 
+# Embedded-model quality of configurations that no Wan preset uses any more (adaspa 0.9 was Wan's "fast"
+# until 2026-12-05); other families' rows with the same knobs still carry it.
+_EMBEDDED_QUALITY = (
+    Preset(
+        "wan", "-", "adaspa", {"sparsity": 0.9}, quality=Quality(22.91, 0.853, 0.138, "adaspa:sparsity=0.9")
+    ),
+)
+
+
 def _attach_embedded_quality(rows: tuple[Preset, ...]) -> tuple[Preset, ...]:
-    """Rows of other families whose method configuration equals a Wan row measured on the embedded model
-    carry that quality too (the speed stays the family's own)."""
-    by_config = {_method_config(p): p.quality for p in rows if p.family == "wan" and p.quality}
+    """Rows of other families whose method configuration equals a Wan row (or one of
+    :data:`_EMBEDDED_QUALITY`) measured on the embedded model carry that quality too (the speed stays the
+    family's own)."""
+    measured = (*_EMBEDDED_QUALITY, *rows)
+    by_config = {_method_config(p): p.quality for p in measured if p.family == "wan" and p.quality}
     out = []
     for p in rows:
         q = by_config.get(_method_config(p))
@@ -613,7 +634,7 @@ def speed_text(p: Preset) -> str:
         return "1.00 (stock)"
     if not p.speed:
         return "untuned"
-    return "; ".join(f"{s.speedup:.2f}x {s.geometry}" for s in p.speed)
+    return "; ".join(f"{s.speedup:.2f}x {s.geometry} ({s.gpu})" for s in p.speed)
 
 
 def quality_text(p: Preset) -> str:
@@ -623,7 +644,8 @@ def quality_text(p: Preset) -> str:
         return "untuned"
     q = p.quality
     on = "" if p.family == "wan" else " (embedded Wan model, same knobs)"
-    return f"{_num(q.psnr, '.2f')} dB / {q.ssim:.3f} at density {q.density:.3f}{on}"
+    run = "" if (q.steps, q.prompts) == (30, 24) else f", {q.steps} steps, {q.prompts} prompts"
+    return f"{_num(q.psnr, '.2f')} dB / {q.ssim:.3f} at density {q.density:.3f}{run}{on}"
 
 
 def markdown_table(family: str | None = None) -> str:

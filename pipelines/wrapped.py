@@ -6,7 +6,7 @@
                                      torch_dtype=torch.bfloat16, device="cuda")
     video = pipe(prompt="a red fox running through snow", num_inference_steps=50).frames
     pipe.compile()                                 # optional: torch.compile the transformer blocks
-    pipe.configure(preset="fast")                  # or pipe.configure(sparsity=0.85): knobs between calls
+    pipe.configure(preset="fast")                  # or pipe.configure(density=0.08): knobs between calls
     result = pipe.compare(prompt="a red fox running through snow", seed=0)
     print(result.summary())                        # PSNR/SSIM per frame, times, speedup, density
     stock = pipe.remove()                          # the stock pipeline, exactly as before

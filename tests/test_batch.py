@@ -199,7 +199,7 @@ def test_job_settings_and_hash(tmp_path, no_loading):
     jobs = _jsonl(
         tmp_path / "jobs.jsonl",
         [
-            {"prompt": "a", "knobs": {"sparsity": 0.7}},
+            {"prompt": "a", "knobs": {"density": 0.1}},
             {"prompt": "a", "method": "window", "knobs": {"density": 0.5}},
             {"prompt": "a", "preset": "quality"},
             {"prompt": "a"},
@@ -212,10 +212,15 @@ def test_job_settings_and_hash(tmp_path, no_loading):
         return batch.load_jobs(jobs, args, batch.make_plan(args))
 
     a, b, c, d = resolve()
-    assert (a.spec["preset"], a.spec["method"], a.spec["knobs"]) == ("fast", "adaspa", {"sparsity": 0.7})
+    fast = {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3,)}
+    assert (a.spec["preset"], a.spec["method"], a.spec["knobs"]) == (
+        "fast",
+        "rettention",
+        {**fast, "density": 0.1},
+    )
     assert (b.spec["preset"], b.spec["method"], b.spec["knobs"]) == (None, "window", {"density": 0.5})
     assert (c.spec["preset"], c.spec["method"]) == ("quality", "radial")
-    assert (d.spec["preset"], d.spec["knobs"]) == ("fast", {"sparsity": 0.9})
+    assert (d.spec["preset"], d.spec["knobs"]) == ("fast", fast)
     assert len({a.id, b.id, c.id, d.id}) == 4
     for job in (a, b, c, d):
         assert job.hash == batch.job_hash(job.spec)
@@ -268,8 +273,14 @@ def test_renders_every_format_and_writes_the_manifest(tmp_path, capsys):
     clip = np.stack(imageio.mimread(out / first["output"]))
     assert clip.shape == (5, 32, 32, 3)
     assert blue["output"] == "blue.gif" and blue["job"]["negative_prompt"] == "green"
-    assert (fast["job"]["preset"], fast["job"]["method"]) == ("fast", "adaspa")
-    assert fast["job"]["knobs"] == {"sparsity": 0.9, **BLOCKS, "timing": True}
+    assert (fast["job"]["preset"], fast["job"]["method"]) == ("fast", "rettention")
+    assert fast["job"]["knobs"] == {
+        "density": 0.05,
+        "dense_steps": 0.1,
+        "refresh_at": [0.3],
+        **BLOCKS,
+        "timing": True,
+    }
     assert 0 < fast["density"] <= 1 and fast["attention_calls"] > 0
     assert fast["timings"]["attention_s"] > 0 and 0 < fast["timings"]["attention_share"] < 1
     assert frames["output"] == "frames_out" and len(list((out / "frames_out").iterdir())) == 5

@@ -206,7 +206,7 @@ def test_compare_writes_both_and_prints_the_numbers(smoke_weights, tmp_path, cap
     side = Image.open(tmp_path / "clip_compare.gif")
     assert Image.open(out).size == (32, 32) and side.size == (68, 32) and side.n_frames == 5
     # PSNR is inf where every plan keeps every block (the CPU path then runs the dense kernel stock runs)
-    assert re.search(r"preset 'fast': adaspa .* vs dense: PSNR ([\d.]+|inf) dB .* SSIM [\d.]+", text)
+    assert re.search(r"preset 'fast': rettention .* vs dense: PSNR ([\d.]+|inf) dB .* SSIM [\d.]+", text)
     assert re.search(r"speedup [\d.]+x; density [\d.]+ over \d+ sparse", text)
 
 
@@ -266,8 +266,12 @@ BAD = [
     (["--method", "window", "--opt", "density=2"], "--opt", "density must lie in (0, 1], got 2"),
     (["--method", "window", "--opt", "density"], "--opt", "expected KEY=VALUE, got 'density'"),
     (["--method", "window", "--opt", "decay=0.2"], "--opt", "takes no knob 'decay'; its knobs: ['density'"),
-    (["--preset", "fast", "--opt", "decay=0.2"], "--opt", "takes no knob 'decay'; its knobs: ['sparsity'"),
-    (["--preset", "fast", "--method", "window"], "--preset", "preset 'fast' is method 'adaspa'"),
+    (
+        ["--preset", "fast", "--opt", "sparsity=0.8"],
+        "--opt",
+        "takes ['density', 'per_frame'], not ['sparsity']",
+    ),
+    (["--preset", "fast", "--method", "window"], "--preset", "preset 'fast' is method 'rettention'"),
     (["--opt", "density=0.1"], "--opt", "needs --method or --preset"),
     (["--method", "window", "--dense-steps", "-1"], "--dense-steps", "got -1.0"),
     (["--out", "clip.avi"], "--out", "cannot write '.avi' files: use .mp4"),
@@ -381,7 +385,7 @@ def test_bench_times_stock_and_each_configuration_and_writes_json(smoke_weights,
         assert 0 < row["density"] <= 1 and row["psnr_mean"] > 0 and row["ssim_mean"] <= 1
     assert report["rows"][2]["settings"].startswith("window (density=0.5")
     text = capsys.readouterr().out
-    assert "| fast | preset 'fast': adaspa" in text and "say nothing about speed on a GPU" in text
+    assert "| fast | preset 'fast': rettention" in text and "say nothing about speed on a GPU" in text
 
 
 def test_bench_default_configs_are_the_family_presets_but_dense():

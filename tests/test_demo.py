@@ -166,10 +166,10 @@ def _number(text: str, label: str) -> str:
 
 def test_generate(served):
     _, client, _ = served
-    # fast (adaspa) skips blocks at this 48-token size; balanced's window (re-ttention) keeps all 3 of a row
-    out = _call(client, "generate", preset="fast")
+    # adaspa skips blocks at this 48-token size; the Wan presets' window (re-ttention) keeps all 3 of a row
+    out = _call(client, "generate", preset="fast", method="adaspa", sparsity=0.9)  # replaces the preset
     assert out["status"].startswith(OK), out["status"]
-    assert "preset fast: adaspa (sparsity=0.9)" in out["status"]
+    assert "; adaspa (sparsity=0.9)" in out["status"] and "preset fast" not in out["status"], out["status"]
     assert _video_path(out["dense"]) is None
     _check_h264(_video_path(out["video"]), **{k: SMALL[k] for k in ("frames", "height", "width")})
     assert re.search(r"\| wall time \| \d+\.\d\d s \|", out["numbers"]), out["numbers"]
@@ -198,7 +198,7 @@ def test_compare_dense_preset_is_identical(served):
 
 def test_compare(served):
     _, client, _ = served
-    out = _call(client, "compare", preset="fast")
+    out = _call(client, "compare", method="adaspa", sparsity=0.9)  # skips blocks at this size (test_generate)
     assert out["status"].startswith(OK) and "Compared with dense" in out["status"], out["status"]
     for key in ("dense", "video"):
         _check_h264(_video_path(out[key]), **{k: SMALL[k] for k in ("frames", "height", "width")})
@@ -221,7 +221,7 @@ def test_bad_requests_get_messages_and_the_app_keeps_serving(served):
         ({"height": 72}, "multiple of 16"),
         ({"prompt": "   "}, "Type a prompt"),
         ({"more_knobs": "decay=0.2"}, "not ['decay'] (those belong to 'radial')"),  # balanced: re-ttention
-        ({"preset": "fast", "base": "window"}, "takes no knob 'base'"),
+        ({"preset": "quality", "base": "window"}, "takes no knob 'base'"),  # radial
         ({"more_knobs": "save_patterns='/tmp/x'"}, "cannot be set here"),
         ({"sparsity": 1.5}, "sparsity"),
         ({"dense_steps": 2.5}, "dense steps"),
@@ -382,13 +382,16 @@ def test_settings_for_presets_methods_and_unknown_knobs():
         return requests.settings_for(requests.parse_request("p", "embedded", **kw), "wan")
 
     s = settings(preset="fast")
-    assert (s.preset, s.method, dict(s.knobs)) == ("fast", "adaspa", {"sparsity": 0.9})
-    s = settings(preset="fast", method="adaspa", sparsity=0.7)  # the preset's method: knobs on the preset
-    assert (s.preset, dict(s.knobs)) == ("fast", {"sparsity": 0.7})
+    fast = {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3,)}
+    assert (s.preset, s.method, dict(s.knobs)) == ("fast", "rettention", fast)
+    s = settings(preset="fast", method="rettention", density=0.1)  # the preset's method: knobs on the preset
+    assert (s.preset, dict(s.knobs)) == ("fast", {**fast, "density": 0.1})
+    s = settings(preset="fast", refresh_every=5)  # the page's refresh field replaces the preset's refresh_at
+    assert dict(s.knobs) == {"density": 0.05, "dense_steps": 0.1, "refresh_every": 5}
     s = settings(preset="fast", method="window", density=0.3)  # another method replaces the preset
     assert (s.preset, s.method, dict(s.knobs)) == (None, "window", {"density": 0.3})
-    with pytest.raises(requests.RequestError, match=r"takes no knob 'density'.*sparsity"):
-        settings(preset="fast", density=0.3)
+    with pytest.raises(requests.RequestError, match=r"takes \['density', 'per_frame'\], not \['sparsity'\]"):
+        settings(preset="fast", sparsity=0.3)
     s = settings(preset="balanced", density=0.1)  # balanced is re-ttention on the window: density is its knob
     assert (s.method, s.knobs["density"], s.knobs["refresh_every"]) == ("rettention", 0.1, 10)
     with pytest.raises(requests.RequestError, match="takes no knob 'nonsense'"):

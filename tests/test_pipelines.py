@@ -88,22 +88,26 @@ def _embedded_blocks(method: str, knobs: dict) -> tuple[int, int]:
 
 
 def test_measured_numbers_are_read_back_from_their_sources():
-    quality_rows = {r["method"]: r for r in json.loads((ROOT / "docs/quality_tiny.json").read_text())["rows"]}
     checked = 0
     for p in presets.table():
         for s in p.speed:
             assert round(s.measured(ROOT), 2) == s.speedup, (p.family, p.name, str(s.source))
+            assert s.gpu in ("H100", "H200") and s.gpu in json.dumps(
+                json.loads((ROOT / s.source.path).read_text())["device"]
+            )
             checked += 1
         if p.quality is None:
             continue
         q = p.quality
-        row = quality_rows[q.row]
+        report = json.loads((ROOT / q.path).read_text())
+        (row,) = [r for r in report["rows"] if r["method"] == q.row]
         assert (round(row["psnr"], 2), round(row["ssim"], 3), round(row["density"], 3)) == (
             q.psnr,
             q.ssim,
             q.density,
         ), (p.family, p.name)
-        knobs = dict(row["knobs"])
+        assert (report["call"]["num_inference_steps"], row["prompts"]) == (q.steps, q.prompts)
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in row["knobs"].items()}  # JSON: lists
         method = knobs.pop("method")
         # the measured run used the same method configuration, resolved as the embedded model (Wan) runs it
         assert method == p.method
@@ -126,8 +130,8 @@ def test_docs_table_matches_the_code():
 def test_resolve_checks_names_before_any_model():
     with pytest.raises(ValueError, match="unknown preset 'turbo'.*'balanced'"):
         presets.resolve(None, "turbo")
-    with pytest.raises(ValueError, match=r"takes no knob 'decay'.*'sparsity'"):
-        presets.resolve(None, "fast", {"decay": 0.2})  # fast is adaspa in every family
+    with pytest.raises(ValueError, match=r"not \['decay'\] \(those belong to 'radial'\)"):
+        presets.resolve(None, "fast", {"decay": 0.2})  # re-ttention on Wan (the first family), else adaspa
     presets.resolve(None, "quality", {"decay": 0.2})  # radial for video families: checked once loaded
     with pytest.raises(ValueError, match="takes no knob 'decay'"):
         presets.resolve("flux", "quality", {"decay": 0.2})
@@ -141,8 +145,10 @@ def test_resolve_checks_names_before_any_model():
         presets.resolve("wan", None, {"method": "sparse"})
     with pytest.raises(ValueError, match="video method"):
         presets.resolve("sd3", None, {"method": "radial"})
-    with pytest.raises(ValueError, match="preset 'fast' is method 'adaspa'"):
+    with pytest.raises(ValueError, match="preset 'fast' is method 'rettention'"):
         presets.resolve("wan", "fast", {"method": "window"})
+    with pytest.raises(ValueError, match="preset 'fast' is method 'adaspa' or 'rettention'"):
+        presets.resolve(None, "fast", {"method": "window"})
     s = presets.resolve("wan", None, {})
     assert (s.preset, s.method, dict(s.knobs)) == (
         "balanced",
@@ -229,7 +235,7 @@ def test_knobs_override_the_preset_and_change_between_calls():
     assert accel.handle.method.correction.refresh_every is None
     assert "refresh_every" not in dit_accel.pipelines.wrap(pipe, preset="balanced", refresh_at=(0.5,)).knobs
     accel.configure(preset="fast")  # starts over from the preset
-    assert accel.knobs == {"sparsity": 0.9}
+    assert accel.knobs == {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3,)}
     assert accel.handle.config.block_q == dit_accel.SparseAttentionConfig().block_q  # the override is gone
     accel.configure(method="window", density=0.3, **BLOCKS)
     assert (accel.preset, accel.method, accel.handle.method.density) == (None, "window", 0.3)
@@ -311,7 +317,7 @@ def test_from_pretrained_loads_a_saved_folder(name, tmp_path, monkeypatch):
         tmp_path, "fast", torch_dtype=torch.float32, load_kwargs=no_text, **BLOCKS
     )
     assert type(accel.pipe) is type(pipe) and accel.family == FAMILY[name]
-    assert (accel.preset, accel.method) == ("fast", "adaspa")
+    assert (accel.preset, accel.method) == ("fast", {"wan": "rettention", "flux": "adaspa"}[name])
     accel.set_progress_bar_config(disable=True)  # the pipeline's own methods pass through
     out = render_output(accel, **call)
     np.testing.assert_allclose(out, reference, atol=1e-5)  # the saved scheduler config rounds at 1e-7
