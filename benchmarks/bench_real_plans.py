@@ -18,7 +18,7 @@ too: counts per row and their spread across heads, the share of rows holding the
 the mean run of consecutive key blocks.
 
     source benchmarks/gpu_env.sh && python3 benchmarks/bench_real_plans.py --geometry wan14b_720p_81f \\
-        --preset fast --out PATH.json                                     # about 1 min (H200)
+        --preset adaspa:sparsity=0.9 --out PATH.json                      # about 1 min (H200)
 
 ``--smoke``: the same code on the CPU (tiny Wan, the model on the torch backend, the captured calls through
 Triton's interpreter in float16, perf_counter timings): ``tests/test_bench_real_plans.py``.
@@ -41,6 +41,7 @@ from bench_kernels import tflops  # noqa: E402
 
 import dit_accel.methods.base as methods_base  # noqa: E402
 from dit_accel.kernels import BlockPlan, block_sparse_attention  # noqa: E402
+from dit_accel.pipelines.bench import parse_config  # noqa: E402
 
 
 def capture_sparse_calls(limit: int):
@@ -241,9 +242,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--geometry", default="wan14b_720p_81f", help="a bench_e2e geometry")
     parser.add_argument(
         "--preset",
-        default="fast",
-        help="a preset of the geometry's family with plain sparse steps (quality / fast; balanced is "
-        "re-ttention on Wan and HunyuanVideo, whose corrected steps this does not capture)",
+        default="adaspa:sparsity=0.9",
+        help="a preset of the geometry's family or a method spec (method:key=value,...) with plain sparse "
+        "steps: quality, or adaspa (the fast preset's method until 2026-12-05); balanced and fast are "
+        "re-ttention on Wan and HunyuanVideo, whose corrected steps this does not capture",
     )
     parser.add_argument("--layers", type=int, default=2, help="sparse calls captured and timed")
     parser.add_argument("--rounds", type=int, default=3)
@@ -261,7 +263,8 @@ def main(argv=None) -> dict:
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     steps = 8 if args.smoke else 50
-    knobs = bench_e2e.row_knobs({"name": args.preset, "preset": args.preset}, family)
+    preset, spec_knobs = parse_config(args.preset)
+    knobs = bench_e2e.row_knobs({"name": args.preset, "preset": preset, **spec_knobs}, family)
     schedule = bench_e2e.probe_schedule(family, knobs, steps, ("cond",))["cond"]
     if "sparse" not in schedule:
         parser.error(f"--preset {args.preset}: its schedule at {steps} steps has no sparse step: {schedule}")

@@ -670,7 +670,8 @@ def test_cuda_graphs_flag_reaches_every_accelerated_job_and_is_recorded(tmp_path
     )
     accelerated, stock = _entries(out)
     balanced = dict(presets.get_preset("wan", "balanced").knobs)
-    assert accelerated["job"]["knobs"] == {**balanced, **BLOCKS, "cuda_graphs": True}
+    expected = json.loads(json.dumps({**balanced, **BLOCKS, "cuda_graphs": True}))  # tuples: lists in JSON
+    assert accelerated["job"]["knobs"] == expected
     assert stock["job"]["knobs"] == {} and [e["cuda_graphs"] for e in (accelerated, stock)] == [True, True]
 
 

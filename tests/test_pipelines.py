@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from _tiny_pipes import FAMILY, PIPELINES
 
 import dit_accel
 from dit_accel.methods import create_method, method_names
+from dit_accel.methods.schedule import Schedule
 from dit_accel.pipelines import presets, wrapped
 from dit_accel.pipelines.quality import render_output
 from dit_accel.processors import SUPPORTED
@@ -87,14 +89,38 @@ def _embedded_blocks(method: str, knobs: dict) -> tuple[int, int]:
     return instance.blocks_for(call)
 
 
+def _json_knobs(knobs: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}  # JSON has lists for tuples
+
+
+def _same_schedule(measured: dict, preset: dict, steps: int) -> None:
+    """Re-ttention knobs that name their refreshes differently (a period, fractions) run the same schedule
+    at ``steps``: the refresh steps are equal, and so is everything else."""
+    measured, preset = dict(measured), dict(preset)
+    refreshes = []
+    for knobs in (measured, preset):
+        every, at = knobs.pop("refresh_every", None), knobs.pop("refresh_at", None)
+        refreshes.append(
+            Schedule(steps, warmup=knobs["dense_steps"], refresh_every=every, refresh_at=at).refresh_steps
+        )
+    assert refreshes[0] == refreshes[1] and measured == preset, (refreshes, measured, preset)
+
+
 def test_measured_numbers_are_read_back_from_their_sources():
     checked = 0
     for p in presets.table():
         for s in p.speed:
             assert round(s.measured(ROOT), 2) == s.speedup, (p.family, p.name, str(s.source))
-            assert s.gpu in ("H100", "H200") and s.gpu in json.dumps(
-                json.loads((ROOT / s.source.path).read_text())["device"]
-            )
+            report = json.loads((ROOT / s.source.path).read_text())
+            assert s.gpu in ("H100", "H200") and s.gpu in json.dumps(report["device"])
+            if (
+                p.method == "rettention" and report.get("benchmark") == "bench_e2e"
+            ):  # run on the preset's schedule
+                name = re.match(r"rows\[row=([^,\]]+)", s.source.key).group(1)
+                (row,) = [r for r in report["rows"] if r["row"] == name and r["compiled"] is not True]
+                run = _json_knobs(row["knobs"])
+                assert (run.pop("method"), run.pop("base")) == ("rettention", "window")  # the preset's base
+                _same_schedule(run, dict(p.knobs), report["steps"])
             checked += 1
         if p.quality is None:
             continue
@@ -107,13 +133,16 @@ def test_measured_numbers_are_read_back_from_their_sources():
             q.density,
         ), (p.family, p.name)
         assert (report["call"]["num_inference_steps"], row["prompts"]) == (q.steps, q.prompts)
-        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in row["knobs"].items()}  # JSON: lists
+        knobs = _json_knobs(row["knobs"])
         method = knobs.pop("method")
         # the measured run used the same method configuration, resolved as the embedded model (Wan) runs it
         assert method == p.method
-        assert presets.resolved_knobs(method, knobs, "wan") == presets.resolved_knobs(
-            p.method, p.knobs, "wan"
-        )
+        measured = presets.resolved_knobs(method, knobs, "wan")
+        preset = presets.resolved_knobs(p.method, p.knobs, "wan")
+        if method == "rettention":
+            _same_schedule(measured, preset, q.steps)
+        else:
+            assert measured == preset
         assert _embedded_blocks(method, knobs) == _embedded_blocks(p.method, p.knobs), (p.family, p.name)
         if p.family != "wan":
             assert p.method != "radial"  # radial's knobs differ per family: Wan's quality does not carry over
@@ -153,7 +182,7 @@ def test_resolve_checks_names_before_any_model():
     assert (s.preset, s.method, dict(s.knobs)) == (
         "balanced",
         "rettention",
-        {"density": 0.05, "dense_steps": 0.1, "refresh_every": 10},
+        {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3, 0.5, 0.7, 0.9)},
     )
     assert presets.resolve("flux", None, {}).method == "adaspa"  # untuned families keep adaspa
 
