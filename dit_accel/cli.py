@@ -703,10 +703,13 @@ def _presets(args) -> int:
         print(presets.markdown_table(args.family) + (f"\n\n{sources}" if sources else ""))
         return 0
     families = [args.family] if args.family else list(presets.FAMILIES)
+    rows = [p for family in families for p in presets.family_presets(family)]
+    method_w = max(len(p.method) for p in rows) + 2  # columns wide enough for every row shown
+    knobs_w = max(len(p.knob_text()) for p in rows) + 2
     for family in families:
         print(f"{family} ({presets.FAMILIES[family]})")
         for p in presets.family_presets(family):
-            print(f"  {p.name:<10}{p.method:<8}{p.knob_text():<28}[{p.status}]")
+            print(f"  {p.name:<10}{p.method:<{method_w}}{p.knob_text():<{knobs_w}}[{p.status}]")
             print(f"  {'':<10}speed:   {presets.speed_text(p)}")
             print(f"  {'':<10}quality: {presets.quality_text(p)}")
             if p.note:
