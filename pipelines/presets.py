@@ -397,21 +397,19 @@ def _method_config(p: Preset) -> tuple:
     return p.method, tuple(sorted((k, v) for k, v in p.knobs.items() if k != "dense_backend"))
 
 
-# Embedded-model quality of configurations that no Wan preset uses any more (adaspa 0.9 was Wan's "fast"
-# until 2026-12-05); other families' rows with the same knobs still carry it.
-_EMBEDDED_QUALITY = (
-    Preset(
-        "wan", "-", "adaspa", {"sparsity": 0.9}, quality=Quality(22.91, 0.853, 0.138, "adaspa:sparsity=0.9")
-    ),
-)
+# Embedded-model quality of method configurations (as _method_config gives them) that no Wan preset uses
+# any more (adaspa 0.9 was Wan's "fast" until 2026-12-05); other families' rows with those knobs carry it.
+_EMBEDDED_QUALITY = {("adaspa", (("sparsity", 0.9),)): Quality(22.91, 0.853, 0.138, "adaspa:sparsity=0.9")}
 
 
 def _attach_embedded_quality(rows: tuple[Preset, ...]) -> tuple[Preset, ...]:
     """Rows of other families whose method configuration equals a Wan row (or one of
     :data:`_EMBEDDED_QUALITY`) measured on the embedded model carry that quality too (the speed stays the
     family's own)."""
-    measured = (*_EMBEDDED_QUALITY, *rows)
-    by_config = {_method_config(p): p.quality for p in measured if p.family == "wan" and p.quality}
+    by_config = {
+        **_EMBEDDED_QUALITY,
+        **{_method_config(p): p.quality for p in rows if p.family == "wan" and p.quality},
+    }
     out = []
     for p in rows:
         q = by_config.get(_method_config(p))
