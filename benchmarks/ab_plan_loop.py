@@ -18,6 +18,12 @@ Variants (``--variants``; a substitution whose source text is no longer there fa
     old_tiles      the tile list before the 128x64 4-stage and 64x128 tiles were added
     prefetch2      the index read two iterations ahead
     no_shortcut    full plan rows through the indexed loop instead of the dense loop
+    persistent     one program per SM (``--persistent-programs`` per SM) walking (query block, head) tiles in
+                   the launch's order; a program's fixed cost (descriptors, Q load, epilogue) stays per tile,
+                   the launch and tail of ~24-180 waves of programs go
+    more_tiles     the tile list plus 128x64 / 8 warps / 2 stages and 64x64 / 4 warps / 2 stages, small
+                   enough in shared memory for two programs per SM (one's prologue and epilogue then
+                   overlap the other's key loop)
 
     source benchmarks/gpu_env.sh && python3 benchmarks/ab_plan_loop.py --out PATH.json     # about 3 min
 """
@@ -73,6 +79,48 @@ EAGER_RESCALE = [(CUR_RESCALE, EAGER_MAX), (CUR_BRANCH, EAGER_BRANCH)]
 CUR_TILES = "(*_TILES, *_LOW_DENSITY_TILES)"
 OLD_TILES = "_TILES"
 SHORTCUT = "    if count == tl.cdiv(seq_k, PLAN_BK):"
+CUR_LOW_TILES = "_LOW_DENSITY_TILES = ((128, 64, 8, 4), (64, 128, 4, 3), (64, 128, 4, 4))"
+MORE_LOW_TILES = CUR_LOW_TILES[:-1] + ", (128, 64, 8, 2), (64, 64, 4, 2))"
+# Persistent launch (triton_attention.py): the kernel body runs in a loop over tiles; the grid is capped.
+BODY_START = "    pid_m = tl.program_id(0)\n    pid_bh = tl.program_id(1)\n    b = pid_bh // H\n"
+BODY_END = "    tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)\n"
+EVEN_D_LINE = "    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD\n"
+PERSISTENT_ATTENTION = [
+    ("    rho_add,\n    SEQ_BUCKET,\n", "    rho_add,\n    N_BH,\n    SEQ_BUCKET,\n"),
+    (
+        "        0.0 if rho_dev else float(rho_add),\n        SEQ_BUCKET=",
+        "        0.0 if rho_dev else float(rho_add),\n        batch * heads,\n        SEQ_BUCKET=",
+    ),
+    (
+        '        return (cdiv(seq_q, meta["BLOCK_M"]), batch * heads)',
+        '        return (min(_programs(q.device), cdiv(seq_q, meta["BLOCK_M"]) * batch * heads), 1)',
+    ),
+    (
+        "def sparse_attention_fwd(",
+        "PROGRAMS_PER_SM = 1\n\n\ndef _programs(device):\n"
+        "    if device.type != 'cuda':\n"
+        "        return 3  # the interpreter: a few programs, several tiles each\n"
+        "    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count\n\n\n"
+        "def sparse_attention_fwd(",
+    ),
+]
+
+
+def persistent_body(src: str) -> str:
+    """The attention kernel's body inside a loop over (query block, head) tiles, query blocks fastest (the
+    order the 2-D grid launches them in)."""
+    start, end = src.index(BODY_START), src.index(BODY_END) + len(BODY_END)
+    body = src[start:end].replace(BODY_START, "    b = pid_bh // H\n").replace(EVEN_D_LINE, "")
+    loop = (
+        EVEN_D_LINE
+        + "    n_m = tl.cdiv(SEQ_Q, BLOCK_M)\n"
+        + "    for tile in range(tl.program_id(0), n_m * N_BH, tl.num_programs(0)):\n"
+        + "        pid_m = tile % n_m\n        pid_bh = tile // n_m\n"
+        + "".join("    " + line if line.strip() else line for line in body.splitlines(keepends=True))
+    )
+    return src[:start] + loop + src[end:]
+
+
 VARIANTS = {
     "current": [],
     "search_chain": [(CUR_LOOP, SEARCH_LOOP)],
@@ -82,7 +130,11 @@ VARIANTS = {
     "old_tiles": [(CUR_TILES, OLD_TILES)],
     "prefetch2": [(CUR_LOOP, PREFETCH2_LOOP)],
     "no_shortcut": [(SHORTCUT, "    if count == -1:")],
+    "persistent": [],
+    "more_tiles": [(CUR_LOW_TILES, MORE_LOW_TILES)],
 }
+# Variants that change triton_attention.py: substitutions, then an optional whole-source transform.
+ATTENTION_VARIANTS = {"persistent": (PERSISTENT_ATTENTION, persistent_body)}
 SHAPES = {  # name: (H, S, D, densities); B = 1
     "wan14b_720p_81f": (40, 75600, 128, (0.5, 0.25, 0.1, 0.05, 1.0)),
     "wan1.3b_480p_81f": (12, 32760, 128, (0.5, 0.25, 0.1, 0.05, 1.0)),
@@ -94,10 +146,14 @@ def build_variants(names: list[str], where: Path) -> dict:
     """name -> the variant's ``triton_attention`` module."""
     attention = (ROOT / "kernels" / "triton_attention.py").read_text()
     common = (ROOT / "kernels" / "triton_common.py").read_text()
-    sources = {
-        name: {"triton_attention.py": attention, "triton_common.py": substitute(common, VARIANTS[name], name)}
-        for name in names
-    }
+    sources = {}
+    for name in names:
+        pairs, transform = ATTENTION_VARIANTS.get(name, ([], None))
+        attn = substitute(attention, pairs, name)
+        sources[name] = {
+            "triton_attention.py": transform(attn) if transform else attn,
+            "triton_common.py": substitute(common, VARIANTS[name], name),
+        }
     return import_source_variants(sources, "triton_attention", where)
 
 
@@ -106,6 +162,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", default="current,search_chain,eager_rescale,before")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median kept)")
+    ap.add_argument("--persistent-programs", type=int, default=1, help="programs per SM of `persistent`")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -115,6 +172,8 @@ def main(argv=None) -> dict:
     if unknown:
         ap.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     mods = build_variants(["current", *[n for n in names if n != "current"]], Path(tempfile.mkdtemp()))
+    if "persistent" in mods:
+        mods["persistent"].PROGRAMS_PER_SM = args.persistent_programs
     report = {"benchmark": "ab_plan_loop", "device": torch.cuda.get_device_name(), "versions": versions()}
     report["rows"] = rows = []
 
@@ -143,6 +202,7 @@ def run_shape(shape: str, mods: dict, rows: list, rounds: int, save) -> None:
     cu_tf = tflops(seq * seq * heads, 1, d, cu_ms)
     print(f"{shape}: cuDNN {cu_ms:.3f} ms, {cu_tf:.0f} TF/s", flush=True)
     n = math.ceil(seq / 128)
+    failed = {}
     for density in densities:
         mask = make_mask("random", heads, n, n, density)
         idx, cnt = _plan(mask)
@@ -151,8 +211,17 @@ def run_shape(shape: str, mods: dict, rows: list, rounds: int, save) -> None:
             for name, m in mods.items()
         }
         ref = fns["current"]().float()
+        for name in [n for n in fns if n != "current"]:
+            try:
+                fns[name]()
+            except Exception as e:  # a variant that does not compile here: recorded, not timed
+                failed.setdefault(name, f"{type(e).__name__}: {str(e)[:300]}")
+                print(f"  {name} failed: {failed[name]}", flush=True)
+                del fns[name]
         pairs = computed_pairs(mask, seq, 128)
         row = {"shape": shape, "density": pairs / (seq * seq * heads), "cudnn_tflops": cu_tf}
+        if failed:
+            row["failed"] = dict(failed)
         row["max_abs_diff_vs_current"] = {
             name: float((fn().float() - ref).abs().max()) for name, fn in fns.items()
         }
