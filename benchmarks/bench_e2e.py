@@ -836,6 +836,9 @@ class Runner:
                 "dense_layers": list(handle.config.dense_layers or ()),
                 "block": handle.config.block_q,
             }
+            if row.get("preset"):  # what the preset was when it ran: presets change, result files stay
+                plain = (str, int, float, tuple)
+                res["preset_knobs"] = {k: v for k, v in knobs.items() if isinstance(v, plain)}
         dense_ref = self.results.get(("dense", compiled))
         share = (
             dense_ref is not None and _shares_dense(row, self.geom["family"]) and not self.args.no_share_dense

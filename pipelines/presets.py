@@ -200,13 +200,13 @@ _E2E13_NOW = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_lazy.json"  # 
 _E2E14_NOW = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_lazy.json"  # current kernels: the others
 # The balanced preset: re-ttention's lean schedule (docs/rettention.md), its bench_e2e row and quality row.
 # Its refreshes are fractions of the run: at 50 steps (5, 15, 25, 35, 45) exactly `refresh_every=10`, the knob
-# its bench_e2e and 50-step quality rows were run with; at 30 or 10 steps the same shape, where a period of 10
-# would refresh 3 times or once.
+# its bench_e2e rows were run with (its 50-step quality row ran the fractions); at 30 or 10 steps the same
+# shape, where a period of 10 would refresh 3 times or once.
 _LEAN: dict[str, Any] = {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3, 0.5, 0.7, 0.9)}
 _LEAN_ROW = "rettention_window_0.05_lean"
 # On the embedded model's 192-token frames the per-frame window's automatic blocks are 16 tokens (window.py);
 # its quality and speed rows were run with those blocks given explicitly.
-_LEAN_SPEC = "rettention:density=0.05,block_q=16,dense_steps=0.1,refresh_every=10"
+_LEAN_SPEC = "rettention:density=0.05,block_q=16,dense_steps=0.1,refresh_at=(0.3,0.5,0.7,0.9)"
 _E2E14_LEAN = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_rettention_lean.json"
 _WAN13 = "Wan2.1-1.3B 480p 81f, 32,760 tokens"
 _WAN14 = "Wan2.1-14B 720p 81f, 75,600 tokens"
@@ -226,8 +226,10 @@ _E2E13_H100 = f"benchmarks/results/e2e_wan1.3b_480p_81f_{_H100}_rettention_sched
 _E2E14_H100 = f"benchmarks/results/e2e_wan14b_720p_81f_{_H100}_rettention_schedules.json"
 _E2E_HY_H100 = f"benchmarks/results/e2e_hunyuan_720p_129f_{_H100}_rettention_schedules.json"
 _GRAPHS_H100 = f"benchmarks/results/profile_embedded_inplace_{_H100}.json"
-_Q50_H100 = f"benchmarks/results/quality_tiny_rettention_50steps_{_H100}.json"
-_CLIP50_H100 = "H100 bf16, whole 50-step render, median over 16 prompts"
+# Both presets' exact specs on all 24 held-out prompts at 50 steps (H200), and Wan-14B's fast compiled.
+_Q50 = "benchmarks/results/quality_tiny_presets_50steps_24prompts_nvidia_h200.json"
+_CLIP50 = "H200 bf16, whole 50-step render, median over 24 prompts"
+_E2E14_FAST = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_fast_compiled.json"
 _E2E_H100 = _E2E.replace("H200", "H100")
 _E2E_COMPILED_H100 = _E2E_COMPILED.replace("H200", "H100")
 _E2E_ONE_CALL_H100 = _E2E_ONE_CALL.replace("H200", "H100")
@@ -313,13 +315,14 @@ _ROWS: tuple[Preset, ...] = (
                 _E2E_COMPILED,
                 Source(_E2E14_LEAN, f"rows[row={_LEAN_ROW},compiled=True]/speedup"),
             ),
-            _embedded_speed(_LEAN_SPEC, 0.89, _Q50_H100, _CLIP50_H100),
+            _embedded_speed(_LEAN_SPEC, 0.89, _Q50, _CLIP50),
         ),
-        quality=Quality(31.07, 0.962, 0.194, _LEAN_SPEC, _Q50_H100, steps=50, prompts=16),
+        quality=Quality(29.93, 0.957, 0.194, _LEAN_SPEC, _Q50, steps=50, prompts=24),
         note=(
             "re-ttention on a 5% per-frame window: first 10% of steps dense, statistics refreshed at 10, 30, "
-            "50, 70 and 90% of the run (docs/rettention.md); measured at 50 steps, where that is "
-            "refresh_every=10. Not yet timed with cuda_graphs (refresh_every=10 at 30 steps: 1.71x, H100)"
+            "50, 70 and 90% of the run (docs/rettention.md); its speed measured at 50 steps as "
+            "refresh_every=10, the same schedule there. Not yet timed with cuda_graphs (refresh_every=10 at "
+            "30 steps: 1.71x, H100)"
         ),
     ),
     Preset(
@@ -331,13 +334,14 @@ _ROWS: tuple[Preset, ...] = (
             _e2e_speed(1.92, _WAN13, _E2E_H100, _E2E13_H100, _FAST_ROW, False),
             _e2e_speed(2.47, _WAN13_COMPILED, _E2E_COMPILED_H100, _E2E13_H100, _FAST_ROW, True),
             _e2e_speed(2.33, _WAN14, _E2E_H100, _E2E14_H100, _FAST_ROW, False),
-            _embedded_speed(_FAST_SPEC, 0.91, _Q50_H100, _CLIP50_H100),
+            _e2e_speed(2.71, _WAN14_COMPILED, _E2E_COMPILED, _E2E14_FAST, "fast", True),
+            _embedded_speed(_FAST_SPEC, 0.87, _Q50, _CLIP50),
             _embedded_graphs_speed("rettention_front2", 1.56, _GRAPHS_H100, "H100"),
         ),
-        quality=Quality(27.61, 0.923, 0.128, _FAST_SPEC, _Q50_H100, steps=50, prompts=16),
+        quality=Quality(26.23, 0.903, 0.128, _FAST_SPEC, _Q50, steps=50, prompts=24),
         note=(
             "re-ttention on a 5% per-frame window: first 10% of steps dense, one refresh at 30% of the run "
-            "(docs/rettention.md); not yet timed compiled at Wan2.1-14B"
+            "(docs/rettention.md)"
         ),
     ),
     # HunyuanVideo's stock attention passes a key mask (padded text), which sends SDPA to a slower kernel
