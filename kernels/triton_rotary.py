@@ -86,7 +86,8 @@ def _rotary_qk_fwd_kernel(
     t = row % S
     rotate = t < N_ROT  # tokens past the rotated ones are copied
     dims = tl.arange(0, BLOCK_D)
-    tab = (dims < D) & rotate
+    # One comparison, not (dims < D) & rotate: Triton 3.9's interpreter turns that & into an int32 mask.
+    tab = dims < tl.where(rotate, D, 0)
     cos = tl.load(COS + b.to(tl.int64) * sc_b + t.to(tl.int64) * sc_s + dims, mask=tab, other=0.0)
     sin = tl.load(SIN + b.to(tl.int64) * ss_b + t.to(tl.int64) * ss_s + dims, mask=tab, other=0.0)
     c1, c2 = tl.split(tl.reshape(cos, (BLOCK_D // 2, 2)))  # cos[0::2], cos[1::2]
