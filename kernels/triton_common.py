@@ -57,16 +57,21 @@ def load_tile(
 @triton.jit
 def attend_tile(
     acc,
+    acc2,
     m_i,
     l_i,
     q,
+    q2,
     k_base,
     v_base,
+    k2_base,
+    v2_base,
     stride_ks,
     stride_vs,
     start_n,
     offs_n,
     offs_d,
+    offs_d2,
     seq_k,
     kv_limit,
     qk_scale,
@@ -75,17 +80,31 @@ def attend_tile(
     EVEN_D: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
+    D_LO: tl.constexpr,
+    D_HI: tl.constexpr,
 ):
     # One [BLOCK_M, BLOCK_N] step of the online softmax (base 2). With USE_TMA, k_base / v_base are tensor
     # descriptors: the copy engine zero-fills rows past the sequence and columns past HEAD_DIM.
+    # Split head dim (D_HI > 0, see split_head_dim): q, k_base, v_base and acc hold columns [0, D_LO), and q2,
+    # k2_base, v2_base (descriptors of D_HI columns, or the same pointers) and acc2 the D_HI columns from D_LO,
+    # padded with zeros past HEAD_DIM: two narrower products instead of one padded to a power of two.
+    # Without a split, acc2, q2, k2_base, v2_base and offs_d2 are placeholders and never read.
     cols = start_n + offs_n  # [BLOCK_N]
     if USE_TMA:
-        k = k_base.load([start_n, 0])  # [BLOCK_N, D_PAD]
+        k = k_base.load([start_n, 0])  # [BLOCK_N, D_PAD or D_LO]
     else:
         k = load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
     if DOT_F32:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
+    if D_HI > 0:
+        if USE_TMA:
+            k2 = k2_base.load([start_n, D_LO])  # [BLOCK_N, D_HI]
+        else:
+            k2 = load_tile(k2_base, cols, stride_ks, offs_d2, seq_k, HEAD_DIM, MASKED, False)
+        if DOT_F32:
+            k2 = k2.to(tl.float32)
+        qk = tl.dot(q2, tl.trans(k2), qk)
     if MASKED:
         qk = tl.where(cols[None, :] < kv_limit, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -103,10 +122,14 @@ def attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         acc = acc * alpha[:, None]
+        if D_HI > 0:
+            acc2 = acc2 * alpha[:, None]
     elif tl.min(alpha, 0) < 1.0:
         acc = acc * alpha[:, None]
+        if D_HI > 0:
+            acc2 = acc2 * alpha[:, None]
     if USE_TMA:
-        v = v_base.load([start_n, 0])  # [BLOCK_N, D_PAD]
+        v = v_base.load([start_n, 0])  # [BLOCK_N, D_PAD or D_LO]
     else:
         v = load_tile(v_base, cols, stride_vs, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
     if DOT_F32:
@@ -114,21 +137,35 @@ def attend_tile(
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_ij, l_i
+    if D_HI > 0:
+        if USE_TMA:
+            v2 = v2_base.load([start_n, D_LO])  # [BLOCK_N, D_HI]
+        else:
+            v2 = load_tile(v2_base, cols, stride_vs, offs_d2, seq_k, HEAD_DIM, MASKED, False)
+        if DOT_F32:
+            acc2 = tl.dot(p.to(v2.dtype).to(tl.float32), v2.to(tl.float32), acc2)
+        else:
+            acc2 = tl.dot(p.to(v2.dtype), v2, acc2)
+    return acc, acc2, m_ij, l_i
 
 
 @triton.jit
 def dense_loop(
     acc,
+    acc2,
     m_i,
     l_i,
     q,
+    q2,
     k_base,
     v_base,
+    k2_base,
+    v2_base,
     stride_ks,
     stride_vs,
     offs_n,
     offs_d,
+    offs_d2,
     seq_k,
     kv_limit,
     qk_scale,
@@ -136,19 +173,23 @@ def dense_loop(
     EVEN_D: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
+    D_LO: tl.constexpr,
+    D_HI: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Every key tile below kv_limit: full tiles unmasked, then the partial one masked.
     n_full = kv_limit // BLOCK_N
     for t in range(0, n_full):
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, t * BLOCK_N, offs_n,
-                                    offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32,
-                                    USE_TMA)  # fmt: skip
+        acc, acc2, m_i, l_i = attend_tile(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base, stride_ks,
+                                          stride_vs, t * BLOCK_N, offs_n, offs_d, offs_d2, seq_k, kv_limit,
+                                          qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32, USE_TMA, D_LO,
+                                          D_HI)  # fmt: skip
     if n_full * BLOCK_N < kv_limit:
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, n_full * BLOCK_N,
-                                    offs_n, offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32,
-                                    USE_TMA)  # fmt: skip
-    return acc, m_i, l_i
+        acc, acc2, m_i, l_i = attend_tile(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base, stride_ks,
+                                          stride_vs, n_full * BLOCK_N, offs_n, offs_d, offs_d2, seq_k, kv_limit,
+                                          qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32, USE_TMA, D_LO,
+                                          D_HI)  # fmt: skip
+    return acc, acc2, m_i, l_i
 
 
 @triton.jit
@@ -192,11 +233,15 @@ def unmasked_entries(
 @triton.jit
 def plan_loop(
     acc,
+    acc2,
     m_i,
     l_i,
     q,
+    q2,
     k_base,
     v_base,
+    k2_base,
+    v2_base,
     stride_ks,
     stride_vs,
     idx_base,
@@ -204,6 +249,7 @@ def plan_loop(
     count,
     offs_n,
     offs_d,
+    offs_d2,
     seq_k,
     kv_limit,
     qk_scale,
@@ -214,6 +260,8 @@ def plan_loop(
     ANY_LIMIT: tl.constexpr,
     PLAN_BK: tl.constexpr,
     MAX_K_LOG2: tl.constexpr,
+    D_LO: tl.constexpr,
+    D_HI: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # The key blocks of one plan row (``count`` sorted indices at idx_base). A row that keeps every key
@@ -225,8 +273,9 @@ def plan_loop(
     # on an H200, docs/kernels.md).
     SUB: tl.constexpr = PLAN_BK // BLOCK_N
     if count == tl.cdiv(seq_k, PLAN_BK):
-        acc, m_i, l_i = dense_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, seq_k,
-                                   kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, BLOCK_N)  # fmt: skip
+        acc, acc2, m_i, l_i = dense_loop(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base, stride_ks,
+                                         stride_vs, offs_n, offs_d, offs_d2, seq_k, kv_limit, qk_scale, HEAD_DIM,
+                                         EVEN_D, DOT_F32, USE_TMA, D_LO, D_HI, BLOCK_N)  # fmt: skip
     else:
         kb_next = tl.load(idx_base, mask=count > 0, other=0)
         n_full = unmasked_entries(idx_base, stride_ik, count, kv_limit, ANY_LIMIT, PLAN_BK, MAX_K_LOG2)
@@ -235,16 +284,18 @@ def plan_loop(
             kb = kb_next
             kb_next = tl.load(idx_base + ((t + 1) // SUB) * stride_ik, mask=t + 1 < n_unmasked, other=0)
             start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_n,
-                                        offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32,
-                                        USE_TMA)  # fmt: skip
+            acc, acc2, m_i, l_i = attend_tile(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base,
+                                              stride_ks, stride_vs, start_n, offs_n, offs_d, offs_d2, seq_k,
+                                              kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32, USE_TMA, D_LO,
+                                              D_HI)  # fmt: skip
         for t in range(n_full * SUB, count * SUB):
             kb = tl.load(idx_base + (t // SUB) * stride_ik)
             start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_n,
-                                        offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32,
-                                        USE_TMA)  # fmt: skip
-    return acc, m_i, l_i
+            acc, acc2, m_i, l_i = attend_tile(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base,
+                                              stride_ks, stride_vs, start_n, offs_n, offs_d, offs_d2, seq_k,
+                                              kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32, USE_TMA, D_LO,
+                                              D_HI)  # fmt: skip
+    return acc, acc2, m_i, l_i
 
 
 # --------------------------------------------------------------------------------------------------
@@ -605,6 +656,24 @@ def cdiv(a: int, b: int) -> int:
 
 def head_dim_pad(d: int) -> int:
     return max(16, _pow2_at_least(d))
+
+
+# A head dim that is not a power of two can run as two products, of D_LO and D_HI columns, instead of one
+# padded to the next power of two (attend_tile): 72 as 64 + 16 = 80 columns against 128, so 0.62x the matrix
+# work. Off until it is timed on a GPU (benchmarks/ab_plan_loop.py, variant split_d);
+# DIT_ACCEL_SPLIT_HEAD_DIM=1 turns it on for the attention kernel. Read at each launch.
+SPLIT_HEAD_DIM = os.environ.get("DIT_ACCEL_SPLIT_HEAD_DIM", "0") == "1"
+
+
+def split_head_dim(d: int) -> tuple[int, int]:
+    """(D_LO, D_HI) of the attention kernel for head dim ``d``: (its padded width, 0) without a split."""
+    pad = head_dim_pad(d)
+    if SPLIT_HEAD_DIM and d != pad:
+        lo = pad // 2
+        hi = max(16, _pow2_at_least(d - lo))
+        if lo + hi < pad:
+            return lo, hi
+    return pad, 0
 
 
 def seq_bucket(seq_q: int, seq_k: int) -> int:
