@@ -1,7 +1,8 @@
 """Compile the attention kernel for a Hopper GPU (sm_90) on a machine without one: Triton's own compiler and
 ptxas, no launch. Run as a script in a process without TRITON_INTERPRET (under it ``triton.jit`` gives
 interpreted functions, which do not compile). Prints one JSON object per configuration: the PTX's code section
-hashed (debug info left out), the shared memory and the tensor-core instruction shapes.
+hashed (debug info left out), the shared memory, the tensor-core instruction shapes, and the registers and
+spilled bytes that Triton's ptxas reports (``ptxas -v``).
 
     python tests/_aot.py '[{"HEAD_DIM": 72, "D_LO": 64, "D_HI": 16}]'
 """
@@ -53,10 +54,34 @@ def compile_attention(const: dict, num_warps: int = 8, num_stages: int = 3) -> d
         if line.strip() and not line.strip().startswith((".loc", ".file", "//"))
     )  # fmt: skip
     return {
+        **ptxas_usage(ptx),
         "code_md5": hashlib.md5(code.encode()).hexdigest(),
         "shared": kernel.metadata.shared,
         "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))),
         "tma_loads": ptx.count("cp.async.bulk.tensor"),
+    }
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """Registers per thread and spill bytes (stores + loads) of ``ptx`` for sm_90a, from Triton's ptxas."""
+    import os
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+    text = run.stdout + run.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
     }
 
 

@@ -260,6 +260,7 @@ def test_split_head_dim_compiles_for_hopper():
     assert "m64n16k16" in split["wgmma"] and "m64n64k16" in split["wgmma"]  # P.V as 64 + 16 columns
     assert "m64n32k16" in split96["wgmma"]
     assert split["shared"] < padded["shared"] and split["tma_loads"] > padded["tma_loads"]
+    assert split["spill_bytes"] == 0 and split96["spill_bytes"] == 0  # the second accumulator fits
 
 
 @pytest.mark.interpret
