@@ -250,11 +250,37 @@ def _compile_for_hopper(configs: list[dict]) -> list[dict]:
     return [json.loads(line) for line in run.stdout.splitlines()]
 
 
+def test_kernels_compile_for_hopper():
+    """Every kernel builds for an H100 / H200 on a machine without one (the interpreter tests do not compile
+    anything): the attention kernel's sparse, dense, corrected and pointer-load paths, the refresh kernel with
+    fp16 and fp8 residuals, block mass and both rotary conventions. The tensor-core paths use wgmma."""
+    configs = [
+        {"kernel": "attention"},
+        {"kernel": "attention", "DENSE": True},
+        {"kernel": "attention", "HAS_CORR": True, "RHO_DEV": True, "R_SCALED": True, "HAS_KV_LEN": True},
+        {"kernel": "attention", "HEAD_DIM": 72, "USE_TMA": False, "HAS_KV_LEN": True, "num_warps": 4},
+        {"kernel": "refresh"},
+        {"kernel": "refresh", "R_FP8": True, "HAS_KV_LEN": True},
+        {"kernel": "mass"},
+        {"kernel": "rotary"},
+        {"kernel": "rotary", "MODE": 0, "PAIRS": True},
+    ]
+    results = _compile_for_hopper(configs)
+    for config, result in zip(configs, results):
+        if config["kernel"] != "rotary":
+            assert "m64n128k16" in result["wgmma"], (config, result)
+        assert result["registers"] is not None and result["registers"] <= 255, (config, result)
+
+
 def test_split_head_dim_compiles_for_hopper():
     """The split kernel's compiled path (tensor descriptors of 64 and 16 columns, wgmma) builds for an H100 /
     H200 without one: narrower products and less shared memory than the padded kernel at head dim 72."""
     padded, split, split96 = _compile_for_hopper(
-        [{"HEAD_DIM": 72}, {"HEAD_DIM": 72, "D_LO": 64, "D_HI": 16}, {"HEAD_DIM": 96, "D_LO": 64, "D_HI": 32}]
+        [
+            {"kernel": "attention", "HEAD_DIM": 72},
+            {"kernel": "attention", "HEAD_DIM": 72, "D_LO": 64, "D_HI": 16},
+            {"kernel": "attention", "HEAD_DIM": 96, "D_LO": 64, "D_HI": 32},
+        ]
     )
     assert padded["wgmma"] == ["m64n128k16"]  # QK^T and P.V both over 128 padded columns
     assert "m64n16k16" in split["wgmma"] and "m64n64k16" in split["wgmma"]  # P.V as 64 + 16 columns
