@@ -421,6 +421,7 @@ def main(argv=None) -> int:
         "--methods", nargs="+", required=True, help='specs like "window:density=0.25,dense_steps=2"'
     )
     parser.add_argument("--prompts", type=int, default=8, help="number of held-out grammar prompts")
+    parser.add_argument("--first-prompt", type=int, default=0, help="index of the first held-out prompt run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--frames", type=int)
@@ -445,7 +446,9 @@ def main(argv=None) -> int:
     }
     pipe = load_tiny_video_pipeline(device=args.device, weights_dir=args.weights)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [p for p, _ in held_out_prompts(args.prompts)]
+    if not 0 <= args.first_prompt < args.prompts:
+        parser.error(f"--first-prompt must be in [0, --prompts), got {args.first_prompt}")
+    prompts = [p for p, _ in held_out_prompts(args.prompts)][args.first_prompt :]
     methods = {}
     for spec in args.methods:
         name, knobs = parse_method_spec(spec)
@@ -455,9 +458,11 @@ def main(argv=None) -> int:
 
     def text_of(rows):
         done = rows[0]["prompts"]
+        which = f" from #{args.first_prompt}" if args.first_prompt else ""
         return (
             f"Embedded tiny model, {geometry}, {call_kwargs['num_inference_steps']} steps, guidance "
-            f"{args.guidance}, seed {args.seed}, {done} held-out prompts, {device}.\n\n" + format_table(rows)
+            f"{args.guidance}, seed {args.seed}, {done} held-out prompts{which}, {device}.\n\n"
+            + format_table(rows)
         )
 
     def write(rows):
@@ -471,6 +476,7 @@ def main(argv=None) -> int:
                     "seed": args.seed,
                     "device": device,
                     "prompts_asked": len(prompts),
+                    "first_prompt": args.first_prompt,
                     "rows": rows,
                 },
                 f,

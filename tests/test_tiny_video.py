@@ -526,3 +526,20 @@ def test_attention_density_separates_plan_calls_from_full_passes():
     assert d["density"] == pytest.approx((1.0 + 0.1 + 0.2 + 1.0) / 4)
     assert d["sparse_calls"] == 4 and d["calls"] == 5
     assert attention_density([{"kind": "dense", "density": 1.0}])["plan_density"] is None
+
+
+def test_quality_cli_runs_a_tail_of_the_prompts(smoke_weights, tmp_path):
+    """``--first-prompt`` runs held-out prompts from that index on (a long run's tail), and says so."""
+    from dit_accel.pipelines import quality
+
+    out = tmp_path / "q.md"
+    argv = ["--device", "cpu", "--weights", str(smoke_weights), "--frames", "5", "--height", "32"]
+    argv += ["--width", "32", "--steps", "2", "--prompts", "3", "--first-prompt", "2"]
+    argv += ["--methods", "window:density=0.5"]
+    assert quality.main([*argv, "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["first_prompt"] == 2 and report["prompts_asked"] == 1
+    assert [r["prompts"] for r in report["rows"]] == [1, 1]
+    assert "1 held-out prompts from #2" in out.read_text()
+    with pytest.raises(SystemExit):
+        quality.main([*argv[:-4], "--first-prompt", "3", "--methods", "window:density=0.5"])
