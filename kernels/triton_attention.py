@@ -181,9 +181,6 @@ def _block_sparse_attn_fwd_kernel(
         if D_HI > 0:
             k2_base = tl.make_tensor_descriptor(k2_base, [SEQ_K, HEAD_DIM], [stride_ks, 1], [BLOCK_N, D_HI])
             v2_base = tl.make_tensor_descriptor(v2_base, [SEQ_K, HEAD_DIM], [stride_vs, 1], [BLOCK_N, D_HI])
-        else:
-            k2_base = k_base
-            v2_base = v_base
 
     kv_limit = SEQ_K
     if HAS_KV_LEN:

@@ -55,6 +55,30 @@ def load_tile(
 
 
 @triton.jit
+def kv_tile(
+    base,
+    start_n,
+    col,
+    cols,
+    stride_s,
+    offs_d,
+    seq_k,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    # The K or V tile of keys start_n + offs_n: through a tensor descriptor (its block's columns from ``col``;
+    # the copy engine zero-fills rows past the sequence and columns past HEAD_DIM) or by masked pointer loads
+    # of the columns offs_d.
+    if USE_TMA:
+        tile = base.load([start_n, col])
+    else:
+        tile = load_tile(base, cols, stride_s, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)
+    return tile
+
+
+@triton.jit
 def attend_tile(
     acc,
     acc2,
@@ -90,18 +114,14 @@ def attend_tile(
     # padded with zeros past HEAD_DIM: two narrower products instead of one padded to a power of two.
     # Without a split, acc2, q2, k2_base, v2_base and offs_d2 are placeholders and never read.
     cols = start_n + offs_n  # [BLOCK_N]
-    if USE_TMA:
-        k = k_base.load([start_n, 0])  # [BLOCK_N, D_PAD or D_LO]
-    else:
-        k = load_tile(k_base, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
+    k = kv_tile(k_base, start_n, 0, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D, USE_TMA)
     if DOT_F32:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
     if D_HI > 0:
-        if USE_TMA:
-            k2 = k2_base.load([start_n, D_LO])  # [BLOCK_N, D_HI]
-        else:
-            k2 = load_tile(k2_base, cols, stride_ks, offs_d2, seq_k, HEAD_DIM, MASKED, False)
+        k2 = kv_tile(
+            k2_base, start_n, D_LO, cols, stride_ks, offs_d2, seq_k, HEAD_DIM, MASKED, False, USE_TMA
+        )
         if DOT_F32:
             k2 = k2.to(tl.float32)
         qk = tl.dot(q2, tl.trans(k2), qk)
@@ -128,20 +148,16 @@ def attend_tile(
         acc = acc * alpha[:, None]
         if D_HI > 0:
             acc2 = acc2 * alpha[:, None]
-    if USE_TMA:
-        v = v_base.load([start_n, 0])  # [BLOCK_N, D_PAD or D_LO]
-    else:
-        v = load_tile(v_base, cols, stride_vs, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)  # [BLOCK_N, D_PAD]
+    v = kv_tile(v_base, start_n, 0, cols, stride_vs, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D, USE_TMA)
     if DOT_F32:
         # P is rounded to the input dtype first, exactly as the compiled kernel does.
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     if D_HI > 0:
-        if USE_TMA:
-            v2 = v2_base.load([start_n, D_LO])  # [BLOCK_N, D_HI]
-        else:
-            v2 = load_tile(v2_base, cols, stride_vs, offs_d2, seq_k, HEAD_DIM, MASKED, False)
+        v2 = kv_tile(
+            v2_base, start_n, D_LO, cols, stride_vs, offs_d2, seq_k, HEAD_DIM, MASKED, False, USE_TMA
+        )
         if DOT_F32:
             acc2 = tl.dot(p.to(v2.dtype).to(tl.float32), v2.to(tl.float32), acc2)
         else:

@@ -1,8 +1,8 @@
 """Compile dit_accel's Triton kernels for a Hopper GPU (sm_90) on a machine without one: Triton's own compiler
 and ptxas, no launch. Run as a script in a process without TRITON_INTERPRET (under it ``triton.jit`` gives
 interpreted functions, which do not compile). Prints one JSON object per configuration: the PTX's code section
-hashed (debug info left out), the shared memory, the tensor-core instruction shapes, the tensor-memory
-copies, and the registers and spilled bytes that Triton's ptxas reports (``ptxas -v``).
+hashed (debug info and its scope labels left out), the shared memory, the tensor-core instruction shapes,
+the tensor-memory copies, and the registers and spilled bytes that Triton's ptxas reports (``ptxas -v``).
 
     python tests/_aot.py '[{"kernel": "attention", "HEAD_DIM": 72, "D_LO": 64, "D_HI": 16}]'
 
@@ -107,7 +107,7 @@ def compile_kernel(kernel: str, const: dict, num_warps: int | None = None, num_s
     ptx = compiled.asm["ptx"]
     code = "\n".join(
         line for line in ptx.split(".section")[0].splitlines()
-        if line.strip() and not line.strip().startswith((".loc", ".file", "//"))
+        if line.strip() and not line.strip().startswith((".loc", ".file", "//", "$L__tmp"))
     )  # fmt: skip
     return {
         **ptxas_usage(ptx),
