@@ -266,6 +266,11 @@ ROWS: list[dict] = [
             ("lean_r25", {"refresh_every": 25}, "the lean schedule with a refresh every 25 steps"),
             ("front3", {"refresh_at": (0.2, 0.4)}, "10% warm-up, refreshes at 10%, 20% and 40% of the run"),
             ("front2", {"refresh_at": (0.3,)}, "10% warm-up, refreshes at 10% and 30% of the run"),
+            (
+                "lean6",
+                {"refresh_at": (0.2, 0.3, 0.5, 0.7, 0.9)},
+                "10% warm-up, refreshes at 10, 20, 30, 50, 70 and 90% of the run",
+            ),
         )
         for suffix, knobs, note in (
             ("", {}, ""),
