@@ -238,7 +238,7 @@ ROWS: list[dict] = [
         "density": 0.05,
         "dense_steps": 0.1,
         "refresh_every": 10,
-        "note": "5 dense warm-up steps, a refresh every 10 (docs/rettention.md: the quality margin spent)",
+        "note": "5 dense warm-up steps, a refresh every 10: balanced until 2026-12-05 (docs/rettention.md)",
     },
     {
         "name": "rettention_window_0.05_lean_auto",
