@@ -21,8 +21,6 @@ Variants (``--variants``; a substitution whose source text is no longer there fa
     persistent     one program per SM (``--persistent-programs`` per SM) walking (query block, head) tiles in
                    the launch's order; a program's fixed cost (descriptors, Q load, epilogue) stays per tile,
                    the launch and tail of ~24-180 waves of programs go
-    split_d        a head dim that is not a power of two as two products (72: 64 + 16 columns) instead of one
-                   padded to 128 (``triton_common.split_head_dim``); the same kernel at head dims 64 and 128
     more_tiles     the tile list plus 128x64 / 8 warps / 2 stages and 64x64 / 4 warps / 2 stages, small
                    enough in shared memory for two programs per SM (one's prologue and epilogue then
                    overlap the other's key loop)
@@ -83,11 +81,10 @@ OLD_TILES = "_TILES"
 SHORTCUT = "    if count == tl.cdiv(seq_k, PLAN_BK):"
 CUR_LOW_TILES = "_LOW_DENSITY_TILES = ((128, 64, 8, 4), (64, 128, 4, 3), (64, 128, 4, 4))"
 MORE_LOW_TILES = CUR_LOW_TILES[:-1] + ", (128, 64, 8, 2), (64, 64, 4, 2))"
-SPLIT_OFF = 'SPLIT_HEAD_DIM = os.environ.get("DIT_ACCEL_SPLIT_HEAD_DIM", "0") == "1"'
 # Persistent launch (triton_attention.py): the kernel body runs in a loop over tiles; the grid is capped.
 BODY_START = "    pid_m = tl.program_id(0)\n    pid_bh = tl.program_id(1)\n    b = pid_bh // H\n"
 BODY_END = "    tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)\n"
-EVEN_D_LINE = "    EVEN_D: tl.constexpr = (HEAD_DIM == HEAD_DIM_PAD) or (D_HI > 0)\n"
+EVEN_D_LINE = "    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD\n"
 PERSISTENT_ATTENTION = [
     ("    rho_add,\n    SEQ_BUCKET,\n", "    rho_add,\n    N_BH,\n    SEQ_BUCKET,\n"),
     (
@@ -135,7 +132,6 @@ VARIANTS = {
     "no_shortcut": [(SHORTCUT, "    if count == -1:")],
     "persistent": [],
     "more_tiles": [(CUR_LOW_TILES, MORE_LOW_TILES)],
-    "split_d": [(SPLIT_OFF, "SPLIT_HEAD_DIM = True")],
 }
 # Variants that change triton_attention.py: substitutions, then an optional whole-source transform.
 ATTENTION_VARIANTS = {"persistent": (PERSISTENT_ATTENTION, persistent_body)}
@@ -144,7 +140,7 @@ SHAPES = {  # name: (H, S, D, densities); B = 1
     "wan1.3b_480p_81f": (12, 32760, 128, (0.5, 0.25, 0.1, 0.05, 1.0)),
     "flux_1024": (24, 4608, 128, (0.5, 0.1, 1.0)),
     "pixart_2k": (16, 16384, 72, (0.5, 0.25, 0.1, 1.0)),
-    "d80_9k": (16, 9216, 80, (0.5, 0.1, 1.0)),  # a head dim of 80 (64 + 16 when split)
+    "d80_9k": (16, 9216, 80, (0.5, 0.1, 1.0)),  # head dim 80, padded to 128 in the kernel
 }
 
 

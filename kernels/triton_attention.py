@@ -17,8 +17,8 @@ with the value in that tensor at replay time, not the one at capture). The LSE w
 
 Caveats: a plan block must be a multiple of the kernel tile (BLOCK_M divides block_q, BLOCK_N divides
 block_k); fp16 and bf16 only; head_dim that is not a power of two (72, 80, 96) pays for the padding in the
-matrix units, unless ``triton_common.SPLIT_HEAD_DIM`` (``DIT_ACCEL_SPLIT_HEAD_DIM=1``, off until timed on a GPU)
-runs it as two narrower products (72: 64 + 16 columns).
+matrix units (two narrower products instead, 72 as 64 + 16 columns, were no faster on an H100 and were
+removed: docs/kernels.md, "Split head dim").
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from .triton_common import (
     plan_loop,
     prune_configs,
     seq_bucket,
-    split_head_dim,
     tma_ok,
 )
 
@@ -74,17 +73,7 @@ def _correct(
 
 @triton.autotune(
     configs=attention_configs(),
-    key=[
-        "HEAD_DIM_PAD",
-        "D_HI",
-        "SEQ_BUCKET",
-        "DENSE",
-        "PLAN_BQ",
-        "PLAN_BK",
-        "HAS_KV_LEN",
-        "USE_TMA",
-        "HAS_CORR",
-    ],
+    key=["HEAD_DIM_PAD", "SEQ_BUCKET", "DENSE", "PLAN_BQ", "PLAN_BK", "HAS_KV_LEN", "USE_TMA", "HAS_CORR"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
@@ -142,8 +131,6 @@ def _block_sparse_attn_fwd_kernel(
     R_SCALED: tl.constexpr,
     CLAMP: tl.constexpr,
     RHO_DEV: tl.constexpr,
-    D_LO: tl.constexpr,
-    D_HI: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -151,36 +138,20 @@ def _block_sparse_attn_fwd_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    # Columns [0, D_LO) in q / acc; with a split head dim (D_HI > 0) the D_HI columns from D_LO in q2 / acc2.
-    EVEN_D: tl.constexpr = (HEAD_DIM == HEAD_DIM_PAD) or (D_HI > 0)
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_LO)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    q = load_tile(q_base, offs_m, stride_qs, offs_d, SEQ_Q, HEAD_DIM, True, EVEN_D)  # [BLOCK_M, D_LO]
+    q = load_tile(q_base, offs_m, stride_qs, offs_d, SEQ_Q, HEAD_DIM, True, EVEN_D)  # [BLOCK_M, D_PAD]
     if DOT_F32:
         q = q.to(tl.float32)
-    if D_HI > 0:
-        offs_d2 = D_LO + tl.arange(0, D_HI)
-        q2 = load_tile(q_base, offs_m, stride_qs, offs_d2, SEQ_Q, HEAD_DIM, True, False)  # [BLOCK_M, D_HI]
-        if DOT_F32:
-            q2 = q2.to(tl.float32)
-        acc2 = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
-    else:  # placeholders, never read
-        offs_d2 = offs_d
-        q2 = q
-        acc2 = tl.zeros([1, 1], dtype=tl.float32)
-    k2_base = k_base
-    v2_base = v_base
     if USE_TMA:
-        k_base = tl.make_tensor_descriptor(k_base, [SEQ_K, HEAD_DIM], [stride_ks, 1], [BLOCK_N, D_LO])
-        v_base = tl.make_tensor_descriptor(v_base, [SEQ_K, HEAD_DIM], [stride_vs, 1], [BLOCK_N, D_LO])
-        if D_HI > 0:
-            k2_base = tl.make_tensor_descriptor(k2_base, [SEQ_K, HEAD_DIM], [stride_ks, 1], [BLOCK_N, D_HI])
-            v2_base = tl.make_tensor_descriptor(v2_base, [SEQ_K, HEAD_DIM], [stride_vs, 1], [BLOCK_N, D_HI])
+        k_base = tl.make_tensor_descriptor(k_base, [SEQ_K, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM_PAD])
+        v_base = tl.make_tensor_descriptor(v_base, [SEQ_K, HEAD_DIM], [stride_vs, 1], [BLOCK_N, HEAD_DIM_PAD])
 
     kv_limit = SEQ_K
     if HAS_KV_LEN:
@@ -188,29 +159,25 @@ def _block_sparse_attn_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_LO], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     if DENSE:
-        acc, acc2, m_i, l_i = dense_loop(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base, stride_ks,
-                                         stride_vs, offs_n, offs_d, offs_d2, SEQ_K, kv_limit, qk_scale, HEAD_DIM,
-                                         EVEN_D, DOT_F32, USE_TMA, D_LO, D_HI, BLOCK_N)  # fmt: skip
+        acc, m_i, l_i = dense_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, SEQ_K,
+                                   kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, BLOCK_N)  # fmt: skip
     else:
         row = (pid_m * BLOCK_M) // PLAN_BQ
         idx_base = (
             KV_IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + row.to(tl.int64) * stride_im
         )
         count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + row * stride_cm)
-        acc, acc2, m_i, l_i = plan_loop(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base, stride_ks,
-                                        stride_vs, idx_base, stride_ik, count, offs_n, offs_d, offs_d2, SEQ_K,
-                                        kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, HAS_KV_LEN, PLAN_BK,
-                                        MAX_K_LOG2, D_LO, D_HI, BLOCK_N)  # fmt: skip
+        acc, m_i, l_i = plan_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, idx_base, stride_ik,
+                                  count, offs_n, offs_d, SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32,
+                                  USE_TMA, HAS_KV_LEN, PLAN_BK, MAX_K_LOG2, BLOCK_N)  # fmt: skip
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-    if D_HI > 0:
-        out2 = acc2 / l_safe[:, None]
     if HAS_CORR:
         if RHO_DEV:
             rho_add = tl.load(RHO_ADD)
@@ -218,21 +185,11 @@ def _block_sparse_attn_fwd_kernel(
         row_base = pid_bh.to(tl.int64) * SEQ_Q
         out = _correct(out, offs_m, offs_d, SEQ_Q, r_base, stride_rs, RHO + row_base, R_SCALE + row_base,
                        rho_add, HEAD_DIM, EVEN_D, R_SCALED, CLAMP)  # fmt: skip
-        if D_HI > 0:
-            out2 = _correct(out2, offs_m, offs_d2, SEQ_Q, r_base, stride_rs, RHO + row_base, R_SCALE + row_base,
-                            rho_add, HEAD_DIM, False, R_SCALED, CLAMP)  # fmt: skip
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
     tl.store(
         o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM)
     )
-    if D_HI > 0:
-        o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d2[None, :]
-        tl.store(
-            o_ptrs,
-            out2.to(O.dtype.element_ty),
-            mask=(offs_m[:, None] < SEQ_Q) & (offs_d2[None, :] < HEAD_DIM),
-        )
     tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
 
 
@@ -273,7 +230,6 @@ def sparse_attention_fwd(
     scale_arg = residual_scale if residual_scale is not None else lse
     rho_dev = isinstance(rho_add, torch.Tensor)
     rho_add_arg = rho_add if rho_dev else lse  # unused without RHO_DEV
-    d_lo, d_hi = split_head_dim(head_dim)
 
     def grid(meta):
         return (cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
@@ -319,7 +275,5 @@ def sparse_attention_fwd(
         R_SCALED=residual_scale is not None,
         CLAMP=bool(clamp),
         RHO_DEV=rho_dev and has_corr,
-        D_LO=d_lo,
-        D_HI=d_hi,
     )
     return out, lse

@@ -58,7 +58,6 @@ def load_tile(
 def kv_tile(
     base,
     start_n,
-    col,
     cols,
     stride_s,
     offs_d,
@@ -68,11 +67,10 @@ def kv_tile(
     EVEN_D: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    # The K or V tile of keys start_n + offs_n: through a tensor descriptor (its block's columns from ``col``;
-    # the copy engine zero-fills rows past the sequence and columns past HEAD_DIM) or by masked pointer loads
-    # of the columns offs_d.
+    # The [BLOCK_N, D_PAD] K or V tile of keys cols = start_n + offs_n: through a tensor descriptor (the copy
+    # engine zero-fills rows past the sequence and columns past HEAD_DIM) or by masked pointer loads.
     if USE_TMA:
-        tile = base.load([start_n, col])
+        tile = base.load([start_n, 0])
     else:
         tile = load_tile(base, cols, stride_s, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D)
     return tile
@@ -81,21 +79,16 @@ def kv_tile(
 @triton.jit
 def attend_tile(
     acc,
-    acc2,
     m_i,
     l_i,
     q,
-    q2,
     k_base,
     v_base,
-    k2_base,
-    v2_base,
     stride_ks,
     stride_vs,
     start_n,
     offs_n,
     offs_d,
-    offs_d2,
     seq_k,
     kv_limit,
     qk_scale,
@@ -104,27 +97,14 @@ def attend_tile(
     EVEN_D: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
-    D_LO: tl.constexpr,
-    D_HI: tl.constexpr,
 ):
     # One [BLOCK_M, BLOCK_N] step of the online softmax (base 2). With USE_TMA, k_base / v_base are tensor
-    # descriptors: the copy engine zero-fills rows past the sequence and columns past HEAD_DIM.
-    # Split head dim (D_HI > 0, see split_head_dim): q, k_base, v_base and acc hold columns [0, D_LO), and q2,
-    # k2_base, v2_base (descriptors of D_HI columns, or the same pointers) and acc2 the D_HI columns from D_LO,
-    # padded with zeros past HEAD_DIM: two narrower products instead of one padded to a power of two.
-    # Without a split, acc2, q2, k2_base, v2_base and offs_d2 are placeholders and never read.
+    # descriptors (kv_tile).
     cols = start_n + offs_n  # [BLOCK_N]
-    k = kv_tile(k_base, start_n, 0, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D, USE_TMA)
+    k = kv_tile(k_base, start_n, cols, stride_ks, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D, USE_TMA)
     if DOT_F32:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
-    if D_HI > 0:
-        k2 = kv_tile(
-            k2_base, start_n, D_LO, cols, stride_ks, offs_d2, seq_k, HEAD_DIM, MASKED, False, USE_TMA
-        )
-        if DOT_F32:
-            k2 = k2.to(tl.float32)
-        qk = tl.dot(q2, tl.trans(k2), qk)
     if MASKED:
         qk = tl.where(cols[None, :] < kv_limit, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -142,46 +122,29 @@ def attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         acc = acc * alpha[:, None]
-        if D_HI > 0:
-            acc2 = acc2 * alpha[:, None]
     elif tl.min(alpha, 0) < 1.0:
         acc = acc * alpha[:, None]
-        if D_HI > 0:
-            acc2 = acc2 * alpha[:, None]
-    v = kv_tile(v_base, start_n, 0, cols, stride_vs, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D, USE_TMA)
+    v = kv_tile(v_base, start_n, cols, stride_vs, offs_d, seq_k, HEAD_DIM, MASKED, EVEN_D, USE_TMA)
     if DOT_F32:
         # P is rounded to the input dtype first, exactly as the compiled kernel does.
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
-    if D_HI > 0:
-        v2 = kv_tile(
-            v2_base, start_n, D_LO, cols, stride_vs, offs_d2, seq_k, HEAD_DIM, MASKED, False, USE_TMA
-        )
-        if DOT_F32:
-            acc2 = tl.dot(p.to(v2.dtype).to(tl.float32), v2.to(tl.float32), acc2)
-        else:
-            acc2 = tl.dot(p.to(v2.dtype), v2, acc2)
-    return acc, acc2, m_ij, l_i
+    return acc, m_ij, l_i
 
 
 @triton.jit
 def dense_loop(
     acc,
-    acc2,
     m_i,
     l_i,
     q,
-    q2,
     k_base,
     v_base,
-    k2_base,
-    v2_base,
     stride_ks,
     stride_vs,
     offs_n,
     offs_d,
-    offs_d2,
     seq_k,
     kv_limit,
     qk_scale,
@@ -189,23 +152,19 @@ def dense_loop(
     EVEN_D: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
-    D_LO: tl.constexpr,
-    D_HI: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Every key tile below kv_limit: full tiles unmasked, then the partial one masked.
     n_full = kv_limit // BLOCK_N
     for t in range(0, n_full):
-        acc, acc2, m_i, l_i = attend_tile(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base, stride_ks,
-                                          stride_vs, t * BLOCK_N, offs_n, offs_d, offs_d2, seq_k, kv_limit,
-                                          qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32, USE_TMA, D_LO,
-                                          D_HI)  # fmt: skip
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, t * BLOCK_N, offs_n,
+                                    offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32,
+                                    USE_TMA)  # fmt: skip
     if n_full * BLOCK_N < kv_limit:
-        acc, acc2, m_i, l_i = attend_tile(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base, stride_ks,
-                                          stride_vs, n_full * BLOCK_N, offs_n, offs_d, offs_d2, seq_k, kv_limit,
-                                          qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32, USE_TMA, D_LO,
-                                          D_HI)  # fmt: skip
-    return acc, acc2, m_i, l_i
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, n_full * BLOCK_N,
+                                    offs_n, offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32,
+                                    USE_TMA)  # fmt: skip
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -249,15 +208,11 @@ def unmasked_entries(
 @triton.jit
 def plan_loop(
     acc,
-    acc2,
     m_i,
     l_i,
     q,
-    q2,
     k_base,
     v_base,
-    k2_base,
-    v2_base,
     stride_ks,
     stride_vs,
     idx_base,
@@ -265,7 +220,6 @@ def plan_loop(
     count,
     offs_n,
     offs_d,
-    offs_d2,
     seq_k,
     kv_limit,
     qk_scale,
@@ -276,8 +230,6 @@ def plan_loop(
     ANY_LIMIT: tl.constexpr,
     PLAN_BK: tl.constexpr,
     MAX_K_LOG2: tl.constexpr,
-    D_LO: tl.constexpr,
-    D_HI: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # The key blocks of one plan row (``count`` sorted indices at idx_base). A row that keeps every key
@@ -289,9 +241,8 @@ def plan_loop(
     # on an H200, docs/kernels.md).
     SUB: tl.constexpr = PLAN_BK // BLOCK_N
     if count == tl.cdiv(seq_k, PLAN_BK):
-        acc, acc2, m_i, l_i = dense_loop(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base, stride_ks,
-                                         stride_vs, offs_n, offs_d, offs_d2, seq_k, kv_limit, qk_scale, HEAD_DIM,
-                                         EVEN_D, DOT_F32, USE_TMA, D_LO, D_HI, BLOCK_N)  # fmt: skip
+        acc, m_i, l_i = dense_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, seq_k,
+                                   kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, BLOCK_N)  # fmt: skip
     else:
         kb_next = tl.load(idx_base, mask=count > 0, other=0)
         n_full = unmasked_entries(idx_base, stride_ik, count, kv_limit, ANY_LIMIT, PLAN_BK, MAX_K_LOG2)
@@ -300,18 +251,16 @@ def plan_loop(
             kb = kb_next
             kb_next = tl.load(idx_base + ((t + 1) // SUB) * stride_ik, mask=t + 1 < n_unmasked, other=0)
             start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
-            acc, acc2, m_i, l_i = attend_tile(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base,
-                                              stride_ks, stride_vs, start_n, offs_n, offs_d, offs_d2, seq_k,
-                                              kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32, USE_TMA, D_LO,
-                                              D_HI)  # fmt: skip
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_n,
+                                        offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32,
+                                        USE_TMA)  # fmt: skip
         for t in range(n_full * SUB, count * SUB):
             kb = tl.load(idx_base + (t // SUB) * stride_ik)
             start_n = kb * PLAN_BK + (t % SUB) * BLOCK_N
-            acc, acc2, m_i, l_i = attend_tile(acc, acc2, m_i, l_i, q, q2, k_base, v_base, k2_base, v2_base,
-                                              stride_ks, stride_vs, start_n, offs_n, offs_d, offs_d2, seq_k,
-                                              kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32, USE_TMA, D_LO,
-                                              D_HI)  # fmt: skip
-    return acc, acc2, m_i, l_i
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, offs_n,
+                                        offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32,
+                                        USE_TMA)  # fmt: skip
+    return acc, m_i, l_i
 
 
 # --------------------------------------------------------------------------------------------------
@@ -672,24 +621,6 @@ def cdiv(a: int, b: int) -> int:
 
 def head_dim_pad(d: int) -> int:
     return max(16, _pow2_at_least(d))
-
-
-# A head dim that is not a power of two can run as two products, of D_LO and D_HI columns, instead of one
-# padded to the next power of two (attend_tile): 72 as 64 + 16 = 80 columns against 128, so 0.62x the matrix
-# work. Off until it is timed on a GPU (benchmarks/ab_plan_loop.py, variant split_d);
-# DIT_ACCEL_SPLIT_HEAD_DIM=1 turns it on for the attention kernel. Read at each launch.
-SPLIT_HEAD_DIM = os.environ.get("DIT_ACCEL_SPLIT_HEAD_DIM", "0") == "1"
-
-
-def split_head_dim(d: int) -> tuple[int, int]:
-    """(D_LO, D_HI) of the attention kernel for head dim ``d``: (its padded width, 0) without a split."""
-    pad = head_dim_pad(d)
-    if SPLIT_HEAD_DIM and d != pad:
-        lo = pad // 2
-        hi = max(16, _pow2_at_least(d - lo))
-        if lo + hi < pad:
-            return lo, hi
-    return pad, 0
 
 
 def seq_bucket(seq_q: int, seq_k: int) -> int:

@@ -90,15 +90,13 @@ def _complement_loop(
             for s in tl.static_range(SUB):
                 start_n = kb * PLAN_BK + s * BLOCK_N
                 if start_n + BLOCK_N <= kv_limit:
-                    acc, _, m_i, l_i = attend_tile(acc, acc, m_i, l_i, q, q, k_base, v_base, k_base, v_base,
-                                                   stride_ks, stride_vs, start_n, offs_n, offs_d, offs_d, seq_k,
-                                                   kv_limit, qk_scale, HEAD_DIM, False, EVEN_D, DOT_F32, USE_TMA,
-                                                   0, 0)  # fmt: skip
+                    acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
+                                                offs_n, offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, False, EVEN_D,
+                                                DOT_F32, USE_TMA)  # fmt: skip
                 elif start_n < kv_limit:
-                    acc, _, m_i, l_i = attend_tile(acc, acc, m_i, l_i, q, q, k_base, v_base, k_base, v_base,
-                                                   stride_ks, stride_vs, start_n, offs_n, offs_d, offs_d, seq_k,
-                                                   kv_limit, qk_scale, HEAD_DIM, True, EVEN_D, DOT_F32, USE_TMA,
-                                                   0, 0)  # fmt: skip
+                    acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
+                                                offs_n, offs_d, seq_k, kv_limit, qk_scale, HEAD_DIM, True, EVEN_D,
+                                                DOT_F32, USE_TMA)  # fmt: skip
     return acc, m_i, l_i
 
 
@@ -203,11 +201,9 @@ def _refresh_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    no_split = tl.zeros([1, 1], dtype=tl.float32)  # the second half of a split head dim: not used here
-    acc, _, m_i, l_i = plan_loop(acc, no_split, m_i, l_i, q, q, k_base, v_base, k_base, v_base, stride_ks,
-                                 stride_vs, idx_base, stride_ik, count, offs_n, offs_d, offs_d, SEQ_K, kv_limit,
-                                 qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA, HAS_KV_LEN, PLAN_BK, MAX_K_LOG2, 0, 0,
-                                 BLOCK_N)  # fmt: skip
+    acc, m_i, l_i = plan_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, idx_base, stride_ik, count,
+                              offs_n, offs_d, SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32, USE_TMA,
+                              HAS_KV_LEN, PLAN_BK, MAX_K_LOG2, BLOCK_N)  # fmt: skip
 
     # Merge: weights of the two parts relative to the larger maximum (base 2).
     m = tl.maximum(m_i, m_o)

@@ -4,7 +4,7 @@ interpreted functions, which do not compile). Prints one JSON object per configu
 hashed (debug info and its scope labels left out), the shared memory, the tensor-core instruction shapes,
 the tensor-memory copies, and the registers and spilled bytes that Triton's ptxas reports (``ptxas -v``).
 
-    python tests/_aot.py '[{"kernel": "attention", "HEAD_DIM": 72, "D_LO": 64, "D_HI": 16}]'
+    python tests/_aot.py '[{"kernel": "attention", "HEAD_DIM": 72, "USE_TMA": false}]'
 
 A configuration names a kernel of KERNELS and overrides its default constexprs (and ``num_warps``,
 ``num_stages``); the attention kernel's are those of a sparse, TMA, uncorrected bf16 launch at head dim 128.
@@ -28,7 +28,7 @@ def _attention(head_dim: int = 128, **_) -> dict:
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PLAN_BQ=128, PLAN_BK=128, MAX_K_LOG2=9, DENSE=False,
         HAS_KV_LEN=False, DOT_F32=False, USE_TMA=True, HAS_CORR=False, R_SCALED=False, CLAMP=True,
-        RHO_DEV=False, D_LO=pad, D_HI=0, BLOCK_M=128, BLOCK_N=128,
+        RHO_DEV=False, BLOCK_M=128, BLOCK_N=128,
     )  # fmt: skip
 
 

@@ -184,55 +184,6 @@ def test_sparse_attention_matches_oracle(b, s, h, d, dtype, layout, block, nonco
         assert (_bhsd(out, layout)[rows] == 0).all() and torch.isneginf(lse[rows]).all()
 
 
-def test_split_head_dim_widths(monkeypatch):
-    from dit_accel.kernels import triton_common as tc
-
-    assert [tc.split_head_dim(d) for d in (72, 128)] == [(128, 0), (128, 0)]  # off by default
-    monkeypatch.setattr(tc, "SPLIT_HEAD_DIM", True)
-    widths = {d: tc.split_head_dim(d) for d in (16, 20, 40, 64, 72, 80, 96, 112, 128, 160)}
-    assert widths == {
-        16: (16, 0), 20: (32, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32),
-        112: (128, 0), 128: (128, 0), 160: (128, 32),
-    }  # fmt: skip
-
-
-SPLIT_CASES = [
-    pytest.param(2, 63, 2, 72, torch.float16, "bhsd", 32, False, id="S63-d72-fp16-bhsd"),
-    pytest.param(1, 200, 2, 80, torch.bfloat16, "bhsd", 64, True, id="S200-d80-bf16-fusedqkv"),
-    pytest.param(1, 90, 2, 40, torch.bfloat16, "bshd", 16, False, id="S90-d40-bf16-bshd"),
-    pytest.param(1, 77, 1, 96, torch.float16, "bshd", 32, False, id="S77-d96-fp16-bshd"),
-]
-
-
-@pytest.mark.interpret
-@pytest.mark.parametrize("b,s,h,d,dtype,layout,block,noncontig", SPLIT_CASES)
-def test_split_head_dim_matches_oracle(monkeypatch, b, s, h, d, dtype, layout, block, noncontig):
-    """A head dim run as two narrower products: the sparse, dense and kv_len paths against the oracle, and
-    the same numbers as the padded kernel up to rounding."""
-    from dit_accel.kernels import triton_common as tc
-
-    q, k, v = _qkv(b, s, h, d, dtype, layout, seed=11, noncontig=noncontig)
-    plan = _random_plan(b, h, s, s, block, 0.45, seed=4)
-    kv_len = torch.tensor([s - 7] * b, dtype=torch.int32, device=DEVICE)
-    padded = block_sparse_attention(q, k, v, plan, layout=layout, kv_len=kv_len, backend="triton")
-    padded_dense = dense_attention(q, k, v, layout=layout, backend="triton")
-    monkeypatch.setattr(tc, "SPLIT_HEAD_DIM", True)
-    assert tc.split_head_dim(d)[1] > 0
-    test_sparse_attention_matches_oracle(b, s, h, d, dtype, layout, block, noncontig)
-    out, lse = block_sparse_attention(q, k, v, plan, layout=layout, kv_len=kv_len, backend="triton")
-    qh, kh, vh = (_bhsd(x, layout) for x in (q, k, v))
-    ref, ref_lse = attention_reference(qh.float(), kh.float(), vh.float(), plan, d**-0.5, kv_len)
-    eager = _eager_lowp(qh, kh, vh, plan.to_token_mask(s, s), d**-0.5, kv_len)
-    _assert_close(_bhsd(out, layout), ref, eager, "out, kv_len")
-    _assert_lse(lse, ref_lse, "lse, kv_len")
-    torch.testing.assert_close(out, padded[0], atol=2e-3, rtol=0)
-    dout, dlse = dense_attention(q, k, v, layout=layout, backend="triton")
-    sdpa = torch.nn.functional.scaled_dot_product_attention(qh.float(), kh.float(), vh.float())
-    _assert_close(_bhsd(dout, layout), sdpa, _eager_lowp(qh, kh, vh, None, d**-0.5), "dense")
-    torch.testing.assert_close(dout, padded_dense[0], atol=2e-3, rtol=0)
-    torch.testing.assert_close(dlse, padded_dense[1], atol=1e-4, rtol=0)
-
-
 def _compile_for_hopper(configs: list[dict]) -> list[dict]:
     """tests/_aot.py in a process without the interpreter: each configuration compiled for sm_90."""
     import json
@@ -270,23 +221,6 @@ def test_kernels_compile_for_hopper():
         if config["kernel"] != "rotary":
             assert "m64n128k16" in result["wgmma"], (config, result)
         assert result["registers"] is not None and result["registers"] <= 255, (config, result)
-
-
-def test_split_head_dim_compiles_for_hopper():
-    """The split kernel's compiled path (tensor descriptors of 64 and 16 columns, wgmma) builds for an H100 /
-    H200 without one: narrower products and less shared memory than the padded kernel at head dim 72."""
-    padded, split, split96 = _compile_for_hopper(
-        [
-            {"kernel": "attention", "HEAD_DIM": 72},
-            {"kernel": "attention", "HEAD_DIM": 72, "D_LO": 64, "D_HI": 16},
-            {"kernel": "attention", "HEAD_DIM": 96, "D_LO": 64, "D_HI": 32},
-        ]
-    )
-    assert padded["wgmma"] == ["m64n128k16"]  # QK^T and P.V both over 128 padded columns
-    assert "m64n16k16" in split["wgmma"] and "m64n64k16" in split["wgmma"]  # P.V as 64 + 16 columns
-    assert "m64n32k16" in split96["wgmma"]
-    assert split["shared"] < padded["shared"] and split["tma_loads"] > padded["tma_loads"]
-    assert split["spill_bytes"] == 0 and split96["spill_bytes"] == 0  # the second accumulator fits
 
 
 @pytest.mark.interpret

@@ -66,11 +66,8 @@ def test_refresh_matches_oracle(b, s, h, d, dtype, layout, block, rdtype, noncon
 @pytest.mark.interpret
 @pytest.mark.parametrize("clamp", [True, False], ids=["clamp", "no-clamp"])
 @pytest.mark.parametrize("rdtype", [torch.float16, FP8], ids=["r16", "r8"])
-@pytest.mark.parametrize("d, split", [(32, False), (40, True)], ids=["d32", "d40-split"])
-def test_corrected_sparse_matches_oracle(monkeypatch, clamp, rdtype, d, split):
-    from dit_accel.kernels import triton_common
-
-    monkeypatch.setattr(triton_common, "SPLIT_HEAD_DIM", split)  # 40: columns 0-31 and 32-47, both corrected
+@pytest.mark.parametrize("d", [32, 40], ids=["d32", "d40"])  # 40: padded to 64, the epilogue's loads masked
+def test_corrected_sparse_matches_oracle(clamp, rdtype, d):
     b, s, h, block = 2, 77, 2, 16
     q, k, v = _qkv(b, s, h, d, torch.float16, "bshd", seed=5)
     plan = _random_plan(b, h, s, s, block, 0.3, seed=9)
