@@ -79,6 +79,9 @@ CONFIGS = {
     # re-ttention with refreshes named as fractions of the run (docs/rettention.md, "Where the full steps go")
     "rettention_front3": _rettention_at(0.2, 0.4),
     "rettention_front2": _rettention_at(0.3),
+    # five-refresh candidates for the balanced preset (bench_e2e rows rettention_window_0.05_lean5a / _lean5b)
+    "rettention_lean5a": _rettention_at(0.2, 0.3, 0.5, 0.7),
+    "rettention_lean5b": _rettention_at(0.2, 0.4, 0.6, 0.8),
 }
 # The same configurations with whole forwards replayed as CUDA graphs (dit_accel.graphs).
 CONFIGS.update(
