@@ -295,7 +295,16 @@ EAGER_ONLY = ("no_attention",)
 # predicts the output projection and skips every block on the other steps.
 CACHES: dict[str, dict] = STEP_CACHES
 SMOKE_CACHE_KNOBS = {"cache_interval": 2, "disable_cache_before_step": 1}
-CACHE_BASES = ("stock", "balanced", "adaspa_0.8", "adaspa_0.9", "radial", "rettention_window_0.05")
+CACHE_BASES = (
+    "stock",
+    "balanced",
+    "adaspa_0.8",
+    "adaspa_0.9",
+    "radial",
+    "rettention_window_0.05",
+    "rettention_window_0.05_lean5b",
+    "rettention_window_0.05_lean5b_auto",
+)
 
 # The probe: a tiny model per family on the CPU, at a 21 x 8 x 8 token grid (4 blocks of 16 per frame) where
 # every method's pattern is sparse, the per-frame window of rettention's base included.
