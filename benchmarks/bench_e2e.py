@@ -272,7 +272,7 @@ ROWS: list[dict] = [
                 "10% warm-up, refreshes at 10, 20, 30, 50, 70 and 90% of the run",
             ),
             ("lean5a", {"refresh_at": (0.2, 0.3, 0.5, 0.7)}, "10% warm-up; refresh at 10-20-30-50-70%"),
-            ("lean5b", {"refresh_at": (0.2, 0.4, 0.6, 0.8)}, "10% warm-up; refresh at 10-20-40-60-80%"),
+            ("lean5b", {"refresh_at": (0.2, 0.4, 0.6, 0.8)}, "balanced: refreshes at 10-20-40-60-80%"),
         )
         for suffix, knobs, note in (
             ("", {}, ""),

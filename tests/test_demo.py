@@ -393,7 +393,7 @@ def test_settings_for_presets_methods_and_unknown_knobs():
     with pytest.raises(requests.RequestError, match=r"takes \['density', 'per_frame'\], not \['sparsity'\]"):
         settings(preset="fast", sparsity=0.3)
     s = settings(preset="balanced", density=0.1)  # balanced is re-ttention on the window: density is its knob
-    lean = (0.2, 0.3, 0.5, 0.7, 0.9)
+    lean = (0.2, 0.4, 0.6, 0.8)
     assert (s.method, s.knobs["density"], s.knobs["refresh_at"]) == ("rettention", 0.1, lean)
     with pytest.raises(requests.RequestError, match="takes no knob 'nonsense'"):
         settings(preset="quality", more_knobs="nonsense=1")

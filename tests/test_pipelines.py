@@ -200,7 +200,7 @@ def test_resolve_checks_names_before_any_model():
     assert (s.preset, s.method, dict(s.knobs)) == (
         "balanced",
         "rettention",
-        {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.2, 0.3, 0.5, 0.7, 0.9)},
+        {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.2, 0.4, 0.6, 0.8)},
     )
     assert presets.resolve("flux", None, {}).method == "adaspa"  # untuned families keep adaspa
 
