@@ -35,6 +35,7 @@ __all__ = [
     "compare",
     "format_table",
     "frame_metrics",
+    "merge_reports",
     "parse_method_spec",
     "psnr",
     "quality_table",
@@ -377,12 +378,110 @@ def _row(label, knobs, runs, dense_side=False):
         "psnr": math.inf if dense_side or not finite else _mean(finite),
         "psnr_min_frame": math.inf if dense_side or not finite else min(finite),
         "identical_frames": sum(not math.isfinite(v) for v in all_psnr) if not dense_side else None,
+        "frames": len(all_psnr),
         "ssim": 1.0 if dense_side else _mean([r["ssim_mean"] for r in runs]),
         "adherence": _mean([r[adh_key]["score"] if r[adh_key] else None for r in runs]),
         # median: the first render of a method includes compiling its kernels
         "seconds": statistics.median([r[sec_key] for r in runs]) if runs else None,
         "density": 1.0 if dense_side else _mean([r["density"] for r in runs]),
         "plan_density": None if dense_side else _mean([r.get("plan_density") for r in runs]),
+    }
+
+
+def _weighted(pairs) -> float | None:
+    """Mean of values weighted by counts, over the (value, count) pairs whose value is not None."""
+    pairs = [(v, n) for v, n in pairs if v is not None and n]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
+def _frame_count(report: dict, row: dict) -> int:
+    """Frames a row averages over (reports before the ``frames`` field: prompts x frames per clip)."""
+    return row.get("frames") or row["prompts"] * report["call"]["num_frames"]
+
+
+def _merge_rows(label: str, parts: list[tuple[dict, dict]]) -> dict:
+    """One method's row over several reports' prompts (``parts``: (report, row) pairs), as one run gives
+    it."""
+    rows = [row for _, row in parts]
+    prompts = [row["prompts"] for row in rows]
+    merged = {
+        "method": label,
+        "knobs": rows[0]["knobs"],
+        "prompts": sum(prompts),
+        "adherence": _weighted(zip([r["adherence"] for r in rows], prompts)),
+        "seconds": None,  # a median does not combine; each part's stays
+        "seconds_by_part": [r["seconds"] for r in rows],
+        "frames": sum(_frame_count(rep, r) for rep, r in parts),
+    }
+    if rows[0]["identical_frames"] is None:  # the dense reference
+        return {**merged, "psnr": math.inf, "psnr_min_frame": math.inf, "identical_frames": None,
+                "ssim": 1.0, "density": 1.0, "plan_density": None}  # fmt: skip
+    # PSNR is a mean over the frames that differ from dense (identical frames are counted apart)
+    finite = [_frame_count(rep, r) - r["identical_frames"] for rep, r in parts]
+    mins = [r["psnr_min_frame"] for r in rows if math.isfinite(r["psnr_min_frame"])]
+    psnr_mean = _weighted((r["psnr"], n) for r, n in zip(rows, finite) if math.isfinite(r["psnr"]))
+    return {
+        **merged,
+        "psnr": math.inf if psnr_mean is None else psnr_mean,
+        "psnr_min_frame": min(mins) if mins else math.inf,
+        "identical_frames": sum(r["identical_frames"] for r in rows),
+        "ssim": _weighted(zip([r["ssim"] for r in rows], prompts)),
+        "density": _weighted(zip([r["density"] for r in rows], prompts)),
+        "plan_density": _weighted(zip([r.get("plan_density") for r in rows], prompts)),
+    }
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report over the prompts of several runs of this harness (``--out`` JSON), equal to one run over
+    all of them: a run stopped at its time limit and a run of the prompts it did not reach
+    (``--first-prompt``), say. PSNR, SSIM, adherence and densities are means over frames or prompts and
+    combine by their counts; the worst frame is the minimum. Median render seconds do not combine: a merged
+    row keeps each part's (``seconds_by_part``) and its ``seconds`` is None.
+
+    Rows are matched by their method label; a label missing from a part is left out of the result
+    (``dropped``).
+
+    Raises:
+        ValueError: fewer than two parts; parts that differ in call arguments, seed or device; prompt ranges
+            that overlap or leave a gap; no method row common to every part.
+    """
+    if len(reports) < 2:
+        raise ValueError(f"merging needs at least two reports, got {len(reports)}")
+    for key in ("call", "seed", "device"):
+        values = [r[key] for r in reports]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"the reports differ in {key!r}: {values}; only runs of one setup merge")
+    spans = sorted(
+        (r["first_prompt"], r["first_prompt"] + r["rows"][0]["prompts"], i) for i, r in enumerate(reports)
+    )
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start != end:
+            what = "overlap" if start < end else "leave a gap"
+            raise ValueError(
+                f"the prompt ranges of reports {i} and {j} {what}: "
+                f"prompts up to #{end - 1}, then from #{start}"
+            )
+    ordered = [reports[i] for _, _, i in spans]
+    labels = [row["method"] for row in ordered[0]["rows"]]
+    common = [lab for lab in labels if all(any(r["method"] == lab for r in rep["rows"]) for rep in ordered)]
+    if len(common) < 2:
+        raise ValueError(f"no method row is in every report (the first has {labels[1:]})")
+    rows = [
+        _merge_rows(lab, [(rep, next(r for r in rep["rows"] if r["method"] == lab)) for rep in ordered])
+        for lab in common
+    ]
+    dropped = sorted({r["method"] for rep in ordered for r in rep["rows"]} - set(common))
+    first = spans[0][0]
+    return {
+        "call": ordered[0]["call"],
+        "seed": ordered[0]["seed"],
+        "device": ordered[0]["device"],
+        "prompts_asked": spans[-1][1] - first,
+        "first_prompt": first,
+        "parts": [{"first_prompt": start, "prompts": end - start} for start, end, _ in spans],
+        "dropped": dropped,
+        "rows": rows,
     }
 
 
@@ -417,9 +516,7 @@ def main(argv=None) -> int:
         prog="python -m dit_accel.pipelines.quality",
         description="PSNR/SSIM vs dense and prompt adherence of dit_accel methods on the tiny model.",
     )
-    parser.add_argument(
-        "--methods", nargs="+", required=True, help='specs like "window:density=0.25,dense_steps=2"'
-    )
+    parser.add_argument("--methods", nargs="+", help='specs like "window:density=0.25,dense_steps=2"')
     parser.add_argument("--prompts", type=int, default=8, help="number of held-out grammar prompts")
     parser.add_argument("--first-prompt", type=int, default=0, help="index of the first held-out prompt run")
     parser.add_argument("--seed", type=int, default=0)
@@ -431,7 +528,27 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--weights", help="weights folder of the tiny model (default: the package's)")
     parser.add_argument("--out", help="write the markdown table here (and the rows as JSON next to it)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="instead of rendering: one table over the prompts of several runs' JSON (same setup, adjoining "
+        "prompt ranges), written to --out",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.methods or not args.out:
+            parser.error("--merge takes JSON files and --out, not --methods")
+        try:
+            merged = merge_reports([_read_json(path) for path in args.merge])
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"--merge: {e}")
+        merged["merged_from"] = list(args.merge)
+        _write_report(args.out, merged)
+        print(report_text(merged))
+        return 0
+    if not args.methods:
+        parser.error("--methods is required (or --merge)")
 
     from .tiny_video.data import held_out_prompts
     from .tiny_video.model import load_tiny_video_pipeline, render_defaults
@@ -453,41 +570,53 @@ def main(argv=None) -> int:
     for spec in args.methods:
         name, knobs = parse_method_spec(spec)
         methods[spec] = {"method": name, **knobs}
-    geometry = f"{call_kwargs['num_frames']}x{call_kwargs['height']}x{call_kwargs['width']}"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
 
-    def text_of(rows):
-        done = rows[0]["prompts"]
-        which = f" from #{args.first_prompt}" if args.first_prompt else ""
-        return (
-            f"Embedded tiny model, {geometry}, {call_kwargs['num_inference_steps']} steps, guidance "
-            f"{args.guidance}, seed {args.seed}, {done} held-out prompts{which}, {device}.\n\n"
-            + format_table(rows)
-        )
+    def report(rows):
+        return {
+            "call": call_kwargs,
+            "seed": args.seed,
+            "device": device,
+            "prompts_asked": len(prompts),
+            "first_prompt": args.first_prompt,
+            "rows": rows,
+        }
 
     def write(rows):
         # rewritten after every prompt: a stopped run leaves the table over the prompts it finished
-        with open(args.out, "w") as f:
-            f.write(text_of(rows) + "\n")
-        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
-            json.dump(
-                {
-                    "call": call_kwargs,
-                    "seed": args.seed,
-                    "device": device,
-                    "prompts_asked": len(prompts),
-                    "first_prompt": args.first_prompt,
-                    "rows": rows,
-                },
-                f,
-                indent=1,
-            )
+        _write_report(args.out, report(rows))
 
     rows = quality_table(
         pipe, prompts, methods, seed=args.seed, call_kwargs=call_kwargs, on_prompt=write if args.out else None
     )
-    print(text_of(rows))
+    print(report_text(report(rows)))
     return 0
+
+
+def report_text(report: dict) -> str:
+    """The markdown a run writes (``--out``): a line saying what was rendered, then the table."""
+    call = report["call"]
+    geometry = f"{call['num_frames']}x{call['height']}x{call['width']}"
+    which = f" from #{report['first_prompt']}" if report["first_prompt"] else ""
+    merged = f", merged from {len(report['parts'])} runs" if "parts" in report else ""
+    return (
+        f"Embedded tiny model, {geometry}, {call['num_inference_steps']} steps, guidance "
+        f"{call['guidance_scale']}, seed {report['seed']}, {report['rows'][0]['prompts']} held-out "
+        f"prompts{which}, {report['device']}{merged}.\n\n" + format_table(report["rows"])
+    )
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_report(path: str, report: dict) -> None:
+    """The markdown table at ``path`` and the report as JSON beside it (same name, ``.json``)."""
+    with open(path, "w") as f:
+        f.write(report_text(report) + "\n")
+    with open(path.rsplit(".", 1)[0] + ".json", "w") as f:
+        json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

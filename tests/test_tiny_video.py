@@ -543,3 +543,47 @@ def test_quality_cli_runs_a_tail_of_the_prompts(smoke_weights, tmp_path):
     assert "1 held-out prompts from #2" in out.read_text()
     with pytest.raises(SystemExit):
         quality.main([*argv[:-4], "--first-prompt", "3", "--methods", "window:density=0.5"])
+
+
+def test_quality_merge_equals_one_run_over_all_prompts(smoke_weights, tmp_path):
+    """Two runs over adjoining prompt ranges merge into exactly the table one run over all of them gives;
+    overlapping ranges and runs of another setup are refused."""
+    from dit_accel.pipelines import quality
+
+    argv = ["--device", "cpu", "--weights", str(smoke_weights), "--frames", "9", "--height", "64"]
+    argv += ["--width", "64", "--steps", "2", "--methods", "window:density=0.1,dense_steps=0,block_q=16"]
+    argv += ["radial:dense_steps=0"]  # a sparse window that differs from dense; radial computes every block
+    paths = {}
+    for name, span in (("all", ["--prompts", "3"]), ("head", ["--prompts", "2"])):
+        paths[name] = tmp_path / f"{name}.md"
+        assert quality.main([*argv, *span, "--out", str(paths[name])]) == 0
+    paths["tail"] = tmp_path / "tail.md"
+    assert quality.main([*argv, "--prompts", "3", "--first-prompt", "2", "--out", str(paths["tail"])]) == 0
+    out = tmp_path / "merged.md"
+    parts = [str(paths["tail"].with_suffix(".json")), str(paths["head"].with_suffix(".json"))]
+    assert quality.main(["--merge", *parts, "--out", str(out)]) == 0
+    merged = json.loads(out.with_suffix(".json").read_text())
+    whole = json.loads(paths["all"].with_suffix(".json").read_text())
+    assert merged["parts"] == [{"first_prompt": 0, "prompts": 2}, {"first_prompt": 2, "prompts": 1}]
+    assert [r["method"] for r in merged["rows"]] == [r["method"] for r in whole["rows"]]
+    for got, want in zip(merged["rows"], whole["rows"]):
+        for key in ("prompts", "frames", "identical_frames", "knobs"):
+            assert got[key] == want[key], key
+        for key in ("psnr", "psnr_min_frame", "ssim", "adherence", "density", "plan_density"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (got["method"], key)
+        assert got["seconds"] is None and len(got["seconds_by_part"]) == 2
+    assert any(math.isfinite(r["psnr"]) for r in merged["rows"][1:])  # the methods differ from dense
+    assert "3 held-out prompts, cpu, merged from 2 runs" in out.read_text()
+
+    with pytest.raises(SystemExit):  # prompts 0-1 twice
+        quality.main(["--merge", str(paths["all"].with_suffix(".json")), parts[1], "--out", str(out)])
+    head = json.loads(paths["head"].with_suffix(".json").read_text())
+    tail = json.loads(paths["tail"].with_suffix(".json").read_text())
+    with pytest.raises(ValueError, match="overlap"):
+        quality.merge_reports([whole, tail])
+    with pytest.raises(ValueError, match="differ in 'device'"):
+        quality.merge_reports([head, {**tail, "device": "NVIDIA H100 80GB HBM3"}])
+    with pytest.raises(ValueError, match="leave a gap"):
+        quality.merge_reports([{**head, "rows": [{**r, "prompts": 1} for r in head["rows"]]}, tail])
+    with pytest.raises(SystemExit):
+        quality.main(["--merge", parts[0], "--methods", "radial", "--out", str(out)])
