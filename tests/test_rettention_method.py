@@ -387,7 +387,7 @@ def test_registered_by_name_with_defaults():
     )
 
 
-def test_refresh_paths_agree_and_auto_picks_by_density():
+def test_refresh_paths_agree_and_auto_picks_by_density_and_size():
     model, inputs = TRANSFORMERS["wan"]()
     x = inputs(1)
     outs = {}
@@ -408,9 +408,16 @@ def test_refresh_paths_agree_and_auto_picks_by_density():
 
     correction = rettention.Correction()
     entry = SimpleNamespace(plan=None, density=None)
-    for device, density, path in (("cuda", 0.08, "split"), ("cuda", 0.35, "fused"), ("cpu", 0.08, "fused")):
+    wan13 = dict(batch=1, heads=12, q_len=32760, k_len=32760, head_dim=128)  # 6.6e12 FLOPs dense
+    embedded = dict(batch=1, heads=6, q_len=2496, k_len=2496, head_dim=64)  # 9.6e9: host-bound
+    for device, density, shape, path in (
+        ("cuda", 0.08, wan13, "split"),
+        ("cuda", 0.35, wan13, "fused"),
+        ("cpu", 0.08, wan13, "fused"),
+        ("cuda", 0.08, embedded, "fused"),
+    ):
         plan = SimpleNamespace(density=lambda d=density: d)
-        call = SimpleNamespace(device=torch.device(device), entry=entry)
+        call = SimpleNamespace(device=torch.device(device), entry=entry, **shape)
         assert correction._refresh_path(plan, call) == path
 
 

@@ -65,6 +65,13 @@ REFRESH_PATHS = ("auto", "fused", "split")
 # cuDNN attention, one-pass 1.40x; radial at 0.345: two-pass 1.49x, one-pass 1.33x. The two-pass cost grows
 # with the density (about 1.1 + 1.1 d), the one-pass cost does not: they cross near d = 0.2.
 AUTO_SPLIT_BELOW = 0.2
+# ... except for calls below this many FLOPs of one dense attention (4 x batch x heads x q x k tokens x
+# head_dim; about 1 ms of cuDNN on an H100), which take the one-pass refresh at any density. There a refresh
+# is host-bound: the two-pass path issues two attention launches and about fifteen small torch ops for the
+# statistics, the one-pass path one launch, and the GPU time the two-pass path saves (0.18 of one dense
+# attention at Wan-1.3B) is less than the host time it costs. Wan-1.3B 480p is 6.6e12, the embedded model
+# 9.6e9, a 1024x1024 Flux image 2.6e11.
+AUTO_FUSED_BELOW_FLOPS = 5e11
 # Base pattern -> the knobs it takes (RettentionMethod's arguments passed on to it).
 BASES = {
     "window": ("density", "per_frame"),
@@ -99,7 +106,8 @@ class Correction:
             "fp32", "bf16", "fp16" or "fp8".
         refresh: "fused" (one pass, the refresh kernel), "split" (a dense and a sparse pass) or "auto" (the
             default: on a GPU "split" for plans sparser than ``AUTO_SPLIT_BELOW``, which measured faster
-            there, else "fused"; on the CPU "fused").
+            there, except calls too small to keep the GPU busy (``AUTO_FUSED_BELOW_FLOPS``), else "fused";
+            on the CPU "fused").
     """
 
     name = "rettention"
@@ -274,6 +282,8 @@ class Correction:
         if self.refresh != "auto":
             return self.refresh
         if call.device.type != "cuda":
+            return "fused"
+        if 4.0 * call.batch * call.heads * call.q_len * call.k_len * call.head_dim < AUTO_FUSED_BELOW_FLOPS:
             return "fused"
         density = call.entry.density if call.entry.plan is plan and call.entry.density is not None else None
         return "split" if (density if density is not None else plan.density()) < AUTO_SPLIT_BELOW else "fused"
