@@ -11,6 +11,12 @@ the host time per call of
 - ``ops._sparse_attention_impl``: the launcher of the sparse kernel (outputs, plan arguments, launch);
 - ``triton_common.launch``: the launch itself (config lookup, exact key, the compiled kernel's C launcher).
 
+Per step kind (the method's phase of each step: dense, refresh, corrected, sparse, ...): the host time per
+forward and its span on the GPU's timeline (CUDA events around each forward; host-bound forwards span about
+their host time). ``--sync-stacks``: one more schedule per configuration under
+``torch.cuda.set_sync_debug_mode("warn")``, counting each host synchronisation by the innermost dit_accel
+frame that caused it (``file:line function``).
+
 The wrappers cost about a microsecond each. CPU smoke run (the CPU geometry, 2 steps, 1 round; the kernels
 there run through the torch reference, so the launcher layers stay empty):
 
@@ -26,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,12 +40,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import versions  # noqa: E402
 
+
+def _wan_preset(name: str) -> dict:
+    from dit_accel.pipelines.presets import get_preset
+
+    p = get_preset("wan", name)
+    return {"method": p.method, **p.knobs}
+
+
+# host_breakdown_nvidia_h200.json (2026-12-04) calls adaspa 0.8 "balanced": the preset of the time.
 CONFIGS = {
     "stock": None,
     "dense": {"method": "dense"},
     "window_0.25_no_warmup": {"method": "window", "density": 0.25, "dense_steps": 0},
     "radial": {"method": "radial"},
-    "balanced": {"method": "adaspa", "sparsity": 0.8},
+    "adaspa_0.8": {"method": "adaspa", "sparsity": 0.8},
+    "balanced": _wan_preset("balanced"),
+    "fast": _wan_preset("fast"),
+    # balanced with its refreshes on the two-pass path, which "auto" took at this size before it learned to
+    # keep small calls on the one-pass kernel (AUTO_FUSED_BELOW_FLOPS in dit_accel/methods/rettention.py)
+    "balanced_split": {**_wan_preset("balanced"), "refresh": "split"},
 }
 LAYERS = ("runtime.attend", "ops._sparse_attention_impl", "triton_common.launch")
 
@@ -69,12 +90,75 @@ def _install_timers(acc: dict) -> None:
     triton_attention.launch = wrap(triton_common, "launch", LAYERS[2])  # imported by name
 
 
+def _events(device) -> tuple | None:
+    """A started pair of timing events on CUDA (the second recorded by the caller), else None."""
+    if device.type != "cuda":
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    return start, end
+
+
+def _step_kinds(handle, steps: int) -> list[str]:
+    """Each step's kind in the handle's latest run: the kind most of its calls had (stock: dense)."""
+    kinds = ["dense"] * steps
+    if handle is not None:
+        per_step: dict[int, Counter] = {}
+        for r in handle.stats().records:
+            if 0 <= r["step"] < steps:
+                per_step.setdefault(r["step"], Counter())[r["kind"]] += 1
+        for step, counts in per_step.items():
+            kinds[step] = counts.most_common(1)[0][0]
+    return kinds
+
+
+def _sync_sites(run) -> dict[str, int]:
+    """Host synchronisations during ``run()``, counted by the innermost dit_accel frame on the stack."""
+    import traceback
+    import warnings
+
+    sites: Counter = Counter()
+
+    root = str(Path(__file__).resolve().parents[1])
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        ours = [
+            f
+            for f in traceback.extract_stack()
+            if f.filename.startswith(root) and "/benchmarks/" not in f.filename
+        ]
+        at = ours[-1] if ours else None
+        sites[f"{Path(at.filename).name}:{at.lineno} {at.name}" if at else "elsewhere"] += 1
+
+    old = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+                torch.cuda.synchronize()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    finally:
+        warnings.showwarning = old
+    return dict(sites.most_common())
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, the CPU geometry, 2 steps, 1 round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    ap.add_argument("--sync-stacks", action="store_true", help="count host syncs by their dit_accel frame")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    names = args.configs.split(",") if args.configs else list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"--configs: unknown {unknown}; known: {', '.join(CONFIGS)}")
     import dit_accel
     from dit_accel.pipelines.quality import render_frames
     from dit_accel.pipelines.tiny_video.model import load_tiny_video_pipeline, render_defaults
@@ -104,18 +188,31 @@ def main(argv=None) -> dict:
     inputs = {k: v for k, v in captured["kwargs"].items() if k not in ("timestep", "return_dict")}
 
     @torch.inference_mode()
-    def schedule():
+    def schedule(forwards=None):
+        """The 30-step CFG schedule; ``forwards``: a list to get (step, host seconds, events) per forward."""
         for i in range(steps):
             for context in ("cond", "uncond"):
                 with transformer.cache_context(context, step_index=i, num_inference_steps=steps):
                     t = torch.tensor([999.0 - i * 999.0 / steps], device=device)
+                    if forwards is None:
+                        transformer(**inputs, timestep=t, return_dict=False)
+                        continue
+                    events = _events(device)
+                    t0 = time.perf_counter()
                     transformer(**inputs, timestep=t, return_dict=False)
+                    host = time.perf_counter() - t0
+                    if events:
+                        events[1].record()
+                    forwards.append((i, host, events))
 
     acc: dict = {}
     _install_timers(acc)
-    samples = {name: [] for name in CONFIGS}
-    for _ in range(rounds):  # interleaved: a slow stretch of the host hits every configuration alike
-        for name, knobs in CONFIGS.items():
+    samples = {name: [] for name in names}
+    per_kind = {name: {} for name in names}  # kind -> [(host ms, span ms)] per forward, over rounds
+    syncs = {}
+    for r in range(rounds):  # interleaved: a slow stretch of the host hits every configuration alike
+        for name in names:
+            knobs = CONFIGS[name]
             handle = dit_accel.apply(transformer, **knobs) if knobs else None
             try:
                 schedule()  # warm-up: autotuning, plan building, searches of a first run
@@ -126,10 +223,20 @@ def main(argv=None) -> dict:
                 host = time.perf_counter() - t0
                 sync()
                 wall = time.perf_counter() - t0
+                layers = {k: tuple(v) for k, v in acc.items()}
+                forwards = []
+                schedule(forwards)  # the same again, timed per forward
+                sync()
+                kinds = _step_kinds(handle, steps)
+                for step, fwd_host, events in forwards:
+                    span = events[0].elapsed_time(events[1]) if events else fwd_host * 1e3
+                    per_kind[name].setdefault(kinds[step], []).append((fwd_host * 1e3, span))
+                if args.sync_stacks and r == 0 and handle is not None and device.type == "cuda":
+                    syncs[name] = _sync_sites(schedule)
             finally:
                 if handle is not None:
                     dit_accel.remove(transformer)
-            samples[name].append((wall, host, {k: tuple(v) for k, v in acc.items()}))
+            samples[name].append((wall, host, layers))
     forwards = steps * 2
     report = {
         "benchmark": "host_breakdown",
@@ -154,6 +261,16 @@ def main(argv=None) -> dict:
                     / calls
                     * 1e6,
                 }
+        row["kinds"] = {
+            kind: {
+                "forwards_per_run": len(v) // rounds,
+                "host_ms_per_forward": statistics.median(h for h, _ in v),
+                "gpu_span_ms_per_forward": statistics.median(g for _, g in v),
+            }
+            for kind, v in per_kind[name].items()
+        }
+        if name in syncs:
+            row["sync_sites"] = syncs[name]
         report["configs"][name] = row
         print(
             f"{name:24s} {row['wall_ms_per_forward']:7.3f} ms/forward "
@@ -165,6 +282,14 @@ def main(argv=None) -> dict:
             ),  # fmt: skip
             flush=True,
         )
+        for kind, k in row["kinds"].items():
+            print(
+                f"    {kind:12s} x{k['forwards_per_run']:3d}  host {k['host_ms_per_forward']:.3f} ms  "
+                f"gpu span {k['gpu_span_ms_per_forward']:.3f} ms",
+                flush=True,
+            )
+        for site, n in row.get("sync_sites", {}).items():
+            print(f"    sync x{n:4d}  {site}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -16,7 +16,12 @@ def test_smoke_run_times_every_configuration(tmp_path, monkeypatch):
     assert report["steps"] == 2 and report["geometry"]["hidden_states"][0] == 1
     for name, row in report["configs"].items():
         assert row["wall_ms_per_forward"] >= row["host_ms_per_forward"] > 0
+        # every forward of the per-forward run sits under its step's kind
+        assert sum(k["forwards_per_run"] for k in row["kinds"].values()) == 4, row["kinds"]
+        assert all(k["host_ms_per_forward"] > 0 for k in row["kinds"].values())
         if module.CONFIGS[name] is None:
             assert "runtime.attend" not in row  # stock never enters dit_accel
         else:  # 6 layers x 2 contexts x 2 steps, each through dit_accel's runtime
             assert row["runtime.attend"]["calls"] == 24 and row["runtime.attend"]["us_per_call"] > 0
+    assert set(report["configs"]["stock"]["kinds"]) == {"dense"}
+    assert set(report["configs"]["balanced"]["kinds"]) <= {"dense", "refresh", "corrected"}
