@@ -202,8 +202,8 @@ _E2E14_NOW = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_lazy.json"  # c
 # 60 and 80% of the run (docs/rettention.md), its bench_e2e row and quality row. Its refreshes are fractions
 # of the run: at 50 steps 5, 10, 20, 30 and 40; at 30 or 10 steps the same shape. History: a refresh every 10
 # steps (5, 15, 25, 35, 45) kept 29.93 dB on 24 prompts, under DESIGN.md's 30 dB; six refreshes (5, 10, 15,
-# 25, 35, 45) kept 32.28 dB at 1.79x (Wan-1.3B, under its 1.8x); these five keep 32.32 dB on the 18 prompts
-# the GPU run reached and 27.35 dB on the other 6 on the CPU (about 31.1 dB over all 24), at 1.81x.
+# 25, 35, 45) kept 32.28 dB at 1.79x (Wan-1.3B, under its 1.8x); these five keep 31.1 dB on all 24, at
+# 1.81x.
 _LEAN: dict[str, Any] = {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.2, 0.4, 0.6, 0.8)}
 _LEAN_ROW = "rettention_window_0.05_lean5b"
 # On the embedded model's 192-token frames the per-frame window's automatic blocks are 16 tokens (window.py);
@@ -212,7 +212,6 @@ _LEAN_SPEC = "rettention:density=0.05,block_q=16,dense_steps=0.1,refresh_at=(0.2
 _WAN13 = "Wan2.1-1.3B 480p 81f, 32,760 tokens"
 _WAN14 = "Wan2.1-14B 720p 81f, 75,600 tokens"
 _EMBEDDED = "embedded model 49x192x256, 2,496 tokens"
-_CLIP = "H200 bf16, whole 30-step render, median over 24 prompts"
 _E2E = "H200 bf16, 50 steps with CFG, steady-state step times composed over the schedule (bench_e2e)"
 _E2E_COMPILED = _E2E + ", transformer.compile_repeated_blocks(), against eager stock"
 _WAN13_COMPILED = _WAN13 + ", compiled"
@@ -226,20 +225,17 @@ _H100 = "nvidia_h100_80gb_hbm3"
 _E2E13_H100 = f"benchmarks/results/e2e_wan1.3b_480p_81f_{_H100}_rettention_schedules.json"
 _E2E14_H100 = f"benchmarks/results/e2e_wan14b_720p_81f_{_H100}_rettention_schedules.json"
 _E2E_HY_H100 = f"benchmarks/results/e2e_hunyuan_720p_129f_{_H100}_rettention_schedules.json"
-_GRAPHS_H100 = f"benchmarks/results/profile_embedded_inplace_{_H100}.json"
-# Both presets' exact specs on all 24 held-out prompts at 50 steps (H200), and Wan-14B's fast compiled.
-_Q50 = "benchmarks/results/quality_tiny_presets_50steps_24prompts_nvidia_h200.json"
-_CLIP50 = "H200 bf16, whole 50-step render, median over 24 prompts"
-_CLIP50_H100 = "H100 bf16, whole 50-step render, median over 18 prompts"
+# Wan-14B's fast compiled.
 _E2E14_FAST = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_fast_compiled.json"
-# Balanced's schedule, beside stock in one run per geometry on one H100, its quality at 50 steps (the first 18
-# of the 24 prompts: the run's time limit cut the rest), and the embedded model with CUDA graphs (3 rounds).
+# Balanced's schedule, beside stock in one run per geometry on one H100, its quality at 50 steps over the 24
+# prompts in one run (with small refreshes on the one-pass kernel, as "auto" runs them now; the two-pass
+# refresh gave 31.08 dB / 0.960 over the same prompts, in two runs merged), and the embedded model with CUDA
+# graphs (3 rounds).
 _LEAN5 = f"{_H100}_balanced_lean5"
 _E2E13_LEAN = f"benchmarks/results/e2e_wan1.3b_480p_81f_{_LEAN5}.json"
 _E2E14_LEAN = f"benchmarks/results/e2e_wan14b_720p_81f_{_LEAN5}.json"
 _E2E_HY_LEAN = f"benchmarks/results/e2e_hunyuan_720p_129f_{_LEAN5}.json"
-_Q50_LEAN = f"benchmarks/results/quality_tiny_balanced5_taylorseer_50steps_24prompts_{_H100}.json"
-_GRAPHS_LEAN = f"benchmarks/results/profile_embedded_balanced_lean5b_{_H100}.json"
+_Q50_FUSED = f"benchmarks/results/quality_tiny_balanced5_fused_refresh_50steps_24prompts_{_H100}.json"
 _E2E_H100 = _E2E.replace("H200", "H100")
 _E2E_COMPILED_H100 = _E2E_COMPILED.replace("H200", "H100")
 _E2E_ONE_CALL_H100 = _E2E_ONE_CALL.replace("H200", "H100")
@@ -256,18 +252,26 @@ def _e2e_speed(speedup: float, geometry: str, what: str, path: str, row: str, co
     return Speed(speedup, geometry, what, Source(path, f"rows[row={row}{which}]/speedup"))
 
 
-def _embedded_speed(row: str, speedup: float, path: str = _TINY, what: str = _CLIP) -> Speed:
-    """The embedded model's whole render in the quality harness, against its dense reference row."""
+_GRAPHS = "benchmarks/results/profile_embedded_graphs_nvidia_h200.json"
+# Every Wan preset eager beside stock and dense, 9 interleaved rounds on one H100 (2026-12-05), after
+# re-ttention's small refreshes moved to the one-pass kernel (the two-pass refresh ran in the same rounds).
+_EAGER_H100 = "benchmarks/results/profile_embedded_fused_refresh_nvidia_h100_80gb_hbm3.json"
+# Balanced and fast with CUDA graphs, 7 interleaved rounds on one H100, balanced's two-pass refresh beside
+# (1.50x stock); fast's quality over the 24 prompts at 50 steps on the refresh path it runs now (the two-pass
+# path gave 26.23 dB / 0.903 on an H200, quality_tiny_presets_50steps_24prompts_nvidia_h200.json).
+_GRAPHS_PATHS = "benchmarks/results/profile_embedded_graphs_refresh_paths_nvidia_h100_80gb_hbm3.json"
+_Q50_FAST = "benchmarks/results/quality_tiny_fast_fused_refresh_50steps_24prompts_nvidia_h100_80gb_hbm3.json"
+
+
+def _embedded_eager_speed(row: str, speedup: float, path: str = _EAGER_H100, rounds: int = 9) -> Speed:
+    """The embedded model eager (profile_embedded), against stock in the same run."""
     return Speed(
         speedup,
         _EMBEDDED,
-        what,
-        Source(path, f'rows[method="{row}"]/seconds'),
-        Source(path, "rows[method=dense (reference)]/seconds"),
+        f"H100 bf16, whole 30-step render, median of {rounds} interleaved rounds (profile_embedded)",
+        Source(path, f"renders/{row}/seconds"),
+        Source(path, "renders/stock/seconds"),
     )
-
-
-_GRAPHS = "benchmarks/results/profile_embedded_graphs_nvidia_h200.json"
 
 
 def _embedded_graphs_speed(
@@ -306,7 +310,7 @@ _ROWS: tuple[Preset, ...] = (
                 1.69, _WAN13_COMPILED, _E2E_COMPILED, Source(_E2E13, "rows[row=radial,compiled=True]/speedup")
             ),
             Speed(1.62, _WAN14, _E2E, Source(_E2E14_NOW, "rows[row=quality,compiled=False]/speedup")),
-            _embedded_speed("radial", 0.87),
+            _embedded_eager_speed("radial", 0.90),
             _embedded_graphs_speed("radial", 2.07),
         ),
         quality=Quality(37.31, 0.985, 0.672, "radial"),
@@ -322,10 +326,10 @@ _ROWS: tuple[Preset, ...] = (
             _e2e_speed(2.27, _WAN13_COMPILED, _E2E_COMPILED_H100, _E2E13_LEAN, _LEAN_ROW, True),
             _e2e_speed(2.13, _WAN14, _E2E_H100, _E2E14_LEAN, _LEAN_ROW, False),
             _e2e_speed(2.47, _WAN14_COMPILED, _E2E_COMPILED_H100, _E2E14_LEAN, _LEAN_ROW, True),
-            _embedded_speed(_LEAN_SPEC, 1.00, _Q50_LEAN, _CLIP50_H100),
-            _embedded_graphs_speed("rettention_lean5b", 1.70, _GRAPHS_LEAN, "H100", rounds=3),
+            _embedded_eager_speed("balanced", 0.89),
+            _embedded_graphs_speed("balanced", 1.64, _GRAPHS_PATHS, "H100", rounds=7),
         ),
-        quality=Quality(32.32, 0.967, 0.194, _LEAN_SPEC, _Q50_LEAN, steps=50, prompts=18),
+        quality=Quality(31.10, 0.961, 0.185, _LEAN_SPEC, _Q50_FUSED, steps=50),
         note=(
             "re-ttention on a 5% per-frame window: first 10% of steps dense, statistics refreshed at 10, 20, "
             "40, 60 and 80% of the run (docs/rettention.md)"
@@ -341,10 +345,10 @@ _ROWS: tuple[Preset, ...] = (
             _e2e_speed(2.47, _WAN13_COMPILED, _E2E_COMPILED_H100, _E2E13_H100, _FAST_ROW, True),
             _e2e_speed(2.33, _WAN14, _E2E_H100, _E2E14_H100, _FAST_ROW, False),
             _e2e_speed(2.71, _WAN14_COMPILED, _E2E_COMPILED, _E2E14_FAST, "fast", True),
-            _embedded_speed(_FAST_SPEC, 0.87, _Q50, _CLIP50),
-            _embedded_graphs_speed("rettention_front2", 1.56, _GRAPHS_H100, "H100"),
+            _embedded_eager_speed("fast", 0.86),
+            _embedded_graphs_speed("fast", 1.86, _GRAPHS_PATHS, "H100", rounds=7),
         ),
-        quality=Quality(26.23, 0.903, 0.128, _FAST_SPEC, _Q50, steps=50, prompts=24),
+        quality=Quality(26.24, 0.903, 0.124, _FAST_SPEC, _Q50_FAST, steps=50),
         note=(
             "re-ttention on a 5% per-frame window: first 10% of steps dense, one refresh at 30% of the run "
             "(docs/rettention.md)"
