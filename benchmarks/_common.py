@@ -73,6 +73,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def wan_preset(name: str) -> dict:
+    """A Wan preset as ``dit_accel.apply`` knobs (method and knobs)."""
+    from dit_accel.pipelines.presets import get_preset
+
+    p = get_preset("wan", name)
+    return {"method": p.method, **p.knobs}
+
+
 def gpu_tag() -> str:
     """File-name tag of the GPU ("nvidia_h200"), or "cpu"."""
     if not torch.cuda.is_available():

@@ -38,15 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import versions  # noqa: E402
-
-
-def _wan_preset(name: str) -> dict:
-    from dit_accel.pipelines.presets import get_preset
-
-    p = get_preset("wan", name)
-    return {"method": p.method, **p.knobs}
-
+from _common import versions, wan_preset  # noqa: E402
 
 # host_breakdown_nvidia_h200.json (2026-12-04) calls adaspa 0.8 "balanced": the preset of the time.
 CONFIGS = {
@@ -55,11 +47,11 @@ CONFIGS = {
     "window_0.25_no_warmup": {"method": "window", "density": 0.25, "dense_steps": 0},
     "radial": {"method": "radial"},
     "adaspa_0.8": {"method": "adaspa", "sparsity": 0.8},
-    "balanced": _wan_preset("balanced"),
-    "fast": _wan_preset("fast"),
+    "balanced": wan_preset("balanced"),
+    "fast": wan_preset("fast"),
     # balanced with its refreshes on the two-pass path, which "auto" took at this size before it learned to
     # keep small calls on the one-pass kernel (AUTO_FUSED_BELOW_FLOPS in dit_accel/methods/rettention.py)
-    "balanced_split": {**_wan_preset("balanced"), "refresh": "split"},
+    "balanced_split": {**wan_preset("balanced"), "refresh": "split"},
 }
 LAYERS = ("runtime.attend", "ops._sparse_attention_impl", "triton_common.launch")
 

@@ -47,14 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import gpu_tag, versions  # noqa: E402
-
-
-def _wan_preset(name: str) -> dict:
-    from dit_accel.pipelines.presets import get_preset
-
-    p = get_preset("wan", name)
-    return {"method": p.method, **p.knobs}
+from _common import gpu_tag, versions, wan_preset  # noqa: E402
 
 
 def _rettention_at(*fractions):
@@ -65,16 +58,16 @@ CONFIGS = {
     "stock": None,
     "dense": {"method": "dense"},
     # the Wan presets as the table has them now (results before 2026-12-05 name adaspa 0.8 "balanced")
-    "balanced": _wan_preset("balanced"),
-    "fast": _wan_preset("fast"),
+    "balanced": wan_preset("balanced"),
+    "fast": wan_preset("fast"),
     "adaspa_0.8": {"method": "adaspa", "sparsity": 0.8},
     "radial": {"method": "radial"},
     "rettention": {"method": "rettention"},
     # re-ttention's lean schedule (the balanced preset) on 128- and 16-token blocks; the preset's own blocks
     # at this size are 16 (window.py). profile_embedded_lean_nvidia_h200.json, run before that cap, calls
     # the 128-token one "rettention_lean".
-    "rettention_lean_128": {**_wan_preset("balanced"), "block_q": 128},
-    "rettention_lean_16": {**_wan_preset("balanced"), "block_q": 16},
+    "rettention_lean_128": {**wan_preset("balanced"), "block_q": 128},
+    "rettention_lean_16": {**wan_preset("balanced"), "block_q": 16},
     "window_0.25_no_warmup": {"method": "window", "density": 0.25, "dense_steps": 0},
     # re-ttention with refreshes named as fractions of the run (docs/rettention.md, "Where the full steps go")
     "rettention_front3": _rettention_at(0.2, 0.4),
@@ -84,7 +77,7 @@ CONFIGS = {
     "rettention_lean5b": _rettention_at(0.2, 0.4, 0.6, 0.8),
     # balanced with its refreshes on the two-pass path, which "auto" took at this size before it learned to
     # keep small calls on the one-pass kernel (AUTO_FUSED_BELOW_FLOPS in dit_accel/methods/rettention.py)
-    "balanced_split": {**_wan_preset("balanced"), "refresh": "split"},
+    "balanced_split": {**wan_preset("balanced"), "refresh": "split"},
 }
 # The same configurations with whole forwards replayed as CUDA graphs (dit_accel.graphs).
 CONFIGS.update(
