@@ -110,7 +110,6 @@ def _sync_sites(run) -> dict[str, int]:
     import warnings
 
     sites: Counter = Counter()
-
     root = str(Path(__file__).resolve().parents[1])
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -122,20 +121,15 @@ def _sync_sites(run) -> dict[str, int]:
         at = ours[-1] if ours else None
         sites[f"{Path(at.filename).name}:{at.lineno} {at.name}" if at else "elsewhere"] += 1
 
-    old = warnings.showwarning
-    warnings.showwarning = show
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                run()
-                torch.cuda.synchronize()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-    finally:
-        warnings.showwarning = old
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     return dict(sites.most_common())
 
 

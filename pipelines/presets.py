@@ -194,7 +194,6 @@ class Preset:
 
 # ---------------------------------------------------------------------------------------------- the table
 
-_TINY = "docs/quality_tiny.json"
 _E2E13 = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200.json"
 _E2E13_NOW = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_lazy.json"  # current kernels
 _E2E14_NOW = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_lazy.json"  # current kernels: the others
@@ -229,8 +228,8 @@ _E2E_HY_H100 = f"benchmarks/results/e2e_hunyuan_720p_129f_{_H100}_rettention_sch
 _E2E14_FAST = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_fast_compiled.json"
 # Balanced's schedule, beside stock in one run per geometry on one H100, its quality at 50 steps over the 24
 # prompts in one run (with small refreshes on the one-pass kernel, as "auto" runs them now; the two-pass
-# refresh gave 31.08 dB / 0.960 over the same prompts, in two runs merged), and the embedded model with CUDA
-# graphs (3 rounds).
+# refresh gave 31.08 dB / 0.960 over the same prompts, in two runs merged). Its embedded-model speeds are
+# _EAGER_H100's and _GRAPHS_PATHS's (below).
 _LEAN5 = f"{_H100}_balanced_lean5"
 _E2E13_LEAN = f"benchmarks/results/e2e_wan1.3b_480p_81f_{_LEAN5}.json"
 _E2E14_LEAN = f"benchmarks/results/e2e_wan14b_720p_81f_{_LEAN5}.json"
