@@ -17,6 +17,13 @@ their host time). ``--sync-stacks``: one more schedule per configuration under
 ``torch.cuda.set_sync_debug_mode("warn")``, counting each host synchronisation by the innermost dit_accel
 frame that caused it (``file:line function``).
 
+Around the model's own modules (the same code in every configuration): host time per forward in
+``WanTransformerBlock.forward``, the self-attention module (``attn1``, which holds dit_accel's processor) and
+the cross-attention module (``attn2``, stock in every configuration); what a forward spends outside ``attn1``
+should not depend on the method. Python's garbage collector: collections per forward by generation and the
+host time in them (``gc.callbacks``); ``--gc-off`` times one more schedule per configuration and round with
+the collector disabled.
+
 The wrappers cost about a microsecond each. CPU smoke run (the CPU geometry, 2 steps, 1 round; the kernels
 there run through the torch reference, so the launcher layers stay empty):
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import statistics
 import sys
@@ -54,6 +62,7 @@ CONFIGS = {
     "balanced_split": {**wan_preset("balanced"), "refresh": "split"},
 }
 LAYERS = ("runtime.attend", "ops._sparse_attention_impl", "triton_common.launch")
+MODEL_LAYERS = ("wan.block", "wan.attn1", "wan.attn2")
 
 
 def _install_timers(acc: dict) -> None:
@@ -80,6 +89,38 @@ def _install_timers(acc: dict) -> None:
     wrap(base.Runtime, "attend", LAYERS[0])
     wrap(ops, "_sparse_attention_impl", LAYERS[1])  # looked up as a module global at each call
     triton_attention.launch = wrap(triton_common, "launch", LAYERS[2])  # imported by name
+
+    from diffusers.models.transformers import transformer_wan
+
+    wrap(transformer_wan.WanTransformerBlock, "forward", MODEL_LAYERS[0])
+    attn_forward = transformer_wan.WanAttention.forward
+
+    @functools.wraps(attn_forward)
+    def attn_timed(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return attn_forward(self, hidden_states, encoder_hidden_states, *args, **kwargs)
+        finally:
+            slot = acc.setdefault(MODEL_LAYERS[1 if encoder_hidden_states is None else 2], [0.0, 0])
+            slot[0] += time.perf_counter() - t0
+            slot[1] += 1
+
+    transformer_wan.WanAttention.forward = attn_timed
+
+
+def _install_gc_clock(acc: dict) -> None:
+    """Count the collector's runs by generation (``acc["gc.gen<N>"] = [seconds, runs]``)."""
+    started = []
+
+    def clock(phase, info):
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            slot = acc.setdefault(f"gc.gen{info['generation']}", [0.0, 0])
+            slot[0] += time.perf_counter() - started.pop()
+            slot[1] += 1
+
+    gc.callbacks.append(clock)
 
 
 def _events(device) -> tuple | None:
@@ -139,6 +180,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)}")
     ap.add_argument("--sync-stacks", action="store_true", help="count host syncs by their dit_accel frame")
+    ap.add_argument("--gc-off", action="store_true", help="also time a schedule with the collector disabled")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     names = args.configs.split(",") if args.configs else list(CONFIGS)
@@ -193,8 +235,10 @@ def main(argv=None) -> dict:
 
     acc: dict = {}
     _install_timers(acc)
+    _install_gc_clock(acc)
     samples = {name: [] for name in names}
     per_kind = {name: {} for name in names}  # kind -> [(host ms, span ms)] per forward, over rounds
+    gc_off = {name: [] for name in names}  # seconds per schedule with the collector disabled
     syncs = {}
     for r in range(rounds):  # interleaved: a slow stretch of the host hits every configuration alike
         for name in names:
@@ -217,6 +261,16 @@ def main(argv=None) -> dict:
                 for step, fwd_host, events in forwards:
                     span = events[0].elapsed_time(events[1]) if events else fwd_host * 1e3
                     per_kind[name].setdefault(kinds[step], []).append((fwd_host * 1e3, span))
+                if args.gc_off:
+                    gc.collect()
+                    gc.disable()
+                    try:
+                        t0 = time.perf_counter()
+                        schedule()
+                        sync()
+                        gc_off[name].append(time.perf_counter() - t0)
+                    finally:
+                        gc.enable()
                 if args.sync_stacks and r == 0 and handle is not None and device.type == "cuda":
                     syncs[name] = _sync_sites(schedule)
             finally:
@@ -247,6 +301,20 @@ def main(argv=None) -> dict:
                     / calls
                     * 1e6,
                 }
+        for layer in MODEL_LAYERS + tuple(sorted(k for k in runs[0][2] if k.startswith("gc."))):
+            if layer in runs[0][2]:
+                row[layer] = {
+                    "calls_per_forward": runs[0][2][layer][1] / forwards,
+                    "ms_per_forward": statistics.median(a.get(layer, (0.0, 0))[0] for *_, a in runs)
+                    / forwards
+                    * 1e3,
+                }
+        if "wan.attn1" in row:
+            row["outside_attn1_host_ms_per_forward"] = (
+                row["host_ms_per_forward"] - row["wan.attn1"]["ms_per_forward"]
+            )
+        if gc_off[name]:
+            row["wall_ms_per_forward_gc_off"] = statistics.median(gc_off[name]) / forwards * 1e3
         row["kinds"] = {
             kind: {
                 "forwards_per_run": len(v) // rounds,
@@ -268,6 +336,19 @@ def main(argv=None) -> dict:
             ),  # fmt: skip
             flush=True,
         )
+        print(
+            "    "
+            + "  ".join(
+                f"{layer} {row[layer]['ms_per_forward']:.3f} ms x{row[layer]['calls_per_forward']:.2f}"
+                for layer in row
+                if layer.startswith(("wan.", "gc."))
+            )
+            + (f"  outside attn1 {row['outside_attn1_host_ms_per_forward']:.3f} ms"
+               if "outside_attn1_host_ms_per_forward" in row else "")
+            + (f"  gc off {row['wall_ms_per_forward_gc_off']:.3f} ms/forward"
+               if "wall_ms_per_forward_gc_off" in row else ""),
+            flush=True,
+        )  # fmt: skip
         for kind, k in row["kinds"].items():
             print(
                 f"    {kind:12s} x{k['forwards_per_run']:3d}  host {k['host_ms_per_forward']:.3f} ms  "
