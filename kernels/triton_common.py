@@ -11,10 +11,13 @@ Nothing here is public; kernel modules import these names, never each other's pr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import statistics
+import threading
 import time
+from typing import NamedTuple
 
 import torch
 import triton
@@ -575,18 +578,126 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             _TUNING[key] = {"tuner": "triton", "seconds": round(time.perf_counter() - t0, 3)}
         return
     config, meta = tuned
+    _launch_fn(kernel.fn, config, grid, args, kwargs, meta)
+
+
+def launch_jit(fn, grid, *args, **kwargs) -> None:
+    """``fn[grid](*args, **kwargs)`` for a plain ``@triton.jit`` function (no autotuning; launch options such
+    as ``num_warps`` among the keywords): a direct launch where :func:`launch` would make one, and seen by
+    :func:`recording`. ``grid`` is a tuple."""
+    _launch_fn(fn, None, grid, args, kwargs, {})
+
+
+def _launch_fn(fn, config, grid, args, kwargs, meta) -> None:
+    seen = getattr(_LOCAL, "launches", None)
     if not _DIRECT_ON:
-        kernel.fn[grid](*args, **kwargs, **meta)
+        fn[grid](*args, **kwargs, **meta)
+        if seen is not None:
+            seen.append(Launch(fn, grid, args, {**kwargs, **meta}, None, None))
         return
     grid = grid(meta) if callable(grid) else grid
     grid = (*grid, 1, 1)[:3]
     device = triton.runtime.driver.active.get_current_device()
-    exact = _exact_key(kernel, config, grid, device, args, kwargs)
-    if _direct_launch(exact, grid, device, args):
-        return
-    compiled = kernel.fn[grid](*args, **kwargs, **meta)
-    if compiled is not None and not hasattr(compiled, "result"):
-        _record(exact, kernel.fn, compiled, len(args), {**kwargs, **meta})
+    exact = _exact_key(fn, config, grid, device, args, kwargs)
+    if not _direct_launch(exact, grid, device, args):
+        compiled = fn[grid](*args, **kwargs, **meta)
+        if compiled is not None and not hasattr(compiled, "result"):
+            _record(exact, fn, compiled, len(args), {**kwargs, **meta})
+    if seen is not None:
+        seen.append(Launch(fn, grid, args, {**kwargs, **meta}, _COMPILED.get(exact), device))
+
+
+class Launch(NamedTuple):
+    """One launch made by :func:`launch` inside :func:`recording`: the JIT function, its grid, positional
+    arguments and keywords (the tuned config's included), and where direct launches are on, the compiled
+    kernel with its trailing arguments (``_COMPILED``'s entry) and the device."""
+
+    fn: object
+    grid: object
+    args: tuple
+    kwargs: dict
+    compiled: tuple | None
+    device: int | None
+
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def recording():
+    """The launches :func:`launch` makes inside the block, in order (a list of :class:`Launch`), for
+    :class:`Replay`. Per thread: another thread's launches are not seen."""
+    outer = getattr(_LOCAL, "launches", None)
+    _LOCAL.launches = launches = []
+    try:
+        yield launches
+    finally:
+        _LOCAL.launches = outer
+
+
+def launch_context() -> tuple:
+    """What a direct launch depends on beyond its arguments: the current device and Triton's debug and
+    instrumentation knobs (empty where launches go through Triton's binder, which reads them itself)."""
+    if not _DIRECT_ON:
+        return ()
+    knobs = triton.knobs
+    return (
+        triton.runtime.driver.active.get_current_device(),
+        knobs.runtime.debug,
+        knobs.compilation.instrumentation_mode,
+    )
+
+
+class Replay:
+    """A recorded :class:`Launch`, launched again with other tensors in its tensor arguments.
+
+    ``slots`` maps the position of each tensor argument to an index into the tensors a replay is given; every
+    other argument (ints, floats, None) is the recorded one. So a replay is the recorded launch with new data
+    pointers: the caller guarantees the new tensors have the recorded tensors' dtypes, 16-byte alignment,
+    shapes and strides (everything else the kernel read from them was recorded as an argument). Where the
+    launch was direct, the replay calls the same compiled kernel's launcher; otherwise (and while a launch
+    hook, e.g. a profiler, is set) it launches through the JIT function with the recorded keywords."""
+
+    __slots__ = ("_fn", "_grid", "_kwargs", "_spec", "_compiled", "_device")
+
+    def __init__(self, launch: Launch, slots: dict[int, int]):
+        self._fn, self._grid, self._kwargs = launch.fn, launch.grid, launch.kwargs
+        self._spec = tuple((slots.get(i), None if i in slots else a) for i, a in enumerate(launch.args))
+        self._compiled, self._device = launch.compiled, launch.device
+
+    @classmethod
+    def of(cls, launch: Launch, roles) -> Replay | None:
+        """The replay of ``launch`` whose tensor arguments are filled from ``roles`` (a sequence of tensors or
+        None), each tensor argument taking the role with its data pointer. None where one of them matches no
+        role or two roles share its pointer (the roles of a later call could differ there), or a keyword is
+        a tensor."""
+        owner: dict[int, int] = {}
+        for r, t in enumerate(roles):
+            if t is not None:
+                p = t.data_ptr()
+                owner[p] = r if owner.get(p, r) == r else -1
+        slots = {}
+        for i, a in enumerate(launch.args):
+            if isinstance(a, torch.Tensor):
+                r = owner.get(a.data_ptr(), -1)
+                if r < 0:
+                    return None
+                slots[i] = r
+        if any(isinstance(a, torch.Tensor) for a in launch.kwargs.values()):
+            return None
+        return cls(launch, slots)
+
+    def __call__(self, tensors) -> None:
+        args = [a if r is None else tensors[r] for r, a in self._spec]
+        if self._compiled is not None and not _launch_hooks_set():
+            compiled, tail = self._compiled
+            grid = self._grid
+            compiled.run(
+                grid[0], grid[1], grid[2], triton.runtime.driver.active.get_current_stream(self._device),
+                compiled.function, compiled.packed_metadata, None, None, None, *args, *tail,
+            )  # fmt: skip
+        else:
+            self._fn[self._grid](*args, **self._kwargs)
 
 
 def tuned_configs() -> list[dict]:

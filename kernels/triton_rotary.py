@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import launch_jit
+
 _MODES = {torch.float32: 1, torch.float64: 2}
 
 
@@ -117,7 +119,8 @@ def rotary_qk_fwd(
         mode = 0 if cos.dtype == q.dtype else _MODES[cos.dtype]
     block_d = max(triton.next_power_of_2(d), 2)
     block_h = max(1, min(triton.next_power_of_2(heads), 4096 // block_d))
-    _rotary_qk_fwd_kernel[(batch * seq,)](
+    launch_jit(
+        _rotary_qk_fwd_kernel, (batch * seq,),
         q, k, qo, ko, cos, sin,
         seq, heads, rotary_len,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -588,10 +588,13 @@ def test_exact_launch_key_separates_what_triton_specialises_on():
 def test_gpu_direct_launch_matches_triton_launch(monkeypatch):
     """Direct launches (the recorded compiled kernel, no binder) give bit-identical results to Triton's own
     launch path, and a misaligned view or another batch size gets its own entry instead of a wrong reuse."""
-    from dit_accel.kernels import triton_common
+    from dit_accel.kernels import ops, triton_common
 
     if not triton_common._DIRECT_ON:
         pytest.skip(f"direct launches are off for triton {triton_common.triton.__version__}")
+    # every call through the launcher (the call cache has its own test), none compiled by an earlier test
+    monkeypatch.setattr(ops, "_CALL_CACHE", False)
+    monkeypatch.setattr(triton_common, "_COMPILED", {})
     direct = []
     launch = triton_common._direct_launch
     monkeypatch.setattr(triton_common, "_direct_launch", lambda *a: direct.append(launch(*a)) or direct[-1])
@@ -726,3 +729,168 @@ def test_gpu_torch_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True)(q, k, v)
     torch.testing.assert_close(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1])
+
+
+def _uncached(monkeypatch, *args, **kwargs):
+    """``block_sparse_attention(*args, **kwargs)`` with the call cache off."""
+    from dit_accel.kernels import ops
+
+    monkeypatch.setattr(ops, "_CALL_CACHE", False)
+    try:
+        return block_sparse_attention(*args, **kwargs)
+    finally:
+        monkeypatch.setattr(ops, "_CALL_CACHE", True)
+
+
+@pytest.mark.interpret
+def test_repeated_calls_replay_the_recorded_launch(monkeypatch):
+    """A call whose inputs match an earlier call's metadata skips the checks and the launcher and replays the
+    recorded launch with its own tensors: bit-identical to an uncached call, corrected calls (rho offset as a
+    number and as a device tensor) included."""
+    from dit_accel.kernels import SoftmaxCorrection, ops, refresh_attention
+
+    monkeypatch.setattr(ops, "_CALLS", {})
+    plan = _random_plan(1, 2, 70, 70, 16, 0.5, seed=2)
+    q, k, v = _qkv(1, 70, 2, 32, torch.float16, "bshd", seed=3)
+    _, _, corr = refresh_attention(q, k, v, plan, backend="triton")
+    offset_t = torch.full((1,), 0.25, dtype=torch.float32, device=DEVICE)
+    options = [{}, {"correction": corr, "rho_offset": 0.5}, {"correction": corr, "rho_offset": offset_t}]
+    for kwargs in options:
+        for _ in range(2):  # the first call of a key may tune; the next one records
+            block_sparse_attention(q, k, v, plan, backend="triton", **kwargs)
+    assert len(ops._CALLS) == len(options)
+
+    def refuse(*a, **kw):
+        raise AssertionError("a cached call ran the checks")
+
+    q2, k2, v2 = _qkv(1, 70, 2, 32, torch.float16, "bshd", seed=4)
+    corr2 = SoftmaxCorrection(corr.rho * 0.5, corr.residual * 2)
+    for kwargs in options:
+        if "correction" in kwargs:
+            kwargs = {**kwargs, "correction": corr2}
+        want = _uncached(monkeypatch, q2, k2, v2, plan, backend="triton", **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(ops, "_check_inputs", refuse)
+            out, lse = block_sparse_attention(q2, k2, v2, plan, backend="triton", **kwargs)
+        torch.testing.assert_close(out, want[0], atol=0, rtol=0)
+        torch.testing.assert_close(lse, want[1], atol=0, rtol=0)
+        assert out.shape == want[0].shape and out.stride() == want[0].stride()
+    assert len(ops._CALLS) == len(options)
+
+
+@pytest.mark.interpret
+def test_call_cache_keys_on_everything_the_launch_reads(monkeypatch):
+    """Another stride, alignment, dtype, layout or plan object is another entry, never a wrong reuse; a plan
+    that died is a miss; a call whose k is its v (one data pointer, two roles) is not cached."""
+    import gc
+
+    from dit_accel.kernels import ops
+
+    monkeypatch.setattr(ops, "_CALLS", {})
+    s, h, d = 70, 2, 32
+    buf = torch.randn(3, s * h * d + 8, generator=torch.Generator().manual_seed(7)).half().to(DEVICE)
+    aligned = [buf[i, : s * h * d].view(1, s, h, d) for i in range(3)]
+    misaligned = [buf[i, 1 : s * h * d + 1].view(1, s, h, d) for i in range(3)]
+    fused = _qkv(1, s, h, d, torch.float16, "bshd", seed=8, noncontig=True)
+    plan = _random_plan(1, h, s, s, 16, 0.5, seed=2)
+    cases = {
+        "aligned": (aligned, plan, "bshd"),
+        "misaligned": (misaligned, plan, "bshd"),
+        "fused": (list(fused), plan, "bshd"),
+        "bf16": ([t.bfloat16() for t in aligned], plan, "bshd"),
+        "bhsd": ([t.transpose(1, 2) for t in aligned], plan, "bhsd"),
+        "other plan": (aligned, _random_plan(1, h, s, s, 16, 0.5, seed=9), "bshd"),
+    }
+    for name, (qkv, p, layout) in cases.items():
+        for _ in range(3):
+            out, lse = block_sparse_attention(*qkv, p, layout=layout, backend="triton")
+        want = _uncached(monkeypatch, *qkv, p, layout=layout, backend="triton")
+        torch.testing.assert_close(out, want[0], atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(lse, want[1], atol=0, rtol=0, msg=name)
+    assert len(ops._CALLS) == len(cases)
+
+    q, k, _ = aligned
+    for _ in range(2):
+        block_sparse_attention(q, k, k, plan, backend="triton")
+    assert len(ops._CALLS) == len(cases)  # k is v: not cached
+
+    dying = _random_plan(1, h, s, s, 16, 0.3, seed=10)
+    for _ in range(2):
+        block_sparse_attention(*aligned, dying, backend="triton")
+    (entry,) = [c for key, c in ops._CALLS.items() if key[0] == id(dying)]
+    del dying
+    gc.collect()
+    assert entry.plan() is None
+
+
+@pytest.mark.gpu
+def test_gpu_cached_calls_match_uncached(monkeypatch):
+    """On the GPU (direct launches where Triton's version allows), replayed calls are bit-identical to
+    uncached ones: aligned and misaligned views, another batch size, corrected calls with a device rho
+    offset, and a replay captured in a CUDA graph."""
+    from dit_accel.kernels import ops, refresh_attention
+
+    monkeypatch.setattr(ops, "_CALLS", {})
+    s, h, d = 1000, 4, 64
+    plan = _random_plan(2, h, s, s, 128, 0.4, seed=6)
+    plan1 = _random_plan(1, h, s, s, 128, 0.4, seed=6)
+
+    def cases(buf):  # the same views of another buffer: same strides and alignments, other data
+        return {
+            "aligned": ([buf[i, :, : s * h * d].view(2, s, h, d) for i in range(3)], plan),
+            "misaligned": ([buf[i, :, 1 : s * h * d + 1].view(2, s, h, d) for i in range(3)], plan),
+            "batch1": ([buf[i, :1, : s * h * d].view(1, s, h, d) for i in range(3)], plan1),
+        }
+
+    first = cases(torch.randn(3, 2, s * h * d + 8, device="cuda").to(torch.bfloat16))
+    fresh = cases(torch.randn(3, 2, s * h * d + 8, device="cuda").to(torch.bfloat16))
+    _, _, corr = refresh_attention(*first["aligned"][0], plan, backend="triton")
+    offset = torch.full((1,), 0.1, dtype=torch.float32, device="cuda")
+    for name, (qkv, p) in first.items():
+        kwargs = {"correction": corr, "rho_offset": offset} if name == "aligned" else {}
+        for _ in range(2):
+            block_sparse_attention(*qkv, p, backend="triton", **kwargs)
+        assert len(ops._CALLS) == list(first).index(name) + 1, name
+        out, lse = block_sparse_attention(*fresh[name][0], p, backend="triton", **kwargs)
+        assert len(ops._CALLS) == list(first).index(name) + 1, f"{name}: the fresh call was not a hit"
+        want = _uncached(monkeypatch, *fresh[name][0], p, backend="triton", **kwargs)
+        torch.testing.assert_close(out, want[0], atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(lse, want[1], atol=0, rtol=0, msg=name)
+
+    q, k, v = fresh["aligned"][0]
+    block_sparse_attention(q, k, v, plan, backend="triton")  # a cached key: the capture replays it
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _ = block_sparse_attention(q, k, v, plan, backend="triton")
+    for t in (q, k, v):
+        t.mul_(0.25)
+    graph.replay()
+    want = _uncached(monkeypatch, q, k, v, plan, backend="triton")
+    torch.testing.assert_close(captured, want[0], atol=0, rtol=0)
+
+
+@pytest.mark.interpret
+def test_repeated_rotary_calls_replay_the_recorded_launch(monkeypatch):
+    """rotary_interleaved caches its Triton launch the same way: a repeat with new tensors (and new tables) is
+    bit-identical to an uncached call; another table layout is another entry."""
+    from dit_accel.kernels import ops, rotary_interleaved
+
+    monkeypatch.setattr(ops, "_CALLS", {})
+    g = torch.Generator().manual_seed(11)
+
+    def inputs(table_batch=1):
+        q, k = (torch.randn(2, 24, 3, 16, generator=g).half().to(DEVICE) for _ in range(2))
+        angles = torch.randn(table_batch, 24, 1, 8, generator=g).repeat_interleave(2, dim=-1)
+        return q, k, angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+
+    for table_batch in (1, 2):
+        for _ in range(2):
+            rotary_interleaved(*inputs(table_batch), backend="triton")
+        fresh = inputs(table_batch)
+        got = rotary_interleaved(*fresh, backend="triton")
+        monkeypatch.setattr(ops, "_CALL_CACHE", False)
+        want = rotary_interleaved(*fresh, backend="triton")
+        monkeypatch.setattr(ops, "_CALL_CACHE", True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert len(ops._CALLS) == 2
