@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ _BACKENDS = ("auto", "triton", "torch")
 _DENSE_BACKENDS = ("stock", "auto", "cudnn", "xformers", "triton", "torch")
 
 
+@functools.lru_cache(maxsize=1024)
 def auto_block(seq_len: int) -> int:
     """The block size for ``seq_len`` tokens: the power of two at or above seq_len / 16, in [16, 128]."""
     target = max(-(-int(seq_len) // 16), 1)

@@ -36,6 +36,7 @@ search, 31-49 sparse. Re-ttention on a static pattern, warm-up 15, period 5: 0-1
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -61,7 +62,7 @@ def step_index(value, num_steps: int, name: str) -> int:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Which phase each step runs (module docstring).
+    """Which phase each step runs (module docstring). Frozen: the derived steps and phases are computed once.
 
     Attributes:
         num_steps: denoising steps in the run (>= 1).
@@ -117,7 +118,7 @@ class Schedule:
     def needs_first_pass(self) -> bool:
         return self.searched or self.corrected
 
-    @property
+    @functools.cached_property
     def warmup_steps(self) -> int:
         """Number of leading dense steps (all of them when a needed first pass would come too late)."""
         w = min(step_index(self.warmup, self.num_steps, "warmup"), self.num_steps)
@@ -125,7 +126,7 @@ class Schedule:
             return self.num_steps
         return w
 
-    @property
+    @functools.cached_property
     def fused_step(self) -> int | None:
         """The first full pass (fused search or first refresh), or None when every step is dense or the
         method needs none."""
@@ -137,7 +138,7 @@ class Schedule:
         steps = {step_index(v, self.num_steps, name) for v in values}
         return tuple(sorted(t for t in steps if first < t < self.num_steps))
 
-    @property
+    @functools.cached_property
     def cached_steps(self) -> tuple[int, ...]:
         """Sorted cached-search steps strictly after the first pass, within the run (searched only)."""
         f = self.fused_step
@@ -145,7 +146,7 @@ class Schedule:
             return ()
         return self._steps_after(f, self.search_at, "search_at")
 
-    @property
+    @functools.cached_property
     def refresh_steps(self) -> tuple[int, ...]:
         """Steps that renew the correction (corrected only): the first pass and every period after it."""
         f = self.fused_step
@@ -155,7 +156,7 @@ class Schedule:
             return tuple(range(f, self.num_steps, self.refresh_every))
         return (f, *self._steps_after(f, self.refresh_at, "refresh_at"))
 
-    @property
+    @functools.cached_property
     def search_steps(self) -> tuple[int, ...]:
         """Steps that search a new plan: the fused search, then the cached ones (moved to refreshes when
         corrected)."""
@@ -172,6 +173,14 @@ class Schedule:
         """The phase of step ``step`` (0-based)."""
         if not 0 <= step < self.num_steps:
             raise ValueError(f"step {step} is outside [0, {self.num_steps})")
+        return self._phases[step]
+
+    @functools.cached_property
+    def _phases(self) -> tuple[Phase, ...]:
+        # Asked once per attention call: computed once per schedule (the fields are frozen).
+        return tuple(self._phase(t) for t in range(self.num_steps))
+
+    def _phase(self, step: int) -> Phase:
         if step >= self.num_steps - self.dense_last_steps:
             return "dense"
         if step < self.warmup_steps:
@@ -187,7 +196,7 @@ class Schedule:
 
     def phases(self) -> tuple[Phase, ...]:
         """The phase of every step, in order."""
-        return tuple(self.phase(t) for t in range(self.num_steps))
+        return self._phases
 
     def last_refresh(self, step: int) -> int | None:
         """The latest refresh step at or before ``step`` (corrected schedules), or None."""
