@@ -2,15 +2,18 @@
 calls), dense against each sparse method, and what one attention call costs the host.
 
 1. **Renders.** The embedded pipeline at its GPU geometry (49 x 192 x 256), one prompt, per configuration
-   (``stock``: no dit_accel; ``dense``: every call through dit_accel's processors on the stock op; then
-   sparse methods, each also as ``<name>@jit``: every Triton launch through Triton's own launcher
-   (``JITFunction.run``, its argument binder included) instead of the recorded compiled kernel's launcher,
-   the launch path before direct launches): two untimed renders each, then ``--repeats`` rounds
-   of one timed render per configuration (interleaved, so a slow stretch of the host hits all alike;
-   median), then one render under ``torch.profiler``: the host's busiest ops (self CPU time), how many
-   kernels were launched, how many host synchronisations happened (``aten::_local_scalar_dense``:
-   ``.item()``, ``bool(tensor)``), and the GPU's busy time against the wall; then one under cProfile: the
-   Python functions with the most own time.
+   (``stock``: no dit_accel; ``dense``: every call through dit_accel's processors on the stock op; then sparse
+   methods, each also as ``<name>@jit``: every Triton launch through Triton's own launcher
+   (``JITFunction.run``, its argument binder included) instead of the recorded compiled kernel's launcher, and
+   no call cache: the launch path before direct launches): two untimed renders each, then ``--repeats`` rounds
+   of one timed render per configuration (interleaved, so a slow stretch of the host hits all alike; median),
+   then one render under ``torch.profiler``: the host's busiest ops (self CPU time), how many kernels were
+   launched, how many host synchronisations happened (``aten::_local_scalar_dense``: ``.item()``,
+   ``bool(tensor)``), and the GPU's busy time against the wall; then one under cProfile: the Python functions
+   with the most own time.
+   ``<name>@uncached`` (only when named in ``--configs``): ``<name>`` without the call cache (repeated
+   attention and rotary calls through the checks and the launcher, as before the cache;
+   ``docs/kernels.md#repeated-calls``), in the same rounds.
    ``<name>+graphs`` (only when named in ``--configs``): ``<name>`` with ``cuda_graphs=True``, whole
    forwards replayed as CUDA graphs. Before timing, each is rendered once against an eager ``<name>``
    render: the largest frame difference and how its forwards ran are recorded, and a row over
@@ -96,24 +99,47 @@ def _sync(device):
 @contextlib.contextmanager
 def launch_through_triton():
     """The launch path before direct launches (for side-by-side timing): every Triton call through
-    ``JITFunction.run`` (argument binding, specialisation, cache lookup) with the recorded config."""
+    ``JITFunction.run`` (argument binding, specialisation, cache lookup) with the recorded config, and no
+    call cache (which came after)."""
     from dit_accel.kernels import triton_common
 
     saved = triton_common._DIRECT_ON
     triton_common._DIRECT_ON = False
     try:
-        yield
+        with without_call_cache():
+            yield
     finally:
         triton_common._DIRECT_ON = saved
 
 
+@contextlib.contextmanager
+def without_call_cache():
+    """Every sparse call through the checks and the launcher (``ops._CALL_CACHE`` off), as before repeated
+    calls replayed their recorded launch."""
+    from dit_accel.kernels import ops
+
+    saved = ops._CALL_CACHE
+    ops._CALL_CACHE = False
+    try:
+        yield
+    finally:
+        ops._CALL_CACHE = saved
+
+
+UNCACHED = "@uncached"
+
+
 def _variants(names=None, jit: bool = True):
-    """(row name, knobs, context) per configuration (``names``: those only); with ``jit`` sparse ones also on
-    the old launch path."""
+    """(row name, knobs, context) per configuration (``names``: those only; ``<name>@uncached``: that
+    configuration without the call cache); with ``jit`` sparse ones also on the old launch path."""
     for name, knobs in CONFIGS.items():
         if (names is None and name.endswith("+graphs")) or (names is not None and name not in names):
+            if names is not None and name + UNCACHED in names:
+                yield name + UNCACHED, knobs, without_call_cache
             continue
         yield name, knobs, contextlib.nullcontext
+        if names is not None and name + UNCACHED in names:
+            yield name + UNCACHED, knobs, without_call_cache
         if jit and knobs and knobs["method"] != "dense" and not knobs.get("cuda_graphs"):
             yield f"{name}@jit", knobs, launch_through_triton
 
@@ -294,6 +320,8 @@ def one_call(device, dtype, heads: int, seq: int, d: int, log) -> dict:
         paths["sparse_0.5_launcher_only@jit"] = paths["sparse_0.5_launcher_only"]
         paths["sparse_0.5@jit"] = paths["sparse_0.5"]
         contexts["sparse_0.5_launcher_only@jit"] = contexts["sparse_0.5@jit"] = launch_through_triton
+        paths["sparse_0.5" + UNCACHED] = paths["sparse_0.5"]
+        contexts["sparse_0.5" + UNCACHED] = without_call_cache
     res = {"shape": [1, heads, seq, d]}
     n, rounds = (100, 7) if device.type == "cuda" else (3, 1)
     host = {name: [] for name in paths}
@@ -384,9 +412,11 @@ def main(argv=None) -> dict:
     names = None
     if args.configs:
         names = args.configs.split(",")
-        unknown = sorted(set(names) - set(CONFIGS))
+        unknown = sorted({n.removesuffix(UNCACHED) for n in names} - set(CONFIGS))
         if unknown:
-            ap.error(f"--configs: unknown {unknown}; known: {', '.join(CONFIGS)}")
+            ap.error(
+                f"--configs: unknown {unknown}; known: {', '.join(CONFIGS)} (each also as <name>{UNCACHED})"
+            )
     report["renders"] = {}
     profile_renders(
         pipe,
