@@ -364,6 +364,11 @@ def _run(impl, op, *args):
     return (impl if direct else op)(*args)
 
 
+def _plan_call(qh, kh, vh, plan: BlockPlan, scale: float, kv_len) -> tuple:
+    """The leading arguments of the sparse and refresh launchers: q, k, v, the plan's tensors and blocks."""
+    return qh, kh, vh, plan.kv_indices, plan.kv_counts, plan.block_q, plan.block_k, scale, kv_len
+
+
 def _from_bhsd(out: torch.Tensor, layout: str) -> torch.Tensor:
     return out.transpose(1, 2) if layout == "bshd" else out
 
@@ -451,15 +456,7 @@ def block_sparse_attention(
             out, lse = _run(
                 _sparse_attention_impl,
                 _sparse_attention_op,
-                qh,
-                kh,
-                vh,
-                plan.kv_indices,
-                plan.kv_counts,
-                plan.block_q,
-                plan.block_k,
-                scale,
-                kv_len,
+                *_plan_call(qh, kh, vh, plan, scale, kv_len),
                 corr.get("rho"),
                 corr.get("residual"),
                 corr.get("residual_scale"),
@@ -660,15 +657,7 @@ def refresh_attention(
         out, lse, rho, resid, r_scale = _run(
             _refresh_attention_impl,
             _refresh_attention_op,
-            qh,
-            kh,
-            vh,
-            plan.kv_indices,
-            plan.kv_counts,
-            plan.block_q,
-            plan.block_k,
-            scale,
-            kv_len,
+            *_plan_call(qh, kh, vh, plan, scale, kv_len),
             residual_dtype,
         )
         r_scale = r_scale if r_scale.numel() else None
