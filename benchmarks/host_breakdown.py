@@ -70,6 +70,11 @@ def _install_timers(acc: dict) -> None:
     from dit_accel.kernels import ops, triton_attention, triton_common
     from dit_accel.processors import base
 
+    def add(name: str, t0: float) -> None:
+        slot = acc.setdefault(name, [0.0, 0])
+        slot[0] += time.perf_counter() - t0
+        slot[1] += 1
+
     def wrap(owner, attr: str, name: str):
         fn = getattr(owner, attr)
 
@@ -79,9 +84,7 @@ def _install_timers(acc: dict) -> None:
             try:
                 return fn(*args, **kwargs)
             finally:
-                slot = acc.setdefault(name, [0.0, 0])
-                slot[0] += time.perf_counter() - t0
-                slot[1] += 1
+                add(name, t0)
 
         setattr(owner, attr, timed)
         return timed
@@ -101,9 +104,7 @@ def _install_timers(acc: dict) -> None:
         try:
             return attn_forward(self, hidden_states, encoder_hidden_states, *args, **kwargs)
         finally:
-            slot = acc.setdefault(MODEL_LAYERS[1 if encoder_hidden_states is None else 2], [0.0, 0])
-            slot[0] += time.perf_counter() - t0
-            slot[1] += 1
+            add(MODEL_LAYERS[1 if encoder_hidden_states is None else 2], t0)
 
     transformer_wan.WanAttention.forward = attn_timed
 

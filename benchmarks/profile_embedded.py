@@ -133,15 +133,12 @@ def _variants(names=None, jit: bool = True):
     """(row name, knobs, context) per configuration (``names``: those only; ``<name>@uncached``: that
     configuration without the call cache); with ``jit`` sparse ones also on the old launch path."""
     for name, knobs in CONFIGS.items():
-        if (names is None and name.endswith("+graphs")) or (names is not None and name not in names):
-            if names is not None and name + UNCACHED in names:
-                yield name + UNCACHED, knobs, without_call_cache
-            continue
-        yield name, knobs, contextlib.nullcontext
+        if (names is None and not name.endswith("+graphs")) or (names is not None and name in names):
+            yield name, knobs, contextlib.nullcontext
+            if jit and knobs and knobs["method"] != "dense" and not knobs.get("cuda_graphs"):
+                yield f"{name}@jit", knobs, launch_through_triton
         if names is not None and name + UNCACHED in names:
             yield name + UNCACHED, knobs, without_call_cache
-        if jit and knobs and knobs["method"] != "dense" and not knobs.get("cuda_graphs"):
-            yield f"{name}@jit", knobs, launch_through_triton
 
 
 def profile_renders(

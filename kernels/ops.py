@@ -494,6 +494,17 @@ def _launch_context() -> tuple:
     return _triton_common.launch_context()
 
 
+def _cacheable(backend: str, q: torch.Tensor, *tensors) -> bool:
+    """Whether a call could run on the Triton kernels in plain eager, the only calls the cache takes."""
+    return (
+        _CALL_CACHE
+        and _TRITON_IMPORT_ERROR is None
+        and backend in ("auto", "triton")
+        and _plain_eager(q, *tensors)
+        and (q.is_cuda or _interpret())
+    )
+
+
 def _tensor_key(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16, t.requires_grad
 
@@ -503,16 +514,12 @@ def _sparse_call_key(q, k, v, plan, scale, kv_len, layout, backend, correction, 
     is off, a ``kv_len``, the torch backend, a tensor subclass, a dispatch mode or compilation, an option of a
     type the checks would refuse, a head dim not contiguous)."""
     if (
-        not _CALL_CACHE
-        or _TRITON_IMPORT_ERROR is not None
+        not _cacheable(backend, q, k, v)
         or kv_len is not None
-        or backend not in ("auto", "triton")
         or type(plan) is not BlockPlan
         or not (scale is None or type(scale) in (float, int))
         or not (type(rho_offset) in (float, int) or type(rho_offset) is torch.Tensor)
         or not (correction is None or type(correction) is SoftmaxCorrection)
-        or not _plain_eager(q, k, v)
-        or not (q.is_cuda or _interpret())
         or q.stride(-1) != 1
         or k.stride(-1) != 1
         or v.stride(-1) != 1
@@ -919,14 +926,7 @@ def block_mass(
 
 def _rotary_call_key(q, k, cos, sin, backend, convention, rotary_len):
     """The cache key of a :func:`rotary_interleaved` call (see :func:`_sparse_call_key`), or None."""
-    if (
-        not _CALL_CACHE
-        or _TRITON_IMPORT_ERROR is not None
-        or backend not in ("auto", "triton")
-        or not (rotary_len is None or type(rotary_len) is int)
-        or not _plain_eager(q, k, cos, sin)
-        or not (q.is_cuda or _interpret())
-    ):
+    if not _cacheable(backend, q, k, cos, sin) or not (rotary_len is None or type(rotary_len) is int):
         return None
     return (
         "rotary", backend, convention, rotary_len, torch.is_grad_enabled(),
