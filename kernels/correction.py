@@ -46,6 +46,10 @@ class SoftmaxCorrection:
             raise ValueError("a float8 residual needs residual_scale, and only a float8 residual takes one")
         if self.residual_scale is not None and tuple(self.residual_scale.shape) != tuple(self.rho.shape):
             raise ValueError(f"residual_scale must be [B, H, S_q]={tuple(self.rho.shape)}")
+        # The ledger counts a correction's bytes at every store; the tensors' sizes never change.
+        object.__setattr__(
+            self, "_nbytes", sum(t.numel() * t.element_size() for t in self.tensors().values())
+        )
 
     @property
     def device(self) -> torch.device:
@@ -59,7 +63,7 @@ class SoftmaxCorrection:
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return self._nbytes
 
     def to(self, device, non_blocking: bool = False) -> SoftmaxCorrection:
         def move(t):

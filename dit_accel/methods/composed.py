@@ -158,6 +158,8 @@ class ComposedMethod(SparseMethod):
         self._plans: OrderedDict[tuple, tuple[BlockPlan, float]] = OrderedDict()
         self._densities: dict[int, float] = {}  # id(shared static plan) -> its density
         self._schedules: dict[tuple, Schedule] = {}
+        # (info, config, phase) of the latest forward asked: every layer of a forward asks the same question.
+        self._phase_memo: tuple | None = None
         # Validate the schedule knobs up front.
         Schedule(
             1,
@@ -197,6 +199,7 @@ class ComposedMethod(SparseMethod):
         self._plans.clear()
         self._densities.clear()
         self._schedules.clear()
+        self._phase_memo = None
         return dataclasses.replace(config, **fields) if fields else config
 
     def set_models(self, models: dict[str, tuple[str, int]]) -> None:
@@ -316,6 +319,14 @@ class ComposedMethod(SparseMethod):
 
     def phase_of(self, info: ForwardInfo, config: SparseAttentionConfig) -> Phase:
         """The phase of a forward at ``info`` for the layers that are not dense layers."""
+        memo = self._phase_memo
+        if memo is not None and memo[0] is info and memo[1] is config:
+            return memo[2]
+        phase = self._phase(info, config)
+        self._phase_memo = (info, config, phase)
+        return phase
+
+    def _phase(self, info: ForwardInfo, config: SparseAttentionConfig) -> Phase:
         schedule = self.schedule_of(info, config)
         if schedule is None:
             return "dense"

@@ -375,32 +375,40 @@ class StateLedger:
     # --- report -------------------------------------------------------------------------------------
     def note_peak(self) -> None:
         """Record the current total in the run's peak (called when plans or state change)."""
-        self._report_now()
+        self._totals()
 
-    def _report_now(self) -> dict:
+    def _totals(self) -> tuple[dict[str, int], int, int]:
+        """Device bytes per state name, plan bytes and host bytes held now; the run's peak updated."""
         plans: dict[int, int] = {}
-        by_name: dict[str, int] = dict.fromkeys(sorted(self.names), 0)
+        by_name: dict[str, int] = {}
         host = 0
         seen: set[int] = set()
         for e in self._entries.values():
             if e.plan is not None:
                 plans[id(e.plan)] = e.plan.nbytes()
+            hosted = e.state.get("_host", ())
             for name, value in e.state.items():
                 if id(value) in seen or _device_of(value) is None:
                     continue
                 seen.add(id(value))
-                if self._is_host(e, name):
+                if name in hosted:
                     host += _nbytes(value)
                 else:
                     by_name[name] = by_name.get(name, 0) + _nbytes(value)
+        plan_bytes = sum(plans.values())
+        self._peak = max(self._peak, plan_bytes + sum(by_name.values()))
+        return by_name, plan_bytes, host
+
+    def _report_now(self) -> dict:
+        held, plans, host = self._totals()
+        by_name = dict.fromkeys(sorted(self.names), 0)
+        by_name.update(held)
         state = sum(by_name.values())
-        total = sum(plans.values()) + state
-        self._peak = max(self._peak, total)
         return {
             **by_name,
-            "plans": sum(plans.values()),
+            "plans": plans,
             "state": state,
-            "total": total,
+            "total": plans + state,
             "peak": self._peak,
             "host": host,
             "budget": self._budget if self._budget_known else None,
