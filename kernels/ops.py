@@ -509,21 +509,35 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16, t.requires_grad
 
 
-def _sparse_call_key(q, k, v, plan, scale, kv_len, layout, backend, correction, rho_offset, clamp_rho):
-    """The cache key of a :func:`block_sparse_attention` call, or None where the call is not cached (the cache
-    is off, a ``kv_len``, the torch backend, a tensor subclass, a dispatch mode or compilation, an option of a
-    type the checks would refuse, a head dim not contiguous)."""
+def _plan_call_key(q, k, v, plan, scale, kv_len, layout, backend) -> tuple | None:
+    """What the cache keys of a sparse and a refresh call share, or None where the call is not cached (the
+    cache is off, a ``kv_len``, the torch backend, a tensor subclass, a dispatch mode or compilation, an
+    option of a type the checks would refuse, a head dim not contiguous)."""
     if (
         not _cacheable(backend, q, k, v)
         or kv_len is not None
         or type(plan) is not BlockPlan
         or not (scale is None or type(scale) in (float, int))
-        or not (type(rho_offset) in (float, int) or type(rho_offset) is torch.Tensor)
-        or not (correction is None or type(correction) is SoftmaxCorrection)
         or q.stride(-1) != 1
         or k.stride(-1) != 1
         or v.stride(-1) != 1
     ):
+        return None
+    return (
+        id(plan), layout, backend, scale, torch.is_grad_enabled(),
+        _tensor_key(q), _tensor_key(k), _tensor_key(v), _launch_context(),
+    )  # fmt: skip
+
+
+def _sparse_call_key(q, k, v, plan, scale, kv_len, layout, backend, correction, rho_offset, clamp_rho):
+    """The cache key of a :func:`block_sparse_attention` call, or None where the call is not cached (see
+    :func:`_plan_call_key`)."""
+    if not (type(rho_offset) in (float, int) or type(rho_offset) is torch.Tensor) or not (
+        correction is None or type(correction) is SoftmaxCorrection
+    ):
+        return None
+    base = _plan_call_key(q, k, v, plan, scale, kv_len, layout, backend)
+    if base is None:
         return None
     if correction is None:
         corr = None
@@ -532,10 +546,15 @@ def _sparse_call_key(q, k, v, plan, scale, kv_len, layout, backend, correction, 
         if correction.residual_scale is not None:
             corr += (_tensor_key(correction.residual_scale),)
     offset = _tensor_key(rho_offset) if type(rho_offset) is torch.Tensor else rho_offset
-    return (
-        id(plan), layout, backend, scale, bool(clamp_rho), offset, corr, torch.is_grad_enabled(),
-        _tensor_key(q), _tensor_key(k), _tensor_key(v), _launch_context(),
-    )  # fmt: skip
+    return (*base, bool(clamp_rho), offset, corr)
+
+
+def _refresh_call_key(q, k, v, plan, scale, kv_len, layout, backend, residual_dtype):
+    """The cache key of a :func:`refresh_attention` call, or None (see :func:`_plan_call_key`)."""
+    if not (residual_dtype is None or type(residual_dtype) is torch.dtype):
+        return None
+    base = _plan_call_key(q, k, v, plan, scale, kv_len, layout, backend)
+    return None if base is None else ("refresh", residual_dtype, *base)
 
 
 @contextlib.contextmanager
@@ -591,6 +610,58 @@ class _SparseCall:
         return out, lse
 
 
+class _RefreshCall:
+    """A cached :func:`refresh_attention` call on the Triton kernel (see :class:`_SparseCall`)."""
+
+    __slots__ = (
+        "plan",
+        "replay",
+        "out_shape",
+        "out_stride",
+        "rows",
+        "residual_shape",
+        "residual_dtype",
+        "fp8",
+    )
+
+    @staticmethod
+    def _roles(q, k, v, plan, out, lse, rho, residual, residual_scale) -> tuple:
+        return (q, k, v, out, lse, rho, residual, residual_scale, plan.kv_indices, plan.kv_counts)
+
+    @classmethod
+    def record(cls, launch, q, k, v, plan, out, lse, corr: SoftmaxCorrection) -> _RefreshCall | None:
+        roles = cls._roles(q, k, v, plan, out, lse, corr.rho, corr.residual, corr.residual_scale)
+        replay = _triton_common.Replay.of(launch, roles)
+        rows = (
+            lse,
+            corr.rho,
+            corr.residual,
+            *((corr.residual_scale,) if corr.residual_scale is not None else ()),
+        )
+        if (
+            replay is None
+            or out.storage_offset()
+            or not all(t.is_contiguous() and not t.storage_offset() for t in rows)
+        ):
+            return None
+        call = cls()
+        call.plan, call.replay = weakref.ref(plan), replay
+        call.out_shape, call.out_stride, call.rows = out.shape, out.stride(), lse.shape
+        call.residual_shape, call.residual_dtype = corr.residual.shape, corr.residual.dtype
+        call.fp8 = corr.residual_scale is not None
+        return call
+
+    def __call__(self, q, k, v, plan):
+        device = q.device
+        out = torch.empty_strided(self.out_shape, self.out_stride, dtype=q.dtype, device=device)
+        lse = torch.empty(self.rows, dtype=torch.float32, device=device)
+        rho = torch.empty(self.rows, dtype=torch.float32, device=device)
+        residual = torch.empty(self.residual_shape, dtype=self.residual_dtype, device=device)
+        r_scale = torch.empty(self.rows, dtype=torch.float32, device=device) if self.fp8 else None
+        self.replay(self._roles(q, k, v, plan, out, lse, rho, residual, r_scale))
+        return out, lse, SoftmaxCorrection(rho, residual, r_scale)
+
+
 def _check_rho_offset(rho_offset, qh: torch.Tensor) -> torch.Tensor | None:
     """The offset as a one-element tensor for the kernel, or None for a number."""
     if not isinstance(rho_offset, torch.Tensor):
@@ -642,6 +713,11 @@ def refresh_attention(
         (exactly the out-of-mask contribution), to pass to :func:`block_sparse_attention` with the same
         plan at later steps.
     """
+    key = _refresh_call_key(q, k, v, plan, scale, kv_len, layout, backend, residual_dtype)
+    if key is not None:
+        hit = _CALLS.get(key)
+        if hit is not None and hit.plan() is plan:
+            return hit(q, k, v, plan)
     qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
     _check_plan(plan, qh, kh)
     residual_dtype = residual_dtype or qh.dtype
@@ -661,13 +737,18 @@ def refresh_attention(
             )
         resid = resid.contiguous()
     else:
-        out, lse, rho, resid, r_scale = _run(
-            _refresh_attention_impl,
-            _refresh_attention_op,
-            *_plan_call(qh, kh, vh, plan, scale, kv_len),
-            residual_dtype,
-        )
-        r_scale = r_scale if r_scale.numel() else None
+        with _recording(key) as launches:
+            out, lse, rho, resid, r_scale = _run(
+                _refresh_attention_impl,
+                _refresh_attention_op,
+                *_plan_call(qh, kh, vh, plan, scale, kv_len),
+                residual_dtype,
+            )
+        out = _from_bhsd(out, layout)
+        corr = SoftmaxCorrection(rho, resid, r_scale if r_scale.numel() else None)
+        if launches is not None and len(launches) == 1:
+            _remember(key, _RefreshCall.record(launches[0], q, k, v, plan, out, lse, corr))
+        return out, lse, corr
     return _from_bhsd(out, layout), lse, SoftmaxCorrection(rho, resid, r_scale)
 
 

@@ -758,7 +758,8 @@ def test_repeated_calls_replay_the_recorded_launch(monkeypatch):
     for kwargs in options:
         for _ in range(2):  # the first call of a key may tune; the next one records
             block_sparse_attention(q, k, v, plan, backend="triton", **kwargs)
-    assert len(ops._CALLS) == len(options)
+    sparse_keys = lambda: [key for key in ops._CALLS if key[0] != "refresh"]  # noqa: E731
+    assert len(sparse_keys()) == len(options)
 
     def refuse(*a, **kw):
         raise AssertionError("a cached call ran the checks")
@@ -775,7 +776,66 @@ def test_repeated_calls_replay_the_recorded_launch(monkeypatch):
         torch.testing.assert_close(out, want[0], atol=0, rtol=0)
         torch.testing.assert_close(lse, want[1], atol=0, rtol=0)
         assert out.shape == want[0].shape and out.stride() == want[0].stride()
-    assert len(ops._CALLS) == len(options)
+    assert len(sparse_keys()) == len(options)
+
+
+def _uncached_refresh(monkeypatch, *args, **kwargs):
+    """``refresh_attention(*args, **kwargs)`` with the call cache off."""
+    from dit_accel.kernels import ops, refresh_attention
+
+    monkeypatch.setattr(ops, "_CALL_CACHE", False)
+    try:
+        return refresh_attention(*args, **kwargs)
+    finally:
+        monkeypatch.setattr(ops, "_CALL_CACHE", True)
+
+
+def _assert_same_refresh(got, want, name: str) -> None:
+    """Two refresh_attention results bit-identical: output (with its strides), LSE and every statistic."""
+    (out, lse, corr), (w_out, w_lse, w_corr) = got, want
+    assert out.shape == w_out.shape and out.stride() == w_out.stride(), name
+    torch.testing.assert_close(out, w_out, atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(lse, w_lse, atol=0, rtol=0, msg=name)
+    assert corr.tensors().keys() == w_corr.tensors().keys(), name
+    for key, t in corr.tensors().items():
+        w = w_corr.tensors()[key]
+        assert t.dtype == w.dtype and t.shape == w.shape, f"{name}: {key}"
+        torch.testing.assert_close(t.float(), w.float(), atol=0, rtol=0, msg=f"{name}: {key}")
+
+
+@pytest.mark.interpret
+def test_repeated_refresh_calls_replay_the_recorded_launch(monkeypatch):
+    """refresh_attention caches its launch like block_sparse_attention: a repeat with new q, k, v skips the
+    checks and is bit-identical to an uncached call, for each residual dtype (float8 with its row scales) and
+    both layouts; each residual dtype is its own entry, and a refresh key never serves a sparse call."""
+    from dit_accel.kernels import ops, refresh_attention
+
+    monkeypatch.setattr(ops, "_CALLS", {})
+    plan = _random_plan(1, 2, 70, 70, 16, 0.5, seed=2)
+
+    def refuse(*a, **kw):
+        raise AssertionError("a cached call ran the checks")
+
+    cases = [(None, "bshd"), (torch.float8_e4m3fn, "bshd"), (torch.float32, "bhsd")]
+    for i, (rdtype, layout) in enumerate(cases):
+        for seed in (3, 4):  # the first call of a key may tune; the next one records
+            refresh_attention(*_qkv(1, 70, 2, 32, torch.float16, layout, seed=seed), plan, layout=layout,
+                              backend="triton", residual_dtype=rdtype)  # fmt: skip
+        assert len(ops._CALLS) == i + 1, f"{rdtype}: not recorded"
+        fresh = _qkv(1, 70, 2, 32, torch.float16, layout, seed=5)
+        want = _uncached_refresh(
+            monkeypatch, *fresh, plan, layout=layout, backend="triton", residual_dtype=rdtype
+        )
+        with monkeypatch.context() as m:
+            m.setattr(ops, "_check_inputs", refuse)
+            got = refresh_attention(*fresh, plan, layout=layout, backend="triton", residual_dtype=rdtype)
+        _assert_same_refresh(got, want, f"{rdtype} {layout}")
+    assert all(key[0] == "refresh" for key in ops._CALLS)
+    q, k, v = _qkv(1, 70, 2, 32, torch.float16, "bshd", seed=6)
+    out, _ = block_sparse_attention(q, k, v, plan, backend="triton")
+    torch.testing.assert_close(
+        out, _uncached(monkeypatch, q, k, v, plan, backend="triton")[0], atol=0, rtol=0
+    )
 
 
 @pytest.mark.interpret
@@ -827,7 +887,7 @@ def test_call_cache_keys_on_everything_the_launch_reads(monkeypatch):
 def test_gpu_cached_calls_match_uncached(monkeypatch):
     """On the GPU (direct launches where Triton's version allows), replayed calls are bit-identical to
     uncached ones: aligned and misaligned views, another batch size, corrected calls with a device rho
-    offset, and a replay captured in a CUDA graph."""
+    offset, refresh calls, and a replay captured in a CUDA graph."""
     from dit_accel.kernels import ops, refresh_attention
 
     monkeypatch.setattr(ops, "_CALLS", {})
@@ -856,6 +916,13 @@ def test_gpu_cached_calls_match_uncached(monkeypatch):
         want = _uncached(monkeypatch, *fresh[name][0], p, backend="triton", **kwargs)
         torch.testing.assert_close(out, want[0], atol=0, rtol=0, msg=name)
         torch.testing.assert_close(lse, want[1], atol=0, rtol=0, msg=name)
+
+    for name, (qkv, p) in first.items():  # refresh calls: recorded, then replayed with the fresh tensors
+        for _ in range(2):
+            refresh_attention(*qkv, p, backend="triton")
+        got = refresh_attention(*fresh[name][0], p, backend="triton")
+        _assert_same_refresh(got, _uncached_refresh(monkeypatch, *fresh[name][0], p, backend="triton"), name)
+    assert sum(key[0] == "refresh" for key in ops._CALLS) == len(first)
 
     q, k, v = fresh["aligned"][0]
     block_sparse_attention(q, k, v, plan, backend="triton")  # a cached key: the capture replays it
