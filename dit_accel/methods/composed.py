@@ -160,6 +160,7 @@ class ComposedMethod(SparseMethod):
         self._schedules: dict[tuple, Schedule] = {}
         # (info, config, phase) of the latest forward asked: every layer of a forward asks the same question.
         self._phase_memo: tuple | None = None
+        self._blocks: dict[tuple, tuple[int, int]] = {}  # blocks_for's answers, per geometry
         # Validate the schedule knobs up front.
         Schedule(
             1,
@@ -200,6 +201,7 @@ class ComposedMethod(SparseMethod):
         self._densities.clear()
         self._schedules.clear()
         self._phase_memo = None
+        self._blocks.clear()
         return dataclasses.replace(config, **fields) if fields else config
 
     def set_models(self, models: dict[str, tuple[str, int]]) -> None:
@@ -291,12 +293,17 @@ class ComposedMethod(SparseMethod):
 
     def blocks_for(self, call: AttentionCall) -> tuple[int, int]:
         """The config's blocks; the automatic ones capped at the pattern's :meth:`Pattern.max_block`."""
-        block_q, block_k = call.config.blocks_for(call.q_len)
-        if call.config.block_q is None:
-            cap = self.pattern.max_block(call.grid, call.q_len, call.k_len, call.text_len or 0)
-            if cap is not None and cap < block_q:
-                block_q = block_k = cap
-        return block_q, block_k
+        config = call.config
+        key = (config.block_q, config.block_k, call.q_len, call.k_len, call.grid, call.text_len)
+        blocks = self._blocks.get(key)
+        if blocks is None:
+            block_q, block_k = config.blocks_for(call.q_len)
+            if config.block_q is None:
+                cap = self.pattern.max_block(call.grid, call.q_len, call.k_len, call.text_len or 0)
+                if cap is not None and cap < block_q:
+                    block_q = block_k = cap
+            blocks = self._blocks[key] = (block_q, block_k)
+        return blocks
 
     def dense_reason(self, call: AttentionCall) -> str | None:
         """Why this call runs dense ("dense layer", "warm-up", "last steps"), or None."""

@@ -163,6 +163,7 @@ class Correction:
         # (context, layer, device) -> [one-element fp32 tensor, the value last written to it]: the ramp's
         # offset as the kernel reads it under cuda_graphs=True (see _device_offset).
         self._offsets: dict = {}
+        self._counts: dict = {}  # _corrected_count's answers
 
     def knobs(self) -> dict:
         return {
@@ -188,15 +189,22 @@ class Correction:
         return any(i == call.layer_index or i + n == call.layer_index for i in self.corrected_layers)
 
     def _corrected_count(self, call: AttentionCall) -> int:
+        """Layer-contexts of the run holding a correction (asked at every refresh: counted once per shape)."""
         n = call.num_layers
-        layers = [
-            i
-            for i in range(n)
-            if not call.config.is_dense_layer(i, n)
-            and (self.corrected_layers is None or any(j == i or j + n == i for j in self.corrected_layers))
-        ]
-        contexts = 2 if call.info.cfg == "separate" else 1
-        return max(len(layers), 1) * contexts
+        key = (n, call.info.cfg, call.config.dense_layers, self.corrected_layers)
+        count = self._counts.get(key)
+        if count is None:
+            layers = [
+                i
+                for i in range(n)
+                if not call.config.is_dense_layer(i, n)
+                and (
+                    self.corrected_layers is None or any(j == i or j + n == i for j in self.corrected_layers)
+                )
+            ]
+            contexts = 2 if call.info.cfg == "separate" else 1
+            count = self._counts[key] = max(len(layers), 1) * contexts
+        return count
 
     def _dtypes(self, dtype: torch.dtype) -> list[torch.dtype]:
         if self.state_dtype != "auto":
