@@ -13,7 +13,10 @@ the host time per call of
 
 Per step kind (the method's phase of each step: dense, refresh, corrected, sparse, ...): the host time per
 forward and its span on the GPU's timeline (CUDA events around each forward; host-bound forwards span about
-their host time). ``--sync-stacks``: one more schedule per configuration under
+their host time), and the median host time of one ``Runtime.attend`` call of that kind (the kind its stats
+record got). ``--gpu-busy``: one more schedule per configuration under torch.profiler, for the GPU's kernel
+time per forward and the busiest kernels (a forward whose kernel time is well below its host time waits for
+the host, not the GPU). ``--sync-stacks``: one more schedule per configuration under
 ``torch.cuda.set_sync_debug_mode("warn")``, counting each host synchronisation by the innermost dit_accel
 frame that caused it (``file:line function``).
 
@@ -65,15 +68,18 @@ LAYERS = ("runtime.attend", "ops._sparse_attention_impl", "triton_common.launch"
 MODEL_LAYERS = ("wan.block", "wan.attn1", "wan.attn2")
 
 
-def _install_timers(acc: dict) -> None:
-    """Wrap the three layers with host-time accumulators (``acc[name] = [seconds, calls]``)."""
+def _install_timers(acc: dict, by_kind: dict) -> None:
+    """Wrap the three layers with host-time accumulators (``acc[name] = [seconds, calls]``); each
+    ``Runtime.attend`` call's seconds also go to ``by_kind[kind]`` (the kind its stats record got)."""
     from dit_accel.kernels import ops, triton_attention, triton_common
     from dit_accel.processors import base
 
-    def add(name: str, t0: float) -> None:
+    def add(name: str, t0: float) -> float:
         slot = acc.setdefault(name, [0.0, 0])
-        slot[0] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        slot[0] += dt
         slot[1] += 1
+        return dt
 
     def wrap(owner, attr: str, name: str):
         fn = getattr(owner, attr)
@@ -89,7 +95,19 @@ def _install_timers(acc: dict) -> None:
         setattr(owner, attr, timed)
         return timed
 
-    wrap(base.Runtime, "attend", LAYERS[0])
+    attend = base.Runtime.attend
+
+    @functools.wraps(attend)
+    def attend_timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return attend(self, *args, **kwargs)
+        finally:
+            dt = add(LAYERS[0], t0)
+            if self.records:
+                by_kind.setdefault(self.records[-1].kind, []).append(dt)
+
+    base.Runtime.attend = attend_timed
     wrap(ops, "_sparse_attention_impl", LAYERS[1])  # looked up as a module global at each call
     triton_attention.launch = wrap(triton_common, "launch", LAYERS[2])  # imported by name
 
@@ -131,6 +149,31 @@ def _events(device) -> tuple | None:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     return start, end
+
+
+def _gpu_busy(run, forwards: int) -> dict:
+    """The GPU's kernel time per forward during ``run()`` (``forwards`` forwards) and the busiest kernels,
+    from torch.profiler's CUDA activity."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    rows = sorted(
+        (
+            (e.self_device_time_total, e.key, e.count)
+            for e in prof.key_averages()
+            if e.self_device_time_total > 0
+        ),
+        reverse=True,
+    )
+    return {
+        "gpu_busy_ms_per_forward": sum(t for t, _, _ in rows) / forwards / 1e3,
+        "gpu_top_kernels": [
+            {"kernel": key[:100], "ms_per_forward": t / forwards / 1e3, "calls_per_forward": n / forwards}
+            for t, key, n in rows[:8]
+        ],
+    }
 
 
 def _step_kinds(handle, steps: int) -> list[str]:
@@ -182,6 +225,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)}")
     ap.add_argument("--sync-stacks", action="store_true", help="count host syncs by their dit_accel frame")
     ap.add_argument("--gc-off", action="store_true", help="also time a schedule with the collector disabled")
+    ap.add_argument(
+        "--gpu-busy", action="store_true", help="one schedule per configuration under torch.profiler"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     names = args.configs.split(",") if args.configs else list(CONFIGS)
@@ -235,9 +281,12 @@ def main(argv=None) -> dict:
                     forwards.append((i, host, events))
 
     acc: dict = {}
-    _install_timers(acc)
+    by_kind: dict = {}
+    _install_timers(acc, by_kind)
     _install_gc_clock(acc)
     samples = {name: [] for name in names}
+    attend_kinds = {name: {} for name in names}  # kind -> [median seconds per call, one per round]
+    busy = {}
     per_kind = {name: {} for name in names}  # kind -> [(host ms, span ms)] per forward, over rounds
     gc_off = {name: [] for name in names}  # seconds per schedule with the collector disabled
     syncs = {}
@@ -249,12 +298,15 @@ def main(argv=None) -> dict:
                 schedule()  # warm-up: autotuning, plan building, searches of a first run
                 sync()
                 acc.clear()
+                by_kind.clear()
                 t0 = time.perf_counter()
                 schedule()
                 host = time.perf_counter() - t0
                 sync()
                 wall = time.perf_counter() - t0
                 layers = {k: tuple(v) for k, v in acc.items()}
+                for kind, seconds in by_kind.items():
+                    attend_kinds[name].setdefault(kind, []).append((statistics.median(seconds), len(seconds)))
                 forwards = []
                 schedule(forwards)  # the same again, timed per forward
                 sync()
@@ -274,6 +326,8 @@ def main(argv=None) -> dict:
                         gc.enable()
                 if args.sync_stacks and r == 0 and handle is not None and device.type == "cuda":
                     syncs[name] = _sync_sites(schedule)
+                if args.gpu_busy and r == 0 and device.type == "cuda":
+                    busy[name] = _gpu_busy(schedule, steps * 2)
             finally:
                 if handle is not None:
                     dit_accel.remove(transformer)
@@ -310,6 +364,16 @@ def main(argv=None) -> dict:
                     / forwards
                     * 1e3,
                 }
+        if attend_kinds[name]:
+            row["runtime.attend_by_kind"] = {
+                kind: {
+                    "calls": v[0][1],
+                    "us_per_call_median": statistics.median(m for m, _ in v) * 1e6,
+                }
+                for kind, v in attend_kinds[name].items()
+            }
+        if name in busy:
+            row.update(busy[name])
         if "wan.attn1" in row:
             row["outside_attn1_host_ms_per_forward"] = (
                 row["host_ms_per_forward"] - row["wan.attn1"]["ms_per_forward"]
@@ -350,6 +414,17 @@ def main(argv=None) -> dict:
                if "wall_ms_per_forward_gc_off" in row else ""),
             flush=True,
         )  # fmt: skip
+        if "runtime.attend_by_kind" in row:
+            print(
+                "    runtime.attend by kind: "
+                + "  ".join(
+                    f"{kind} {v['us_per_call_median']:.1f} us x {v['calls']}"
+                    for kind, v in row["runtime.attend_by_kind"].items()
+                ),
+                flush=True,
+            )
+        if "gpu_busy_ms_per_forward" in row:
+            print(f"    GPU busy {row['gpu_busy_ms_per_forward']:.3f} ms/forward", flush=True)
         for kind, k in row["kinds"].items():
             print(
                 f"    {kind:12s} x{k['forwards_per_run']:3d}  host {k['host_ms_per_forward']:.3f} ms  "

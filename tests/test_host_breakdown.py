@@ -23,5 +23,9 @@ def test_smoke_run_times_every_configuration(tmp_path, monkeypatch):
             assert "runtime.attend" not in row  # stock never enters dit_accel
         else:  # 6 layers x 2 contexts x 2 steps, each through dit_accel's runtime
             assert row["runtime.attend"]["calls"] == 24 and row["runtime.attend"]["us_per_call"] > 0
+            by_kind = row["runtime.attend_by_kind"]
+            assert sum(v["calls"] for v in by_kind.values()) == 24, by_kind
+            assert all(v["us_per_call_median"] > 0 for v in by_kind.values())
     assert set(report["configs"]["stock"]["kinds"]) == {"dense"}
     assert set(report["configs"]["balanced"]["kinds"]) <= {"dense", "refresh", "corrected"}
+    assert set(report["configs"]["balanced"]["runtime.attend_by_kind"]) <= {"dense", "refresh", "corrected"}
