@@ -43,6 +43,10 @@ from .triton_common import (
     tma_ok,
 )
 
+# Plans whose key blocks are at most this many tokens walk the keys outside the plan without a branch
+# (_complement_loop's MASKED_WALK): at small blocks the skip's branch keeps the key loads from being pipelined.
+MASKED_WALK_MAX_BLOCK = 64
+
 
 @triton.jit
 def _round_e4m3(x):
@@ -77,14 +81,24 @@ def _complement_loop(
     USE_TMA: tl.constexpr,
     PLAN_BK: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MASKED_WALK: tl.constexpr,
 ):
     # Every key block below kv_limit that is not in the row's sorted list (count entries at idx_base).
+    # MASKED_WALK: no branch in the loop: a block of the list is walked too, with every key masked (a limit
+    # of 0), so the key loads can be pipelined; the price is the list's blocks computed for nothing.
     SUB: tl.constexpr = PLAN_BK // BLOCK_N
     ptr = 0
     for kb in range(0, tl.cdiv(kv_limit, PLAN_BK)):
         nxt = tl.load(idx_base + tl.minimum(ptr, tl.maximum(count - 1, 0)) * stride_ik)
         in_mask = (ptr < count) & (nxt == kb)
-        if in_mask:
+        if MASKED_WALK:
+            ptr += in_mask.to(tl.int32)
+            limit = tl.where(in_mask, 0, kv_limit)
+            for s in tl.static_range(SUB):
+                acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs,
+                                            kb * PLAN_BK + s * BLOCK_N, offs_n, offs_d, seq_k, limit, qk_scale,
+                                            HEAD_DIM, True, EVEN_D, DOT_F32, USE_TMA)  # fmt: skip
+        elif in_mask:
             ptr += 1
         else:
             for s in tl.static_range(SUB):
@@ -102,7 +116,7 @@ def _complement_loop(
 
 @triton.autotune(
     configs=attention_configs(),
-    key=["HEAD_DIM_PAD", "SEQ_BUCKET", "PLAN_BQ", "PLAN_BK", "HAS_KV_LEN", "USE_TMA", "R_FP8"],
+    key=["HEAD_DIM_PAD", "SEQ_BUCKET", "PLAN_BQ", "PLAN_BK", "HAS_KV_LEN", "USE_TMA", "R_FP8", "MASKED_WALK"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
@@ -154,6 +168,7 @@ def _refresh_attn_fwd_kernel(
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
     R_FP8: tl.constexpr,
+    MASKED_WALK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -194,7 +209,7 @@ def _refresh_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     acc, m_o, l_o = _complement_loop(acc, m_o, l_o, q, k_base, v_base, stride_ks, stride_vs, idx_base, stride_ik,
                                      count, offs_n, offs_d, SEQ_K, kv_limit, qk_scale, HEAD_DIM, EVEN_D, DOT_F32,
-                                     USE_TMA, PLAN_BK, BLOCK_N)  # fmt: skip
+                                     USE_TMA, PLAN_BK, BLOCK_N, MASKED_WALK)  # fmt: skip
     tl.store(o_ptrs, (acc / tl.where(l_o > 0.0, l_o, 1.0)[:, None]).to(O.dtype.element_ty), mask=o_mask)
 
     # In-mask keys.
@@ -297,5 +312,6 @@ def refresh_attention_fwd(
         DOT_F32=dot_f32(q),
         USE_TMA=tma_ok(k, v),
         R_FP8=r_fp8,
+        MASKED_WALK=block_k <= MASKED_WALK_MAX_BLOCK,
     )
     return out, lse, rho

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 from _bench import BENCHMARKS, load_benchmark
 
 
@@ -69,3 +70,21 @@ def test_a_missing_text_fails_loudly(monkeypatch, tmp_path):
     monkeypatch.setitem(ab.VARIANTS, "chunk8", [("CHUNK = 1234\n", "CHUNK = 8\n")])
     with pytest.raises(SystemExit, match="no longer contains"):
         ab.build_variants(["chunk8"], None, tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke run is the CPU interpreter's")
+def test_refresh_walk_smoke_checks_both_walks(monkeypatch, tmp_path):
+    """ab_refresh_walk's CPU smoke run checks the skip and masked walks against each other and restores the
+    kernel's walk choice and the call cache afterwards."""
+    import json
+
+    from dit_accel.kernels import ops, triton_refresh
+
+    ab = load_benchmark("ab_refresh_walk", monkeypatch)
+    default = triton_refresh.MASKED_WALK_MAX_BLOCK
+    out = tmp_path / "walk.json"
+    ab.main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(ab.DENSITIES) and all(r["ok"] for r in rows), rows
+    assert all(r["errors"]["out"] < ab.TOL["out"] for r in rows)
+    assert triton_refresh.MASKED_WALK_MAX_BLOCK == default and ops._CALL_CACHE
