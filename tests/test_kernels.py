@@ -731,13 +731,13 @@ def test_gpu_torch_compile_fullgraph():
     torch.testing.assert_close(compiled[1], eager[1])
 
 
-def _uncached(monkeypatch, *args, **kwargs):
-    """``block_sparse_attention(*args, **kwargs)`` with the call cache off."""
+def _uncached(monkeypatch, *args, op=block_sparse_attention, **kwargs):
+    """``op(*args, **kwargs)`` (default ``block_sparse_attention``) with the call cache off."""
     from dit_accel.kernels import ops
 
     monkeypatch.setattr(ops, "_CALL_CACHE", False)
     try:
-        return block_sparse_attention(*args, **kwargs)
+        return op(*args, **kwargs)
     finally:
         monkeypatch.setattr(ops, "_CALL_CACHE", True)
 
@@ -779,17 +779,6 @@ def test_repeated_calls_replay_the_recorded_launch(monkeypatch):
     assert len(sparse_keys()) == len(options)
 
 
-def _uncached_refresh(monkeypatch, *args, **kwargs):
-    """``refresh_attention(*args, **kwargs)`` with the call cache off."""
-    from dit_accel.kernels import ops, refresh_attention
-
-    monkeypatch.setattr(ops, "_CALL_CACHE", False)
-    try:
-        return refresh_attention(*args, **kwargs)
-    finally:
-        monkeypatch.setattr(ops, "_CALL_CACHE", True)
-
-
 def _assert_same_refresh(got, want, name: str) -> None:
     """Two refresh_attention results bit-identical: output (with its strides), LSE and every statistic."""
     (out, lse, corr), (w_out, w_lse, w_corr) = got, want
@@ -823,8 +812,14 @@ def test_repeated_refresh_calls_replay_the_recorded_launch(monkeypatch):
                               backend="triton", residual_dtype=rdtype)  # fmt: skip
         assert len(ops._CALLS) == i + 1, f"{rdtype}: not recorded"
         fresh = _qkv(1, 70, 2, 32, torch.float16, layout, seed=5)
-        want = _uncached_refresh(
-            monkeypatch, *fresh, plan, layout=layout, backend="triton", residual_dtype=rdtype
+        want = _uncached(
+            monkeypatch,
+            *fresh,
+            plan,
+            op=refresh_attention,
+            layout=layout,
+            backend="triton",
+            residual_dtype=rdtype,
         )
         with monkeypatch.context() as m:
             m.setattr(ops, "_check_inputs", refuse)
@@ -921,7 +916,9 @@ def test_gpu_cached_calls_match_uncached(monkeypatch):
         for _ in range(2):
             refresh_attention(*qkv, p, backend="triton")
         got = refresh_attention(*fresh[name][0], p, backend="triton")
-        _assert_same_refresh(got, _uncached_refresh(monkeypatch, *fresh[name][0], p, backend="triton"), name)
+        _assert_same_refresh(
+            got, _uncached(monkeypatch, *fresh[name][0], p, op=refresh_attention, backend="triton"), name
+        )
     assert sum(key[0] == "refresh" for key in ops._CALLS) == len(first)
 
     q, k, v = fresh["aligned"][0]
