@@ -920,6 +920,15 @@ def test_gpu_cached_calls_match_uncached(monkeypatch):
             got, _uncached(monkeypatch, *fresh[name][0], p, op=refresh_attention, backend="triton"), name
         )
     assert sum(key[0] == "refresh" for key in ops._CALLS) == len(first)
+    for name, (qkv, _) in first.items():  # block_mass calls: recorded, then replayed with the fresh tensors
+        lse = torch.randn(qkv[0].shape[0], h, s, device="cuda") + 4.0
+        for _ in range(2):
+            block_mass(qkv[0], qkv[1], lse, 128, 128, backend="triton")
+        q2, k2 = fresh[name][0][:2]
+        got = block_mass(q2, k2, lse * 0.5, 128, 128, backend="triton")
+        want = _uncached(monkeypatch, q2, k2, lse * 0.5, 128, 128, op=block_mass, backend="triton")
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
+    assert sum(key[0] == "mass" for key in ops._CALLS) == len(first)
 
     q, k, v = fresh["aligned"][0]
     block_sparse_attention(q, k, v, plan, backend="triton")  # a cached key: the capture replays it
@@ -931,6 +940,34 @@ def test_gpu_cached_calls_match_uncached(monkeypatch):
     graph.replay()
     want = _uncached(monkeypatch, q, k, v, plan, backend="triton")
     torch.testing.assert_close(captured, want[0], atol=0, rtol=0)
+
+
+@pytest.mark.interpret
+def test_repeated_block_mass_calls_replay_the_recorded_launch(monkeypatch):
+    """block_mass caches its launch like the attention ops: a repeat with new q, k and LSE skips the checks
+    and is bit-identical to an uncached call, in both layouts; other block sizes are another entry."""
+    from dit_accel.kernels import ops
+
+    monkeypatch.setattr(ops, "_CALLS", {})
+
+    def refuse(*a, **kw):
+        raise AssertionError("a cached call ran the checks")
+
+    cases = [("bshd", 16, 16), ("bhsd", 16, 16), ("bshd", 32, 16)]
+    for i, (layout, bq, bk) in enumerate(cases):
+        for seed in (3, 4):  # the first call of a key may tune; the next one records
+            q, k, _ = _qkv(1, 70, 2, 32, torch.float16, layout, seed=seed)
+            lse = torch.randn(1, 2, 70, generator=torch.Generator().manual_seed(seed)).to(DEVICE) + 3.0
+            block_mass(q, k, lse, bq, bk, layout=layout, backend="triton")
+        assert len(ops._CALLS) == i + 1, f"{layout} {bq}x{bk}: not recorded"
+        q, k, _ = _qkv(1, 70, 2, 32, torch.float16, layout, seed=5)
+        lse = torch.randn(1, 2, 70, generator=torch.Generator().manual_seed(5)).to(DEVICE) + 3.0
+        want = _uncached(monkeypatch, q, k, lse, bq, bk, op=block_mass, layout=layout, backend="triton")
+        with monkeypatch.context() as m:
+            m.setattr(ops, "_check_inputs", refuse)
+            got = block_mass(q, k, lse, bq, bk, layout=layout, backend="triton")
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert all(key[0] == "mass" for key in ops._CALLS)
 
 
 @pytest.mark.interpret
