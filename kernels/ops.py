@@ -465,8 +465,7 @@ def block_sparse_attention(
                 offset_t,
             )
         out = _from_bhsd(out, layout)
-        if launches is not None and len(launches) == 1:
-            _remember(key, _SparseCall.record(launches[0], q, k, v, plan, correction, rho_offset, out, lse))
+        _remember(key, launches, _SparseCall.record, q, k, v, plan, correction, rho_offset, out, lse)
         return out, lse
     return _from_bhsd(out, layout), lse
 
@@ -567,7 +566,12 @@ def _recording(key):
         yield launches
 
 
-def _remember(key, call) -> None:
+def _remember(key, launches, record, *args) -> None:
+    """Keep ``record(launch, *args)`` (a cached call, or None where it cannot replay) under ``key`` when the
+    block watched by :func:`_recording` made exactly one launch (a first call that tuned made several)."""
+    if launches is None or len(launches) != 1:
+        return
+    call = record(launches[0], *args)
     if call is None:
         return
     if len(_CALLS) >= _CALLS_MAX:
@@ -746,8 +750,7 @@ def refresh_attention(
             )
         out = _from_bhsd(out, layout)
         corr = SoftmaxCorrection(rho, resid, r_scale if r_scale.numel() else None)
-        if launches is not None and len(launches) == 1:
-            _remember(key, _RefreshCall.record(launches[0], q, k, v, plan, out, lse, corr))
+        _remember(key, launches, _RefreshCall.record, q, k, v, plan, out, lse, corr)
         return out, lse, corr
     return _from_bhsd(out, layout), lse, SoftmaxCorrection(rho, resid, r_scale)
 
@@ -1009,8 +1012,7 @@ def block_mass(
         return reference.block_mass_reference(qh, kh, lse, block_q, block_k, scale, kv_len)
     with _recording(key) as launches:
         w = _run(_block_mass_impl, _block_mass_op, qh, kh, lse, block_q, block_k, scale, kv_len)
-    if launches is not None and len(launches) == 1:
-        _remember(key, _MassCall.record(launches[0], q, k, lse, w))
+    _remember(key, launches, _MassCall.record, q, k, lse, w)
     return w
 
 
@@ -1191,6 +1193,5 @@ def rotary_interleaved(
         return rotate(q), rotate(k)
     with _recording(key) as launches:
         qo, ko = _run(_rotary_qk_impl, _rotary_qk_op, q, k, cos, sin, convention, rotary_len)
-    if launches is not None and len(launches) == 1:
-        _remember(key, _RotaryCall.record(launches[0], q, k, cos, sin, qo, ko))
+    _remember(key, launches, _RotaryCall.record, q, k, cos, sin, qo, ko)
     return qo, ko
