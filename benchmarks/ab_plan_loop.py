@@ -83,7 +83,7 @@ CUR_LOW_TILES = "_LOW_DENSITY_TILES = ((128, 64, 8, 4), (64, 128, 4, 3), (64, 12
 MORE_LOW_TILES = CUR_LOW_TILES[:-1] + ", (128, 64, 8, 2), (64, 64, 4, 2))"
 # Persistent launch (triton_attention.py): the kernel body runs in a loop over tiles; the grid is capped.
 BODY_START = "    pid_m = tl.program_id(0)\n    pid_bh = tl.program_id(1)\n    b = pid_bh // H\n"
-BODY_END = "    tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)\n"
+BODY_END = "        tl.store(LSE + row_ptrs, lse, mask=offs_m < SEQ_Q)\n"
 EVEN_D_LINE = "    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD\n"
 PERSISTENT_ATTENTION = [
     ("    rho_add,\n    SEQ_BUCKET,\n", "    rho_add,\n    N_BH,\n    SEQ_BUCKET,\n"),

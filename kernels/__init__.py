@@ -1,14 +1,21 @@
 """dit_accel.kernels: block-sparse attention kernels (Triton) and their pure-torch references.
 
 Public: :class:`BlockPlan`, :class:`SoftmaxCorrection`, :func:`block_sparse_attention`,
-:func:`dense_attention`, :func:`block_mass`, :func:`refresh_attention`,
+:func:`dense_attention`, :func:`block_mass`, :func:`refresh_attention`, :func:`mask_statistics`,
 :func:`correction_from_outputs`, :func:`merge_partial_attention`, :func:`rotary_interleaved`.
 This package imports only torch and triton; ``xformers_attention`` imports xformers lazily, for its backend.
 """
 
 from .correction import SoftmaxCorrection, correction_from_outputs
 from .merge import merge_partial_attention
-from .ops import block_mass, block_sparse_attention, dense_attention, refresh_attention, rotary_interleaved
+from .ops import (
+    block_mass,
+    block_sparse_attention,
+    dense_attention,
+    mask_statistics,
+    refresh_attention,
+    rotary_interleaved,
+)
 from .plan import BlockPlan
 
 __all__ = [
@@ -18,6 +25,7 @@ __all__ = [
     "block_sparse_attention",
     "correction_from_outputs",
     "dense_attention",
+    "mask_statistics",
     "merge_partial_attention",
     "refresh_attention",
     "rotary_interleaved",

@@ -11,8 +11,9 @@ measured results.
 The Triton kernels have no backward: for inputs that require grad (grad mode on), ``"triton"`` refuses the
 call, naming the ways out, and ``"auto"`` takes the reference, whose gradients are exact.
 
-The Triton kernels are registered as ``torch.library`` custom ops (``dit_accel::sparse_attention`` and
-``dit_accel::block_mass``) so ``torch.compile(fullgraph=True)`` traces through callers.
+The Triton kernels are registered as ``torch.library`` custom ops (``dit_accel::sparse_attention``,
+``dit_accel::refresh_attention``, ``dit_accel::mask_statistics``, ``dit_accel::block_mass`` and
+``dit_accel::rotary_qk``) so ``torch.compile(fullgraph=True)`` traces through callers.
 """
 
 from __future__ import annotations
@@ -303,6 +304,48 @@ def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, residual_
     )
 
 
+def _mask_statistics_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    kv_len: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    residual_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_attention import mask_statistics_fwd
+
+    rho = lse.new_empty(lse.shape)
+    residual = q.new_empty(q.shape, dtype=residual_dtype)
+    fp8 = residual_dtype == torch.float8_e4m3fn
+    scale_t = lse.new_empty(lse.shape if fp8 else (0,))
+    mask_statistics_fwd(
+        q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, out, lse, rho, residual,
+        scale_t if fp8 else None,
+    )  # fmt: skip
+    return rho, residual, scale_t
+
+
+_mask_statistics_op = torch.library.custom_op(
+    "dit_accel::mask_statistics", _mask_statistics_impl, mutates_args=()
+)
+
+
+@_mask_statistics_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, out, lse, residual_dtype):
+    fp8 = residual_dtype == torch.float8_e4m3fn
+    return (
+        torch.empty_like(lse),
+        q.new_empty(q.shape, dtype=residual_dtype),
+        lse.new_empty(lse.shape if fp8 else (0,)),
+    )
+
+
 def _block_mass_impl(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -556,6 +599,16 @@ def _refresh_call_key(q, k, v, plan, scale, kv_len, layout, backend, residual_dt
     return None if base is None else ("refresh", residual_dtype, *base)
 
 
+def _stats_call_key(q, k, v, plan, out, lse, scale, kv_len, layout, backend, residual_dtype):
+    """The cache key of a :func:`mask_statistics` call, or None (see :func:`_plan_call_key`)."""
+    if not (residual_dtype is None or type(residual_dtype) is torch.dtype) or not _plain_eager(out, lse):
+        return None
+    base = _plan_call_key(q, k, v, plan, scale, kv_len, layout, backend)
+    if base is None or out.stride(-1) != 1 or not lse.is_contiguous():
+        return None
+    return ("stats", residual_dtype, _tensor_key(out), _tensor_key(lse), *base)
+
+
 @contextlib.contextmanager
 def _recording(key):
     """The launches made inside the block where ``key`` is a cache key not cached yet, else None."""
@@ -666,6 +719,38 @@ class _RefreshCall:
         return out, lse, SoftmaxCorrection(rho, residual, r_scale)
 
 
+class _StatsCall:
+    """A cached :func:`mask_statistics` call on the Triton kernel (see :class:`_SparseCall`)."""
+
+    __slots__ = ("plan", "replay", "rows", "residual_shape", "residual_dtype", "fp8")
+
+    @staticmethod
+    def _roles(q, k, v, plan, out, lse, rho, residual, residual_scale) -> tuple:
+        return (q, k, v, out, lse, rho, residual, residual_scale, plan.kv_indices, plan.kv_counts)
+
+    @classmethod
+    def record(cls, launch, q, k, v, plan, out, lse, corr: SoftmaxCorrection) -> _StatsCall | None:
+        roles = cls._roles(q, k, v, plan, out, lse, corr.rho, corr.residual, corr.residual_scale)
+        replay = _triton_common.Replay.of(launch, roles)
+        if replay is None or not all(
+            t is None or (t.is_contiguous() and not t.storage_offset()) for t in roles[5:8]
+        ):
+            return None
+        call = cls()
+        call.plan, call.replay, call.rows = weakref.ref(plan), replay, corr.rho.shape
+        call.residual_shape, call.residual_dtype = corr.residual.shape, corr.residual.dtype
+        call.fp8 = corr.residual_scale is not None
+        return call
+
+    def __call__(self, q, k, v, plan, out, lse) -> SoftmaxCorrection:
+        device = q.device
+        rho = torch.empty(self.rows, dtype=torch.float32, device=device)
+        residual = torch.empty(self.residual_shape, dtype=self.residual_dtype, device=device)
+        r_scale = torch.empty(self.rows, dtype=torch.float32, device=device) if self.fp8 else None
+        self.replay(self._roles(q, k, v, plan, out, lse, rho, residual, r_scale))
+        return SoftmaxCorrection(rho, residual, r_scale)
+
+
 def _check_rho_offset(rho_offset, qh: torch.Tensor) -> torch.Tensor | None:
     """The offset as a one-element tensor for the kernel, or None for a number."""
     if not isinstance(rho_offset, torch.Tensor):
@@ -753,6 +838,80 @@ def refresh_attention(
         _remember(key, launches, _RefreshCall.record, q, k, v, plan, out, lse, corr)
         return out, lse, corr
     return _from_bhsd(out, layout), lse, SoftmaxCorrection(rho, resid, r_scale)
+
+
+def mask_statistics(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float | None = None,
+    kv_len: torch.Tensor | None = None,
+    layout: str = "bshd",
+    backend: str = "auto",
+    residual_dtype: torch.dtype | None = None,
+) -> SoftmaxCorrection:
+    """The statistics of ``plan``'s mask given a dense pass over the same q, k, v: one pass over the plan's
+    blocks whose epilogue writes rho and R (re-ttention's two-pass refresh, after a dense attention that
+    returned its LSE; :func:`refresh_attention` does both in one pass).
+
+    Args:
+        q, k, v, plan, scale, kv_len, layout, backend: as in :func:`block_sparse_attention`.
+        out, lse: the dense output (``layout``, q's shape, any float dtype) and its fp32 LSE [B, H, S_q]
+            (natural log, -inf for a row with no key), e.g. from :func:`dense_attention`.
+        residual_dtype: storage dtype of R (default ``out``'s dtype); float8 gets a per-row scale.
+
+    Returns:
+        :class:`SoftmaxCorrection` with rho = exp(LSE_in - LSE) and R = out - rho * O_in, as
+        :func:`correction_from_outputs` computes them from a separate sparse pass.
+    """
+    key = _stats_call_key(q, k, v, plan, out, lse, scale, kv_len, layout, backend, residual_dtype)
+    if key is not None:
+        hit = _CALLS.get(key)
+        if hit is not None and hit.plan() is plan:
+            return hit(q, k, v, plan, out, lse)
+    qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
+    _check_plan(plan, qh, kh)
+    oh = _to_bhsd(out, layout, "out")
+    if oh.shape != qh.shape or oh.device != qh.device or not oh.is_floating_point():
+        raise ValueError(
+            f"out must be the dense output: a float tensor of q's shape on {qh.device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    if lse.shape != qh.shape[:3] or lse.dtype != torch.float32 or lse.device != qh.device:
+        raise ValueError(
+            f"lse must be fp32 [B, H, S_q]={tuple(qh.shape[:3])} on {qh.device}, got {lse.dtype} "
+            f"{tuple(lse.shape)} on {lse.device}"
+        )
+    residual_dtype = residual_dtype or out.dtype
+    if residual_dtype not in RESIDUAL_DTYPES:
+        raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype}")
+    grad = _needs_grad(qh, kh, vh, oh, lse)
+    if _pick(backend, qh, "mask_statistics", (plan.block_q, plan.block_k), grad) == "torch":
+        qf, kf, vf = qh.float(), kh.float(), vh.float()
+        if torch_sparse.available(qf, kf, vf):
+            out_in, lse_in = torch_sparse.sparse_attention(qf, kf, vf, plan, scale, kv_len)
+        else:
+            out_in, lse_in = reference.attention_reference(qf, kf, vf, plan, scale, kv_len)
+        rho, resid, r_scale = reference.refresh_statistics(oh.float(), lse, out_in, lse_in, residual_dtype)
+        return SoftmaxCorrection(rho.float().contiguous(), resid.contiguous(), r_scale)
+    if oh.stride(-1) != 1:
+        oh = oh.contiguous()
+    with _recording(key) as launches:
+        rho, resid, r_scale = _run(
+            _mask_statistics_impl,
+            _mask_statistics_op,
+            *_plan_call(qh, kh, vh, plan, scale, kv_len),
+            oh,
+            lse.contiguous(),
+            residual_dtype,
+        )
+    corr = SoftmaxCorrection(rho, resid, r_scale if r_scale.numel() else None)
+    _remember(key, launches, _StatsCall.record, q, k, v, plan, out, lse, corr)
+    return corr
 
 
 # --------------------------------------------------------------------------------------------------

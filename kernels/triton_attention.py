@@ -15,6 +15,10 @@ residual R (any float dtype, fp8 with a per-row fp32 scale) were cached at a ref
 launch argument or, with ``RHO_DEV``, read from a one-element fp32 tensor (a CUDA graph replays the kernel
 with the value in that tensor at replay time, not the one at capture). The LSE written is the sparse one.
 
+Statistics (re-ttention's two-pass refresh): with ``STATS`` the kernel is given a dense pass's output and LSE
+over the same q, k, v (in O and LSE, read) and its epilogue writes the plan's statistics instead of its
+output: rho = exp(LSE_in - LSE) and R = O - rho * O_in (fp8 with a per-row scale), as the refresh kernel's.
+
 Caveats: a plan block must be a multiple of the kernel tile (BLOCK_M divides block_q, BLOCK_N divides
 block_k); fp16 and bf16 only; head_dim that is not a power of two (72, 80, 96) pays for the padding in the
 matrix units (two narrower products instead, 72 as 64 + 16 columns, were no faster on an H100 and were
@@ -41,6 +45,7 @@ from .triton_common import (
     plan_loop,
     prune_configs,
     seq_bucket,
+    store_residual,
     tma_ok,
 )
 
@@ -73,7 +78,17 @@ def _correct(
 
 @triton.autotune(
     configs=attention_configs(),
-    key=["HEAD_DIM_PAD", "SEQ_BUCKET", "DENSE", "PLAN_BQ", "PLAN_BK", "HAS_KV_LEN", "USE_TMA", "HAS_CORR"],
+    key=[
+        "HEAD_DIM_PAD",
+        "SEQ_BUCKET",
+        "DENSE",
+        "PLAN_BQ",
+        "PLAN_BK",
+        "HAS_KV_LEN",
+        "USE_TMA",
+        "HAS_CORR",
+        "STATS",
+    ],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
@@ -131,6 +146,7 @@ def _block_sparse_attn_fwd_kernel(
     R_SCALED: tl.constexpr,
     CLAMP: tl.constexpr,
     RHO_DEV: tl.constexpr,
+    STATS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -186,11 +202,23 @@ def _block_sparse_attn_fwd_kernel(
         out = _correct(out, offs_m, offs_d, SEQ_Q, r_base, stride_rs, RHO + row_base, R_SCALE + row_base,
                        rho_add, HEAD_DIM, EVEN_D, R_SCALED, CLAMP)  # fmt: skip
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
-    tl.store(
-        o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM)
-    )
-    tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
+    row_ptrs = pid_bh.to(tl.int64) * SEQ_Q + offs_m
+    if STATS:
+        # O and LSE hold the dense pass's output and LSE (inputs); out, lse are the plan's (in-mask) pass.
+        lse_full = tl.load(LSE + row_ptrs, mask=offs_m < SEQ_Q, other=float("-inf"))
+        no_key = lse_full == float("-inf")
+        rho = tl.where(no_key, 1.0, tl.exp(lse - tl.where(no_key, 0.0, lse_full)))
+        o_full = load_tile(o_base, offs_m, stride_os, offs_d, SEQ_Q, HEAD_DIM, True, EVEN_D).to(tl.float32)
+        tl.store(RHO + row_ptrs, rho, mask=offs_m < SEQ_Q)
+        r_base = R + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
+        store_residual(o_full - rho[:, None] * out, r_base, stride_rs, R_SCALE + row_ptrs, offs_m, offs_d, SEQ_Q,
+                       HEAD_DIM, R_SCALED)  # fmt: skip
+    else:
+        o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
+        tl.store(
+            o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM)
+        )
+        tl.store(LSE + row_ptrs, lse, mask=offs_m < SEQ_Q)
 
 
 def sparse_attention_fwd(
@@ -217,16 +245,48 @@ def sparse_attention_fwd(
     ``rho_add`` a float or a one-element fp32 tensor on q's device, read by the kernel.
     Returns out (strides like q where q is dense, else contiguous (B, H, S, D)) and lse fp32 [B, H, S_q].
     """
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    _launch(q, k, v, out, lse, kv_indices, kv_counts, block_q, block_k, scale, kv_len, rho, residual,
+            residual_scale, rho_add, clamp, stats=False)  # fmt: skip
+    return out, lse
+
+
+def mask_statistics_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    kv_len: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rho: torch.Tensor,
+    residual: torch.Tensor,
+    residual_scale: torch.Tensor | None,
+) -> None:
+    """The plan's pass over (B, H, S, D) views whose epilogue, given the dense pass's ``out`` ((B, H, S_q, D)
+    view, last dim contiguous) and ``lse`` (fp32 [B, H, S_q], contiguous), writes re-ttention's statistics
+    into ``rho`` (fp32 [B, H, S_q]), ``residual`` ((B, H, S_q, D) view, its storage dtype) and, for float8,
+    ``residual_scale``: rho = exp(LSE_in - LSE), R = out - rho * O_in. Neither the plan's output nor its LSE
+    is written."""
+    _launch(q, k, v, out, lse, kv_indices, kv_counts, block_q, block_k, scale, kv_len, rho, residual,
+            residual_scale, 0.0, True, stats=True)  # fmt: skip
+
+
+def _launch(q, k, v, out, lse, kv_indices, kv_counts, block_q, block_k, scale, kv_len, rho, residual,
+            residual_scale, rho_add, clamp, stats: bool) -> None:  # fmt: skip
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     dense = kv_indices is None
     idx, cnt, idx_strides, cnt_strides, max_k = plan_args(kv_indices, kv_counts, q.device)
     kv_len_arg = kv_len if kv_len is not None else lse  # any pointer; unused when HAS_KV_LEN is False
-    has_corr = rho is not None
-    r = residual if has_corr else out  # unused without HAS_CORR
-    rho_arg = rho if has_corr else lse
+    has_corr = rho is not None and not stats
+    r = residual if rho is not None else out  # unused without HAS_CORR or STATS
+    rho_arg = rho if rho is not None else lse
     scale_arg = residual_scale if residual_scale is not None else lse
     rho_dev = isinstance(rho_add, torch.Tensor)
     rho_add_arg = rho_add if rho_dev else lse  # unused without RHO_DEV
@@ -275,5 +335,5 @@ def sparse_attention_fwd(
         R_SCALED=residual_scale is not None,
         CLAMP=bool(clamp),
         RHO_DEV=rho_dev and has_corr,
+        STATS=stats,
     )
-    return out, lse

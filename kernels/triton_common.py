@@ -80,6 +80,34 @@ def kv_tile(
 
 
 @triton.jit
+def round_e4m3(x):
+    # x (fp32, |x| <= 448) rounded to the nearest float8 e4m3 value (3 mantissa bits, subnormals below
+    # 2^-6), so the conversion that follows is exact whatever rounding mode the backend's cast uses.
+    e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(tl.abs(x), 1e-30))), -6.0)
+    step = tl.math.exp2(e - 3.0)
+    return tl.minimum(tl.maximum(tl.floor(x / step + 0.5) * step, -448.0), 448.0)
+
+
+@triton.jit
+def store_residual(resid, r_base, stride_rs, scale_ptrs, offs_m, offs_d, seq_q, HEAD_DIM: tl.constexpr,
+                   R_FP8: tl.constexpr):  # fmt: skip
+    # Re-ttention's residual R (fp32 [BLOCK_M, D_PAD], zero in the padded columns) stored in R's dtype for the
+    # rows offs_m; float8 (e4m3) with a per-row scale max|R_i| / 448 (1 for a zero row) written to scale_ptrs,
+    # so each row uses the format's whole range.
+    if R_FP8:
+        amax = tl.max(tl.abs(resid), 1)
+        r_scale = tl.where(amax > 0.0, amax / 448.0, 1.0)
+        resid = round_e4m3(resid / r_scale[:, None])
+        tl.store(scale_ptrs, r_scale, mask=offs_m < seq_q)
+    r_ptrs = r_base + offs_m[:, None].to(tl.int64) * stride_rs + offs_d[None, :]
+    tl.store(
+        r_ptrs,
+        resid.to(r_base.dtype.element_ty),
+        mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM),
+    )
+
+
+@triton.jit
 def attend_tile(
     acc,
     m_i,

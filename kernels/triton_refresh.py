@@ -40,6 +40,7 @@ from .triton_common import (
     plan_loop,
     prune_configs,
     seq_bucket,
+    store_residual,
     tma_ok,
 )
 
@@ -48,15 +49,6 @@ from .triton_common import (
 # Read at each uncached launch; a repeated call replays the launch it recorded (ops' call cache), so a change
 # at run time needs ops._CALLS cleared. docs/kernels.md#the-refresh-kernels-walk has the measurements.
 MASKED_WALK_MAX_BLOCK = 64
-
-
-@triton.jit
-def _round_e4m3(x):
-    # x (fp32, |x| <= 448) rounded to the nearest float8 e4m3 value (3 mantissa bits, subnormals below
-    # 2^-6), so the conversion that follows is exact whatever rounding mode the backend's cast uses.
-    e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(tl.abs(x), 1e-30))), -6.0)
-    step = tl.math.exp2(e - 3.0)
-    return tl.minimum(tl.maximum(tl.floor(x / step + 0.5) * step, -448.0), 448.0)
 
 
 @triton.jit
@@ -241,14 +233,8 @@ def _refresh_attn_fwd_kernel(
     row_ptrs = pid_bh.to(tl.int64) * SEQ_Q + offs_m
     tl.store(LSE + row_ptrs, lse, mask=offs_m < SEQ_Q)
     tl.store(RHO + row_ptrs, rho, mask=offs_m < SEQ_Q)
-    r_ptrs = R + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
-    r_ptrs = r_ptrs + offs_m[:, None].to(tl.int64) * stride_rs + offs_d[None, :]
-    if R_FP8:
-        amax = tl.max(tl.abs(resid), 1)
-        r_scale = tl.where(amax > 0.0, amax / 448.0, 1.0)
-        resid = _round_e4m3(resid / r_scale[:, None])
-        tl.store(R_SCALE + row_ptrs, r_scale, mask=offs_m < SEQ_Q)
-    tl.store(r_ptrs, resid.to(R.dtype.element_ty), mask=o_mask)
+    r_base = R + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
+    store_residual(resid, r_base, stride_rs, R_SCALE + row_ptrs, offs_m, offs_d, SEQ_Q, HEAD_DIM, R_FP8)
 
 
 def refresh_attention_fwd(

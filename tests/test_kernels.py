@@ -878,12 +878,48 @@ def test_call_cache_keys_on_everything_the_launch_reads(monkeypatch):
     assert entry.plan() is None
 
 
+@pytest.mark.interpret
+def test_repeated_mask_statistics_calls_replay_the_recorded_launch(monkeypatch):
+    """mask_statistics caches its launch too: a repeat with new q, k, v and a new dense pass skips the checks
+    and is bit-identical to an uncached call, per residual dtype and layout."""
+    from dit_accel.kernels import dense_attention, mask_statistics, ops
+
+    monkeypatch.setattr(ops, "_CALLS", {})
+    plan = _random_plan(1, 2, 70, 70, 16, 0.5, seed=2)
+
+    def refuse(*a, **kw):
+        raise AssertionError("a cached call ran the checks")
+
+    def inputs(layout, seed):
+        q, k, v = _qkv(1, 70, 2, 32, torch.float16, layout, seed=seed)
+        out, lse = dense_attention(q, k, v, layout=layout, backend="torch")
+        return q, k, v, plan, out.half(), lse
+
+    cases = [(None, "bshd"), (torch.float8_e4m3fn, "bshd"), (torch.float32, "bhsd")]
+    for i, (rdtype, layout) in enumerate(cases):
+        for seed in (3, 4):  # the first call of a key may tune; the next one records
+            mask_statistics(*inputs(layout, seed), layout=layout, backend="triton", residual_dtype=rdtype)
+        assert len(ops._CALLS) == i + 1, f"{rdtype}: not recorded"
+        fresh = inputs(layout, 5)
+        kw = {"layout": layout, "backend": "triton", "residual_dtype": rdtype}
+        want = _uncached(monkeypatch, *fresh, op=mask_statistics, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(ops, "_check_inputs", refuse)
+            got = mask_statistics(*fresh, **kw)
+        assert got.tensors().keys() == want.tensors().keys()
+        for key, t in got.tensors().items():
+            w = want.tensors()[key]
+            assert t.dtype == w.dtype and t.shape == w.shape, key
+            torch.testing.assert_close(t.float(), w.float(), atol=0, rtol=0, msg=f"{rdtype} {layout}: {key}")
+    assert all(key[0] == "stats" for key in ops._CALLS)
+
+
 @pytest.mark.gpu
 def test_gpu_cached_calls_match_uncached(monkeypatch):
     """On the GPU (direct launches where Triton's version allows), replayed calls are bit-identical to
     uncached ones: aligned and misaligned views, another batch size, corrected calls with a device rho
-    offset, refresh calls, and a replay captured in a CUDA graph."""
-    from dit_accel.kernels import ops, refresh_attention
+    offset, refresh, block_mass and mask_statistics calls, and a replay captured in a CUDA graph."""
+    from dit_accel.kernels import dense_attention, mask_statistics, ops, refresh_attention
 
     monkeypatch.setattr(ops, "_CALLS", {})
     s, h, d = 1000, 4, 64
@@ -929,6 +965,16 @@ def test_gpu_cached_calls_match_uncached(monkeypatch):
         want = _uncached(monkeypatch, q2, k2, lse * 0.5, 128, 128, op=block_mass, backend="triton")
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
     assert sum(key[0] == "mass" for key in ops._CALLS) == len(first)
+    for name, (qkv, p) in first.items():  # mask_statistics calls: recorded, then replayed with fresh tensors
+        for _ in range(2):
+            mask_statistics(*qkv, p, *dense_attention(*qkv, backend="triton"), backend="triton")
+        fresh_qkv = fresh[name][0]
+        out, lse = dense_attention(*fresh_qkv, backend="triton")
+        got = mask_statistics(*fresh_qkv, p, out, lse, backend="triton")
+        want = _uncached(monkeypatch, *fresh_qkv, p, out, lse, op=mask_statistics, backend="triton")
+        for key, t in got.tensors().items():
+            torch.testing.assert_close(t, want.tensors()[key], atol=0, rtol=0, msg=f"{name}: {key}")
+    assert sum(key[0] == "stats" for key in ops._CALLS) == len(first)
 
     q, k, v = fresh["aligned"][0]
     block_sparse_attention(q, k, v, plan, backend="triton")  # a cached key: the capture replays it

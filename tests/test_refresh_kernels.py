@@ -5,12 +5,20 @@ import pytest
 import torch
 from test_kernels import DEVICE, _assert_close, _assert_lse, _bhsd, _eager_lowp, _qkv, _random_plan
 
-from dit_accel.kernels import BlockPlan, SoftmaxCorrection, block_sparse_attention, refresh_attention
+from dit_accel.kernels import (
+    BlockPlan,
+    SoftmaxCorrection,
+    block_sparse_attention,
+    dense_attention,
+    mask_statistics,
+    refresh_attention,
+)
 from dit_accel.kernels.reference import (
     attention_reference,
     corrected_reference,
     dequantize_residual,
     refresh_reference,
+    refresh_statistics,
 )
 
 FP8 = torch.float8_e4m3fn
@@ -68,6 +76,57 @@ def test_refresh_matches_oracle(b, s, h, d, dtype, layout, block, rdtype, noncon
     empty = plan.kv_counts.expand(b, h, -1)[0, 0] == 0
     rows = empty.repeat_interleave(block)[:s]
     assert (corr.rho[0, 0, rows] == 0).all()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("b, s, h, d, dtype, layout, block, rdtype, noncontig", CASES)
+def test_mask_statistics_matches_oracle(b, s, h, d, dtype, layout, block, rdtype, noncontig):
+    """Given a dense pass's output and LSE, one pass over the plan's blocks writes the refresh's rho and R
+    (the two-pass refresh): the oracle's numbers from that dense output, on both backends, with the refresh's
+    conventions for rows with no key (rho 1, R 0) and rows whose plan row is empty (rho 0, R the output)."""
+    q, k, v = _qkv(b, s, h, d, dtype, layout, seed=s + 1, noncontig=noncontig)
+    plan = _random_plan(b, h, s, s, block, 0.35, seed=d + 1)
+    kv_len = torch.tensor([s - 20, 0][:b], dtype=torch.int32, device=DEVICE)  # sample 1: no key at all
+    out, lse = dense_attention(q, k, v, kv_len=kv_len, layout=layout, backend="torch")
+    out = out.to(dtype)
+    qh, kh, vh = (_bhsd(x, layout) for x in (q, k, v))
+    scale = d**-0.5
+    out_in, lse_in = attention_reference(qh.float(), kh.float(), vh.float(), plan, scale, kv_len)
+    oh = _bhsd(out, layout).float()
+    ref_rho, ref_r, _ = refresh_statistics(oh, lse, out_in, lse_in, torch.float32)
+    eager_in = _eager_lowp(qh, kh, vh, plan.to_token_mask(s, s), scale, kv_len)
+    eager_r = oh - ref_rho.unsqueeze(-1) * eager_in.float()
+    for backend in ("triton", "torch"):
+        corr = mask_statistics(
+            q, k, v, plan, out, lse, kv_len=kv_len, layout=layout, backend=backend, residual_dtype=rdtype
+        )
+        assert corr.rho.shape == (b, h, s) and corr.residual.shape == (b, h, s, d), backend
+        assert corr.residual.dtype == (rdtype or dtype), backend
+        assert (corr.rho - ref_rho).abs().max() < 2e-3, backend
+        r = _residual(corr)
+        if rdtype == FP8:
+            bound = 0.0625 * ref_r.abs().amax(-1, keepdim=True) + 4 * (eager_r - ref_r).abs().max() + 2e-3
+            assert ((r - ref_r).abs() <= bound).all(), (backend, (r - ref_r).abs().max())
+        else:
+            _assert_close(r, ref_r, eager_r, f"{backend} statistics R")
+        empty = plan.kv_counts.expand(b, h, -1)[0, 0] == 0
+        rows = empty.repeat_interleave(block)[:s]
+        assert (corr.rho[0, 0, rows] == 0).all(), backend
+        if b > 1:
+            assert (corr.rho[1] == 1).all() and (r[1] == 0).all(), backend
+        assert not any(torch.isnan(t).any() for t in corr.tensors().values()), backend
+
+
+def test_mask_statistics_validation():
+    q, k, v = _qkv(1, 40, 2, 16, torch.float16, "bshd")
+    plan = BlockPlan.dense(40, 40, 16, 16, device=DEVICE)
+    out, lse = dense_attention(q, k, v, backend="torch")
+    with pytest.raises(ValueError, match="out must be the dense output"):
+        mask_statistics(q, k, v, plan, out[:, :30], lse, backend="torch")
+    with pytest.raises(ValueError, match="lse must be fp32"):
+        mask_statistics(q, k, v, plan, out, lse.half(), backend="torch")
+    with pytest.raises(ValueError, match="residual_dtype"):
+        mask_statistics(q, k, v, plan, out, lse, backend="torch", residual_dtype=torch.int8)
 
 
 @pytest.mark.interpret
