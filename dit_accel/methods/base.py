@@ -40,7 +40,14 @@ from collections.abc import Callable, Hashable
 import torch
 
 from ..config import SparseAttentionConfig
-from ..kernels import BlockPlan, SoftmaxCorrection, block_sparse_attention, dense_attention, refresh_attention
+from ..kernels import (
+    BlockPlan,
+    SoftmaxCorrection,
+    block_sparse_attention,
+    dense_attention,
+    mask_statistics,
+    refresh_attention,
+)
 from ..tracking import ForwardInfo
 from .ledger import CacheEntry, StateLedger
 
@@ -176,6 +183,26 @@ class AttentionCall:
             clamp_rho=clamp_rho,
         )
         return (out, lse) if return_lse else out
+
+    def run_statistics(
+        self, plan: BlockPlan, out: torch.Tensor, lse: torch.Tensor, residual_dtype: torch.dtype | None = None
+    ) -> SoftmaxCorrection:
+        """The softmax statistics of ``plan``'s mask given this call's dense output and LSE (from
+        ``run_dense(return_lse=True)``): one pass over the plan's blocks (see
+        ``dit_accel.kernels.mask_statistics``)."""
+        self.events.append(("sparse", self._density(plan)))
+        return mask_statistics(
+            self._q,
+            self._k,
+            self._v,
+            plan,
+            out,
+            lse,
+            kv_len=self.kv_len,
+            layout=self.layout,
+            backend=self.config.backend,
+            residual_dtype=residual_dtype,
+        )
 
     def run_refresh(self, plan: BlockPlan, residual_dtype: torch.dtype | None = None):
         """Dense attention plus the softmax statistics of ``plan``'s mask, in one pass over the keys:

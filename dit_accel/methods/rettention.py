@@ -7,7 +7,8 @@ Per query row i with the base pattern's key set S_i, scores s_ij and full log-su
 - at a refresh step (a full pass): rho_i = exp(LSE_i^S - LSE_i), the in-mask share of the softmax mass,
   and R_i = O_i - rho_i * O_i^S, exactly the out-of-mask contribution. The step's output is the dense O_i.
   ``dit_accel.kernels.refresh_attention`` computes O, rho and R in one pass over the keys (two softmax
-  states over the same key tiles); ``refresh="split"`` runs a dense and a sparse pass instead.
+  states over the same key tiles); ``refresh="split"`` runs a dense pass and then the plan's pass, whose
+  epilogue writes rho and R (``dit_accel.kernels.mask_statistics``).
 - at the j-th sparse step after it: O_i = rho~_i * O_i^S + R_i with rho~_i = rho_i + ramp * (j - 1), applied
   in the sparse kernel's epilogue. With ``clamp`` (the default) rho~ is capped at 1: rho is a share of the
   mass, and past 1 the sparse part would outweigh the whole row's (the reference code does not cap; the
@@ -38,7 +39,7 @@ import logging
 
 import torch
 
-from ..kernels import BlockPlan, correction_from_outputs
+from ..kernels import BlockPlan
 from .adaspa import SearchedPattern
 from .base import AttentionCall
 from .composed import ComposedMethod, family_default
@@ -67,10 +68,12 @@ REFRESH_PATHS = ("auto", "fused", "split")
 AUTO_SPLIT_BELOW = 0.2
 # ... except for calls below this many FLOPs of one dense attention (4 x batch x heads x q x k tokens x
 # head_dim; about 1 ms of cuDNN on an H100), which take the one-pass refresh at any density. There a refresh
-# is host-bound: the two-pass path issues two attention launches and about fifteen small torch ops for the
+# is host-bound: the two-pass path issued two attention launches and about fifteen small torch ops for the
 # statistics, the one-pass path one launch, and the GPU time the two-pass path saves (0.18 of one dense
-# attention at Wan-1.3B) is less than the host time it costs. Wan-1.3B 480p is 6.6e12, the embedded model
-# 9.6e9, a 1024x1024 Flux image 2.6e11.
+# attention at Wan-1.3B) was less than the host time it cost. Wan-1.3B 480p is 6.6e12, the embedded model
+# 9.6e9, a 1024x1024 Flux image 2.6e11. Both thresholds were measured with those torch ops; the statistics are
+# now the plan pass's epilogue (kernels.mask_statistics), and benchmarks/ab_refresh_paths.py re-measures the
+# paths (docs/rettention.md#the-two-pass-refresh-in-two-launches).
 AUTO_FUSED_BELOW_FLOPS = 5e11
 # Base pattern -> the knobs it takes (RettentionMethod's arguments passed on to it).
 BASES = {
@@ -104,10 +107,10 @@ class Correction:
             end); None: every sparse layer. The others run their base pattern uncorrected.
         state_dtype: storage of R: "auto" (the activation dtype, then float8 when the budget needs it),
             "fp32", "bf16", "fp16" or "fp8".
-        refresh: "fused" (one pass, the refresh kernel), "split" (a dense and a sparse pass) or "auto" (the
-            default: on a GPU "split" for plans sparser than ``AUTO_SPLIT_BELOW``, which measured faster
-            there, except calls too small to keep the GPU busy (``AUTO_FUSED_BELOW_FLOPS``), else "fused";
-            on the CPU "fused").
+        refresh: "fused" (one pass, the refresh kernel), "split" (a dense pass, then a pass over the plan's
+            blocks that writes the statistics: ``kernels.mask_statistics``) or "auto" (the default: on a GPU
+            "split" for plans sparser than ``AUTO_SPLIT_BELOW``, which measured faster there, except calls
+            too small to keep the GPU busy (``AUTO_FUSED_BELOW_FLOPS``), else "fused"; on the CPU "fused").
     """
 
     name = "rettention"
@@ -297,10 +300,7 @@ class Correction:
         return "split" if (density if density is not None else plan.density()) < AUTO_SPLIT_BELOW else "fused"
 
     def _store_from_dense(self, method, plan, out, lse, call: AttentionCall, placement) -> None:
-        out_sparse, lse_sparse = call.run_sparse(plan, return_lse=True)
-        corr = correction_from_outputs(
-            out, lse, out_sparse, lse_sparse, layout=call.layout, residual_dtype=placement.dtype
-        )
+        corr = call.run_statistics(plan, out, lse, residual_dtype=placement.dtype)
         self._store(method, plan, corr, call, placement)
 
     def refresh_from_dense(self, method, plan: BlockPlan, out, lse, call: AttentionCall) -> None:

@@ -245,8 +245,8 @@ class _Capture:
 
 
 class _Call(AttentionCall):
-    """An :class:`AttentionCall` that records the plans it runs (sparse and refresh passes, in order), or
-    replays recorded ones in that order."""
+    """An :class:`AttentionCall` that records the plans it runs (sparse, refresh and statistics passes, in
+    order), or replays recorded ones in that order."""
 
     def __init__(self, *, record: list | None, replay: list | None, **kwargs):
         super().__init__(**kwargs)
@@ -269,6 +269,9 @@ class _Call(AttentionCall):
 
     def run_refresh(self, plan: BlockPlan, *args, **kwargs):
         return super().run_refresh(self._plan(plan), *args, **kwargs)
+
+    def run_statistics(self, plan: BlockPlan, *args, **kwargs):
+        return super().run_statistics(self._plan(plan), *args, **kwargs)
 
 
 # attention module -> the dit_accel processor installed for it (detached processors serve through it).
