@@ -60,9 +60,10 @@ CONFIGS = {
     "adaspa_0.8": {"method": "adaspa", "sparsity": 0.8},
     "balanced": wan_preset("balanced"),
     "fast": wan_preset("fast"),
-    # balanced with its refreshes on the two-pass path, which "auto" took at this size before it learned to
-    # keep small calls on the one-pass kernel (AUTO_FUSED_BELOW_FLOPS in dit_accel/methods/rettention.py)
+    # balanced and fast with their refreshes on the two-pass path (a dense pass, then mask_statistics), which
+    # "auto" does not take at this size (AUTO_FUSED_BELOW_FLOPS in dit_accel/methods/rettention.py)
     "balanced_split": {**wan_preset("balanced"), "refresh": "split"},
+    "fast_split": {**wan_preset("fast"), "refresh": "split"},
 }
 LAYERS = ("runtime.attend", "ops._sparse_attention_impl", "triton_common.launch")
 MODEL_LAYERS = ("wan.block", "wan.attn1", "wan.attn2")

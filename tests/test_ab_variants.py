@@ -88,3 +88,17 @@ def test_refresh_walk_smoke_checks_both_walks(monkeypatch, tmp_path):
     assert len(rows) == len(ab.DENSITIES) and all(r["ok"] for r in rows), rows
     assert all(r["errors"]["out"] < ab.TOL["out"] for r in rows)
     assert triton_refresh.MASKED_WALK_MAX_BLOCK == default and ops._CALL_CACHE
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke run is the CPU interpreter's")
+def test_refresh_paths_smoke_checks_every_path(monkeypatch, tmp_path):
+    """ab_refresh_paths' CPU smoke run checks the two-pass refreshes (statistics epilogue and torch ops)
+    against the one-pass kernel."""
+    import json
+
+    ab = load_benchmark("ab_refresh_paths", monkeypatch)
+    out = tmp_path / "paths.json"
+    ab.main(["--smoke", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ok"] and set(row["errors_vs_fused"]) == {"split", "split_torch"}, row
+    assert all(e["rho"] < ab.TOL["rho"] for e in row["errors_vs_fused"].values())

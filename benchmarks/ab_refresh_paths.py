@@ -1,0 +1,168 @@
+"""A/B of re-ttention's refresh paths: what one refresh call costs on the GPU and on the host.
+
+- ``fused``: ``refresh_attention``, the one-pass refresh kernel (dense output, rho and R over the same key
+  tiles);
+- ``split``: a dense pass with its LSE (``dense_attention``, backend "auto" as the method runs it) and
+  ``mask_statistics``, one pass over the plan's blocks whose epilogue writes rho and R;
+- ``split_torch``: the same dense pass, a sparse pass with its LSE and the statistics from ~15 torch ops
+  (``correction_from_outputs``), the two-pass refresh before ``mask_statistics``;
+- ``cudnn``: one cuDNN attention, the cost of the dense step a refresh replaces.
+
+Shapes: the embedded model's attention (6 heads, 2,496 tokens, head_dim 64) with the per-frame window plan it
+runs (16-token blocks) and Wan-1.3B 480p (12 heads, 32,760 tokens, head_dim 128, 128-token blocks), at window
+density 0.05. Per shape: the paths checked against each other (output, rho and R must agree to rounding),
+then timed two ways in interleaved rounds, with the call cache on as a model runs them:
+
+- ``gpu_ms``: ``triton.testing.do_bench`` median (L2 flushed between calls): the GPU's time;
+- ``wall_us``: wall time per call of 200 calls issued back to back, one synchronisation at the end: what a
+  model whose host is slower than its GPU (the embedded model) sees, the larger of host and GPU time.
+
+    source benchmarks/gpu_env.sh && python3 benchmarks/ab_refresh_paths.py --out PATH.json     # about 1 min
+    python benchmarks/ab_refresh_paths.py --smoke --out /tmp/ab_refresh_paths.json          # CPU interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import interleaved_ms, rel_err, versions  # noqa: E402
+
+# name: (heads, head_dim, latent grid T x H x W)
+SHAPES = {"embedded": (6, 64, (13, 12, 16)), "wan1.3b_480p_81f": (12, 128, (21, 30, 52))}
+SMOKE = {"smoke": (2, 32, (3, 4, 8))}
+DENSITY = 0.05
+TOL = {"out": 1e-2, "rho": 2e-3, "residual": 3e-2}
+WALL_CALLS = 200
+
+
+def _block(grid) -> int:
+    """The per-frame window's block at this grid: its cap (8 blocks a frame, a power of two), at most 128."""
+    from dit_accel.methods.window import BLOCKS_PER_FRAME
+
+    fit = max(grid[1] * grid[2] // BLOCKS_PER_FRAME, 16)
+    return min(1 << (fit.bit_length() - 1), 128)
+
+
+def paths(q, k, v, plan) -> dict:
+    """name -> a callable returning (out, SoftmaxCorrection) (``cudnn``: the output alone)."""
+    from dit_accel.kernels import correction_from_outputs, dense_attention, mask_statistics, refresh_attention
+
+    def fused():
+        out, _, corr = refresh_attention(q, k, v, plan)
+        return out, corr
+
+    def split():
+        out, lse = dense_attention(q, k, v)
+        return out, mask_statistics(q, k, v, plan, out, lse)
+
+    def split_torch():
+        from dit_accel.kernels import block_sparse_attention
+
+        out, lse = dense_attention(q, k, v)
+        out_in, lse_in = block_sparse_attention(q, k, v, plan)
+        return out, correction_from_outputs(out, lse, out_in, lse_in)
+
+    out = {"fused": fused, "split": split, "split_torch": split_torch}
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+
+        def cudnn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return sdpa(qh, kh, vh)
+
+        out["cudnn"] = cudnn
+    return out
+
+
+def wall_us(fns: dict, rounds: int = 3) -> dict[str, float]:
+    """Median over interleaved rounds of the wall time per call of ``WALL_CALLS`` calls issued back to
+    back."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(WALL_CALLS):
+                fn()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) / WALL_CALLS * 1e6)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run_shape(name, heads, d, grid, smoke, rep_ms) -> dict:
+    from dit_accel.kernels import BlockPlan
+    from dit_accel.kernels.reference import dequantize_residual
+    from dit_accel.methods.window import frame_window_block_mask
+
+    dev = "cpu" if smoke else "cuda"
+    dtype = torch.float16 if smoke else torch.bfloat16
+    seq = grid[0] * grid[1] * grid[2]
+    block = _block(grid)
+    plan = BlockPlan.from_block_mask(
+        frame_window_block_mask(grid, block, block, DENSITY)[None, None], block, block
+    ).to(dev)
+    g = torch.Generator().manual_seed(seq)
+    q, k, v = (torch.randn(1, seq, heads, d, generator=g).to(dev, dtype) for _ in range(3))
+    fns = paths(q, k, v, plan)
+    row = {"shape": name, "heads": heads, "head_dim": d, "tokens": seq, "block": block,
+           "plan_density": plan.density()}  # fmt: skip
+    got = {n: fn() for n, fn in fns.items() if n != "cudnn"}
+    base_out, base = got["fused"]
+    errs = {}
+    for n, (out, corr) in got.items():
+        if n == "fused":
+            continue
+        errs[n] = {
+            "out": rel_err(out, base_out),
+            "rho": float((corr.rho - base.rho).abs().max()),
+            "residual": rel_err(
+                dequantize_residual(corr.residual, corr.residual_scale),
+                dequantize_residual(base.residual, base.residual_scale),
+            ),
+        }
+    row["errors_vs_fused"] = errs
+    row["ok"] = all(e[key] <= tol for e in errs.values() for key, tol in TOL.items())
+    if row["ok"] and not smoke:
+        row["gpu_ms"] = interleaved_ms(fns, rep_ms)
+        row["wall_us"] = wall_us(fns)
+        for metric in ("gpu_ms", "wall_us"):
+            row[f"{metric}_vs_fused"] = {n: t / row[metric]["fused"] for n, t in row[metric].items()}
+    return row
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU under the Triton interpreter, a tiny shape")
+    ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not torch.cuda.is_available():
+        ap.error("needs a CUDA device (use --smoke on CPU)")
+    device = "cpu" if args.smoke else torch.cuda.get_device_name()
+    report = {"benchmark": "ab_refresh_paths", "device": device, "versions": versions(), "rows": []}
+    for name, (heads, d, grid) in (SMOKE if args.smoke else SHAPES).items():
+        row = run_shape(name, heads, d, grid, args.smoke, args.rep_ms)
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
