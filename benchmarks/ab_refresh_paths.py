@@ -6,6 +6,8 @@
   ``mask_statistics``, one pass over the plan's blocks whose epilogue writes rho and R;
 - ``split_torch``: the same dense pass, a sparse pass with its LSE and the statistics from ~15 torch ops
   (``correction_from_outputs``), the two-pass refresh before ``mask_statistics``;
+- ``split_cudnn`` (GPU): ``split`` with the dense pass on cuDNN (what "auto" picks where the dense table has a
+  row for cuDNN; at the embedded shape it has none and runs our Triton loop);
 - ``cudnn``: one cuDNN attention, the cost of the dense step a refresh replaces.
 
 Shapes: the embedded model's attention (6 heads, 2,496 tokens, head_dim 64) with the per-frame window plan it
@@ -73,6 +75,12 @@ def paths(q, k, v, plan) -> dict:
 
     out = {"fused": fused, "split": split, "split_torch": split_torch}
     if q.is_cuda:
+
+        def split_cudnn():
+            out, lse = dense_attention(q, k, v, backend="cudnn")
+            return out, mask_statistics(q, k, v, plan, out, lse)
+
+        out["split_cudnn"] = split_cudnn
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.functional import scaled_dot_product_attention as sdpa
 

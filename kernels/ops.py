@@ -552,13 +552,13 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 
 def _plan_call_key(q, k, v, plan, scale, kv_len, layout, backend) -> tuple | None:
-    """What the cache keys of a sparse and a refresh call share, or None where the call is not cached (the
-    cache is off, a ``kv_len``, the torch backend, a tensor subclass, a dispatch mode or compilation, an
-    option of a type the checks would refuse, a head dim not contiguous)."""
+    """What the cache keys of the sparse, refresh, statistics and dense (``plan`` None) calls share, or None
+    where the call is not cached (the cache is off, a ``kv_len``, the torch backend, a tensor subclass, a
+    dispatch mode or compilation, an option of a type the checks would refuse, a head dim not contiguous)."""
     if (
         not _cacheable(backend, q, k, v)
         or kv_len is not None
-        or type(plan) is not BlockPlan
+        or (plan is not None and type(plan) is not BlockPlan)
         or not (scale is None or type(scale) in (float, int))
         or q.stride(-1) != 1
         or k.stride(-1) != 1
@@ -609,6 +609,14 @@ def _stats_call_key(q, k, v, plan, out, lse, scale, kv_len, layout, backend, res
     return ("stats", residual_dtype, _tensor_key(out), _tensor_key(lse), *base)
 
 
+def _dense_call_key(q, k, v, scale, kv_len, layout, backend, return_lse):
+    """The cache key of a :func:`dense_attention` call, or None (see :func:`_plan_call_key`). Only a call
+    that ran our Triton dense loop is ever stored under it: one whose backend choice went elsewhere (cuDNN,
+    xformers) is looked up, missed and run as before."""
+    base = _plan_call_key(q, k, v, None, scale, kv_len, layout, backend)
+    return None if base is None else ("dense", bool(return_lse), *base)
+
+
 @contextlib.contextmanager
 def _recording(key):
     """The launches made inside the block where ``key`` is a cache key not cached yet, else None."""
@@ -632,18 +640,28 @@ def _remember(key, launches, record, *args) -> None:
     _CALLS[key] = call
 
 
+def _no_plan():
+    return None
+
+
 class _SparseCall:
-    """A cached :func:`block_sparse_attention` call: allocates the outputs as the recorded call did and
-    replays its launch with this call's tensors. Holds the plan weakly (the key has its id; a new plan with a
-    reused id is a miss) and no tensor of the recorded call."""
+    """A cached :func:`block_sparse_attention` call (or :func:`dense_attention` call on the Triton kernel,
+    ``plan`` None): allocates the outputs as the recorded call did and replays its launch with this call's
+    tensors. Holds the plan weakly (the key has its id; a new plan with a reused id is a miss) and no tensor
+    of the recorded call."""
 
     __slots__ = ("plan", "replay", "out_shape", "out_stride", "lse_shape")
 
     @staticmethod
     def _roles(q, k, v, out, lse, plan, correction, rho_offset) -> tuple:
         c = correction
+        idx, cnt = (
+            (plan.kv_indices, plan.kv_counts)
+            if plan is not None
+            else _triton_common.plan_args(None, None, q.device)[:2]
+        )
         return (
-            q, k, v, out, lse, plan.kv_indices, plan.kv_counts,
+            q, k, v, out, lse, idx, cnt,
             c.rho if c is not None else None,
             c.residual if c is not None else None,
             c.residual_scale if c is not None else None,
@@ -656,7 +674,7 @@ class _SparseCall:
         if replay is None or out.storage_offset() or lse.storage_offset() or not lse.is_contiguous():
             return None
         call = cls()
-        call.plan, call.replay = weakref.ref(plan), replay
+        call.plan, call.replay = weakref.ref(plan) if plan is not None else _no_plan, replay
         call.out_shape, call.out_stride, call.lse_shape = out.shape, out.stride(), lse.shape
         return call
 
@@ -1106,6 +1124,12 @@ def dense_attention(
         ``(out, lse)`` as :func:`block_sparse_attention` (every key counts), or ``out`` when
         ``return_lse`` is False.
     """
+    key = _dense_call_key(q, k, v, scale, kv_len, layout, backend, return_lse)
+    if key is not None:
+        hit = _CALLS.get(key)
+        if hit is not None:
+            out, lse = hit(q, k, v, None, None, 0.0)
+            return (out, lse) if return_lse else out
     qh, kh, vh, kv_len, scale = _check_inputs(q, k, v, layout, kv_len, scale)
     chosen = _pick_dense(backend, qh, kh, vh, kv_len, scale, return_lse)
     if chosen == "cudnn":
@@ -1121,9 +1145,23 @@ def dense_attention(
             out, lse = reference.attention_reference(qh, kh, vh, None, scale, kv_len)
     else:
         block = 16 if _interpret() else 128
-        out, lse = _run(
-            _sparse_attention_impl, _sparse_attention_op, qh, kh, vh, None, None, block, block, scale, kv_len
-        )
+        with _recording(key) as launches:
+            out, lse = _run(
+                _sparse_attention_impl,
+                _sparse_attention_op,
+                qh,
+                kh,
+                vh,
+                None,
+                None,
+                block,
+                block,
+                scale,
+                kv_len,
+            )
+        out = _from_bhsd(out, layout)
+        _remember(key, launches, _SparseCall.record, q, k, v, None, None, 0.0, out, lse)
+        return (out, lse) if return_lse else out
     out = _from_bhsd(out, layout)
     return (out, lse) if return_lse else out
 

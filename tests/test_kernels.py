@@ -879,6 +879,38 @@ def test_call_cache_keys_on_everything_the_launch_reads(monkeypatch):
 
 
 @pytest.mark.interpret
+def test_repeated_dense_calls_replay_the_recorded_launch(monkeypatch):
+    """dense_attention's Triton loop replays its recorded launch too (with and without the LSE, both
+    layouts), bit-identical to an uncached call; a torch-backend call is never stored."""
+    from dit_accel.kernels import dense_attention, ops
+
+    monkeypatch.setattr(ops, "_CALLS", {})
+
+    def refuse(*a, **kw):
+        raise AssertionError("a cached call ran the checks")
+
+    cases = [(True, "bshd"), (False, "bshd"), (True, "bhsd")]
+    for i, (lse, layout) in enumerate(cases):
+        for seed in (3, 4):  # the first call of a key may tune; the next one records
+            dense_attention(*_qkv(1, 70, 2, 32, torch.float16, layout, seed=seed), layout=layout,
+                            backend="triton", return_lse=lse)  # fmt: skip
+        assert len(ops._CALLS) == i + 1, f"{lse} {layout}: not recorded"
+        fresh = _qkv(1, 70, 2, 32, torch.float16, layout, seed=5)
+        kw = {"layout": layout, "backend": "triton", "return_lse": lse}
+        want = _uncached(monkeypatch, *fresh, op=dense_attention, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(ops, "_check_inputs", refuse)
+            got = dense_attention(*fresh, **kw)
+        for g, w in zip(got, want) if lse else [(got, want)]:
+            assert g.shape == w.shape and g.stride() == w.stride()
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+    assert all(key[0] == "dense" for key in ops._CALLS)
+    dense_attention(*_qkv(1, 70, 2, 32, torch.float32, "bshd"), backend="torch")
+    dense_attention(*_qkv(1, 70, 2, 32, torch.float32, "bshd"), backend="torch")
+    assert len(ops._CALLS) == len(cases)
+
+
+@pytest.mark.interpret
 def test_repeated_mask_statistics_calls_replay_the_recorded_launch(monkeypatch):
     """mask_statistics caches its launch too: a repeat with new q, k, v and a new dense pass skips the checks
     and is bit-identical to an uncached call, per residual dtype and layout."""
@@ -918,7 +950,7 @@ def test_repeated_mask_statistics_calls_replay_the_recorded_launch(monkeypatch):
 def test_gpu_cached_calls_match_uncached(monkeypatch):
     """On the GPU (direct launches where Triton's version allows), replayed calls are bit-identical to
     uncached ones: aligned and misaligned views, another batch size, corrected calls with a device rho
-    offset, refresh, block_mass and mask_statistics calls, and a replay captured in a CUDA graph."""
+    offset, refresh, block_mass, mask_statistics and dense calls, and a replay captured in a CUDA graph."""
     from dit_accel.kernels import dense_attention, mask_statistics, ops, refresh_attention
 
     monkeypatch.setattr(ops, "_CALLS", {})
@@ -975,6 +1007,14 @@ def test_gpu_cached_calls_match_uncached(monkeypatch):
         for key, t in got.tensors().items():
             torch.testing.assert_close(t, want.tensors()[key], atol=0, rtol=0, msg=f"{name}: {key}")
     assert sum(key[0] == "stats" for key in ops._CALLS) == len(first)
+    for name, (qkv, _) in first.items():  # dense_attention on our Triton loop: recorded, then replayed
+        for _ in range(2):
+            dense_attention(*qkv, backend="triton")
+        got = dense_attention(*fresh[name][0], backend="triton")
+        want = _uncached(monkeypatch, *fresh[name][0], op=dense_attention, backend="triton")
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=0, rtol=0, msg=name)
+    assert sum(key[0] == "dense" for key in ops._CALLS) == len(first)
 
     q, k, v = fresh["aligned"][0]
     block_sparse_attention(q, k, v, plan, backend="triton")  # a cached key: the capture replays it
