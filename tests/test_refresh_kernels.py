@@ -231,3 +231,32 @@ def test_correction_validation():
         SoftmaxCorrection(corr.rho, corr.residual.to(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="rho"):
         SoftmaxCorrection(corr.rho.half(), corr.residual)
+
+
+@pytest.mark.interpret
+def test_refresh_ops_compile_fullgraph():
+    """The refresh, statistics and corrected passes trace as custom ops: a fullgraph compile (aot_eager)
+    gives the eager numbers, and the statistics op passes torch.library.opcheck."""
+    from dit_accel.kernels import ops
+
+    q, k, v = _qkv(1, 70, 2, 32, torch.float16, "bshd", seed=1)
+    plan = _random_plan(1, 2, 70, 70, 16, 0.5, seed=2)
+
+    def f(q, k, v):
+        out, lse, corr = refresh_attention(q, k, v, plan, backend="triton")
+        stats = mask_statistics(q, k, v, plan, out, lse, backend="triton")
+        fixed, _ = block_sparse_attention(q, k, v, plan, backend="triton", correction=stats, rho_offset=0.1)
+        return out, corr.rho, stats.rho, stats.residual, fixed
+
+    torch._dynamo.reset()
+    try:
+        eager = f(q, k, v)
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    out, lse = eager[0], dense_attention(q, k, v, backend="triton")[1]
+    qh, kh, vh, oh = (x.transpose(1, 2) for x in (q, k, v, out))
+    args = (qh, kh, vh, plan.kv_indices, plan.kv_counts, 16, 16, 32**-0.5, None, oh, lse, torch.float16)
+    torch.library.opcheck(ops._mask_statistics_op, args)
