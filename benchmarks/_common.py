@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.metadata
+import os
 import re
 import statistics
 import sys
@@ -179,3 +181,32 @@ def write_json(path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def ab_args(doc: str, argv=None) -> argparse.Namespace:
+    """The options of the kernel A/B scripts: ``--smoke`` (the CPU under the Triton interpreter, a tiny shape;
+    sets ``TRITON_INTERPRET``), ``--rep-ms`` and ``--out``. Without ``--smoke`` a CUDA device is required."""
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU under the Triton interpreter, a tiny shape")
+    ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not torch.cuda.is_available():
+        ap.error("needs a CUDA device (use --smoke on CPU)")
+    return args
+
+
+def frame_window_plan(grid, density: float, device):
+    """The per-frame window's plan at latent ``grid`` (T, H, W) and ``density``, at the block the window takes
+    there: its cap (8 blocks a frame, a power of two), at least 16 and at most 128 tokens."""
+    from dit_accel.kernels import BlockPlan
+    from dit_accel.methods.window import BLOCKS_PER_FRAME, frame_window_block_mask
+
+    fit = max(grid[1] * grid[2] // BLOCKS_PER_FRAME, 16)
+    block = min(1 << (fit.bit_length() - 1), 128)
+    mask = frame_window_block_mask(grid, block, block, density)[None, None]
+    return BlockPlan.from_block_mask(mask, block, block).to(device)

@@ -17,16 +17,14 @@ off: each timed call launches its variant.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_ms, rel_err, versions  # noqa: E402
+from _common import ab_args, frame_window_plan, interleaved_ms, rel_err, versions  # noqa: E402
 
 # name: (heads, head_dim, latent grid T x H x W)
 SHAPES = {"embedded": (6, 64, (13, 12, 16)), "wan1.3b_480p_81f": (12, 128, (21, 30, 52))}
@@ -36,26 +34,14 @@ WALKS = {"skip": 0, "masked": 1 << 20}  # MASKED_WALK_MAX_BLOCK that selects eac
 TOL = {"out": 1e-2, "lse": 1e-3, "rho": 1e-3, "residual": 3e-2}
 
 
-def _block(grid) -> int:
-    """The per-frame window's block at this grid: its cap (8 blocks a frame, a power of two), at most 128."""
-    from dit_accel.methods.window import BLOCKS_PER_FRAME
-
-    fit = max(grid[1] * grid[2] // BLOCKS_PER_FRAME, 16)
-    return min(1 << (fit.bit_length() - 1), 128)
-
-
 def run_shape(name, heads, d, grid, density, smoke, rep_ms) -> dict:
-    from dit_accel.kernels import BlockPlan, ops, refresh_attention, triton_refresh
-    from dit_accel.methods.window import frame_window_block_mask
+    from dit_accel.kernels import ops, refresh_attention, triton_refresh
 
     dev = "cpu" if smoke else "cuda"
     dtype = torch.float16 if smoke else torch.bfloat16
     seq = grid[0] * grid[1] * grid[2]
-    block = _block(grid)
-    plan = BlockPlan.from_block_mask(
-        frame_window_block_mask(grid, block, block, density)[None, None], block, block
-    )
-    plan = plan.to(dev)
+    plan = frame_window_plan(grid, density, dev)
+    block = plan.block_q
     g = torch.Generator().manual_seed(seq)
     q, k, v = (torch.randn(1, seq, heads, d, generator=g).to(dev, dtype) for _ in range(3))
 
@@ -103,15 +89,7 @@ def run_shape(name, heads, d, grid, density, smoke, rep_ms) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="CPU under the Triton interpreter, a tiny shape")
-    ap.add_argument("--rep-ms", type=int, default=200)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif not torch.cuda.is_available():
-        ap.error("needs a CUDA device (use --smoke on CPU)")
+    args = ab_args(__doc__, argv)
     from dit_accel.kernels import ops, triton_refresh
 
     default = triton_refresh.MASKED_WALK_MAX_BLOCK

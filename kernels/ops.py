@@ -277,13 +277,22 @@ def _refresh_attention_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton_refresh import refresh_attention_fwd
 
-    residual = q.new_empty(q.shape, dtype=residual_dtype)
-    fp8 = residual_dtype == torch.float8_e4m3fn
-    scale_t = q.new_empty(q.shape[:3] if fp8 else (0,), dtype=torch.float32)
+    residual, scale_t = _residual_buffers(q, residual_dtype)
+    r_scale = scale_t if residual_dtype == torch.float8_e4m3fn else None
     out, lse, rho = refresh_attention_fwd(
-        q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, residual, scale_t if fp8 else None
+        q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, residual, r_scale
     )
     return out, lse, rho, residual, scale_t
+
+
+def _residual_buffers(q: torch.Tensor, residual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual like q (B, H, S_q, D) in ``residual_dtype`` and its fp32 row scales ([B, H, S_q] for float8,
+    else an empty tensor: a custom op returns tensors, not None)."""
+    fp8 = residual_dtype == torch.float8_e4m3fn
+    return (
+        q.new_empty(q.shape, dtype=residual_dtype),
+        q.new_empty(q.shape[:3] if fp8 else (0,), dtype=torch.float32),
+    )
 
 
 _refresh_attention_op = torch.library.custom_op(
@@ -294,14 +303,7 @@ _refresh_attention_op = torch.library.custom_op(
 @_refresh_attention_op.register_fake
 def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, residual_dtype):
     rows = q.new_empty(q.shape[:3], dtype=torch.float32)
-    fp8 = residual_dtype == torch.float8_e4m3fn
-    return (
-        torch.empty_like(q),
-        rows,
-        torch.empty_like(rows),
-        q.new_empty(q.shape, dtype=residual_dtype),
-        q.new_empty(q.shape[:3] if fp8 else (0,), dtype=torch.float32),
-    )
+    return (torch.empty_like(q), rows, torch.empty_like(rows), *_residual_buffers(q, residual_dtype))
 
 
 def _mask_statistics_impl(
@@ -321,12 +323,10 @@ def _mask_statistics_impl(
     from .triton_attention import mask_statistics_fwd
 
     rho = lse.new_empty(lse.shape)
-    residual = q.new_empty(q.shape, dtype=residual_dtype)
-    fp8 = residual_dtype == torch.float8_e4m3fn
-    scale_t = lse.new_empty(lse.shape if fp8 else (0,))
+    residual, scale_t = _residual_buffers(q, residual_dtype)
     mask_statistics_fwd(
         q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, out, lse, rho, residual,
-        scale_t if fp8 else None,
+        scale_t if residual_dtype == torch.float8_e4m3fn else None,
     )  # fmt: skip
     return rho, residual, scale_t
 
@@ -338,12 +338,7 @@ _mask_statistics_op = torch.library.custom_op(
 
 @_mask_statistics_op.register_fake
 def _(q, k, v, kv_indices, kv_counts, block_q, block_k, scale, kv_len, out, lse, residual_dtype):
-    fp8 = residual_dtype == torch.float8_e4m3fn
-    return (
-        torch.empty_like(lse),
-        q.new_empty(q.shape, dtype=residual_dtype),
-        lse.new_empty(lse.shape if fp8 else (0,)),
-    )
+    return (torch.empty_like(lse), *_residual_buffers(q, residual_dtype))
 
 
 def _block_mass_impl(
