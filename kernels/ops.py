@@ -587,11 +587,16 @@ def _sparse_call_key(q, k, v, plan, scale, kv_len, layout, backend, correction, 
 
 
 def _refresh_call_key(q, k, v, plan, scale, kv_len, layout, backend, residual_dtype):
-    """The cache key of a :func:`refresh_attention` call, or None (see :func:`_plan_call_key`)."""
+    """The cache key of a :func:`refresh_attention` call, or None (see :func:`_plan_call_key`). It holds the
+    refresh kernel's walk threshold (``triton_refresh.MASKED_WALK_MAX_BLOCK``), which the launch reads."""
     if not (residual_dtype is None or type(residual_dtype) is torch.dtype):
         return None
     base = _plan_call_key(q, k, v, plan, scale, kv_len, layout, backend)
-    return None if base is None else ("refresh", residual_dtype, *base)
+    if base is None:
+        return None
+    from .triton_refresh import MASKED_WALK_MAX_BLOCK
+
+    return ("refresh", residual_dtype, MASKED_WALK_MAX_BLOCK, *base)
 
 
 def _stats_call_key(q, k, v, plan, out, lse, scale, kv_len, layout, backend, residual_dtype):

@@ -46,8 +46,8 @@ from .triton_common import (
 
 # Plans whose key blocks are at most this many tokens walk the keys outside the plan without a branch
 # (_complement_loop's MASKED_WALK): at small blocks the skip's branch keeps the key loads from being pipelined.
-# Read at each uncached launch; a repeated call replays the launch it recorded (ops' call cache), so a change
-# at run time needs ops._CALLS cleared. docs/kernels.md#the-refresh-kernels-walk has the measurements.
+# Read at each uncached launch and part of the call cache's key (a change at run time makes new entries).
+# docs/kernels.md#the-refresh-kernels-walk has the measurements.
 MASKED_WALK_MAX_BLOCK = 64
 
 

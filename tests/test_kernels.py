@@ -826,6 +826,13 @@ def test_repeated_refresh_calls_replay_the_recorded_launch(monkeypatch):
             got = refresh_attention(*fresh, plan, layout=layout, backend="triton", residual_dtype=rdtype)
         _assert_same_refresh(got, want, f"{rdtype} {layout}")
     assert all(key[0] == "refresh" for key in ops._CALLS)
+    from dit_accel.kernels import triton_refresh  # the walk threshold is part of the key
+
+    qkv = _qkv(1, 70, 2, 32, torch.float16, "bshd", seed=3)
+    monkeypatch.setattr(triton_refresh, "MASKED_WALK_MAX_BLOCK", triton_refresh.MASKED_WALK_MAX_BLOCK + 1)
+    for _ in range(2):
+        refresh_attention(*qkv, plan, backend="triton")
+    assert len(ops._CALLS) == len(cases) + 1
     q, k, v = _qkv(1, 70, 2, 32, torch.float16, "bshd", seed=6)
     out, _ = block_sparse_attention(q, k, v, plan, backend="triton")
     torch.testing.assert_close(

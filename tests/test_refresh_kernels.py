@@ -45,7 +45,7 @@ def test_refresh_matches_oracle(b, s, h, d, dtype, layout, block, rdtype, noncon
     from dit_accel.kernels import ops, triton_refresh
 
     monkeypatch.setattr(triton_refresh, "MASKED_WALK_MAX_BLOCK", 1 << 20 if walk == "masked" else 0)
-    monkeypatch.setattr(ops, "_CALLS", {})  # a cached call would replay the other walk's launch
+    monkeypatch.setattr(ops, "_CALLS", {})
     q, k, v = _qkv(b, s, h, d, dtype, layout, seed=s, noncontig=noncontig)
     plan = _random_plan(b, h, s, s, block, 0.35, seed=d)
     kv_len = torch.tensor([s, s - 20][:b], dtype=torch.int32, device=DEVICE)
