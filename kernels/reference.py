@@ -175,8 +175,9 @@ def refresh_reference(
 
 def refresh_statistics(out, lse, out_in, lse_in, residual_dtype: torch.dtype):
     """(rho, R in ``residual_dtype``, R's fp8 scale or None) from the fp32 dense pass (out, lse) and in-mask
-    pass (out_in, lse_in) of :func:`refresh_reference`."""
-    rho = torch.where(torch.isinf(lse), 1.0, torch.exp(lse_in - _lse_finite(lse)))
+    pass (out_in, lse_in) of :func:`refresh_reference`. rho is capped at 1: the in-mask share of the mass
+    cannot exceed the whole, and two passes' LSEs can put it a rounding above (R absorbs the difference)."""
+    rho = torch.where(torch.isinf(lse), 1.0, torch.exp(lse_in - _lse_finite(lse)).clamp(max=1.0))
     rho = torch.where(torch.isinf(lse_in) & ~torch.isinf(lse), 0.0, rho)
     resid = out - rho.unsqueeze(-1) * out_in
     stored, r_scale = quantize_residual(resid, residual_dtype)

@@ -207,7 +207,8 @@ def _block_sparse_attn_fwd_kernel(
         # O and LSE hold the dense pass's output and LSE (inputs); out, lse are the plan's (in-mask) pass.
         lse_full = tl.load(LSE + row_ptrs, mask=offs_m < SEQ_Q, other=float("-inf"))
         no_key = lse_full == float("-inf")
-        rho = tl.where(no_key, 1.0, tl.exp(lse - tl.where(no_key, 0.0, lse_full)))
+        # Capped at 1 as the reference does: two passes' LSEs can put a full row's share a rounding above.
+        rho = tl.where(no_key, 1.0, tl.minimum(tl.exp(lse - tl.where(no_key, 0.0, lse_full)), 1.0))
         o_full = load_tile(o_base, offs_m, stride_os, offs_d, SEQ_Q, HEAD_DIM, True, EVEN_D).to(tl.float32)
         tl.store(RHO + row_ptrs, rho, mask=offs_m < SEQ_Q)
         r_base = R + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh

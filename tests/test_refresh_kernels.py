@@ -102,6 +102,7 @@ def test_mask_statistics_matches_oracle(b, s, h, d, dtype, layout, block, rdtype
         )
         assert corr.rho.shape == (b, h, s) and corr.residual.shape == (b, h, s, d), backend
         assert corr.residual.dtype == (rdtype or dtype), backend
+        assert (corr.rho >= 0).all() and (corr.rho <= 1).all(), backend
         assert (corr.rho - ref_rho).abs().max() < 2e-3, backend
         r = _residual(corr)
         if rdtype == FP8:
