@@ -16,3 +16,4 @@ def test_bench_rettention_smoke(tmp_path, monkeypatch):
             "rho * O_sparse + R must rebuild the dense output"
         )
         assert {"refresh_fp32_ms", "corrected_fp8_ms", "sparse_ms", "refresh_two_pass_ms"} <= set(r)
+        assert r["checks"]["two_pass_rho"] < 1e-5, "mask_statistics must give correction_from_outputs' rho"
