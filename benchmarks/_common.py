@@ -200,6 +200,21 @@ def ab_args(doc: str, argv=None) -> argparse.Namespace:
     return args
 
 
+def window_case(name: str, heads: int, d: int, grid, density: float, smoke: bool):
+    """One row's inputs of the refresh A/B scripts: the per-frame window plan at ``grid`` and ``density``
+    (:func:`frame_window_plan`), random q, k, v (1, T*H*W, heads, d) (fp16 on the CPU in smoke mode, else bf16
+    on the GPU) and the row's description."""
+    dev = "cpu" if smoke else "cuda"
+    dtype = torch.float16 if smoke else torch.bfloat16
+    seq = grid[0] * grid[1] * grid[2]
+    plan = frame_window_plan(grid, density, dev)
+    g = torch.Generator().manual_seed(seq)
+    q, k, v = (torch.randn(1, seq, heads, d, generator=g).to(dev, dtype) for _ in range(3))
+    row = {"shape": name, "heads": heads, "head_dim": d, "tokens": seq, "block": plan.block_q,
+           "window_density": density, "plan_density": plan.density()}  # fmt: skip
+    return plan, (q, k, v), row
+
+
 def frame_window_plan(grid, density: float, device):
     """The per-frame window's plan at latent ``grid`` (T, H, W) and ``density``, at the block the window takes
     there: its cap (8 blocks a frame, a power of two), at least 16 and at most 128 tokens."""

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ab_args, frame_window_plan, interleaved_ms, rel_err, versions  # noqa: E402
+from _common import ab_args, interleaved_ms, rel_err, versions, window_case  # noqa: E402
 
 # name: (heads, head_dim, latent grid T x H x W)
 SHAPES = {"embedded": (6, 64, (13, 12, 16)), "wan1.3b_480p_81f": (12, 128, (21, 30, 52))}
@@ -105,16 +105,8 @@ def wall_us(fns: dict, rounds: int = 3) -> dict[str, float]:
 def run_shape(name, heads, d, grid, density, smoke, rep_ms) -> dict:
     from dit_accel.kernels.reference import dequantize_residual
 
-    dev = "cpu" if smoke else "cuda"
-    dtype = torch.float16 if smoke else torch.bfloat16
-    seq = grid[0] * grid[1] * grid[2]
-    plan = frame_window_plan(grid, density, dev)
-    block = plan.block_q
-    g = torch.Generator().manual_seed(seq)
-    q, k, v = (torch.randn(1, seq, heads, d, generator=g).to(dev, dtype) for _ in range(3))
+    plan, (q, k, v), row = window_case(name, heads, d, grid, density, smoke)
     fns = paths(q, k, v, plan)
-    row = {"shape": name, "heads": heads, "head_dim": d, "tokens": seq, "block": block,
-           "window_density": density, "plan_density": plan.density()}  # fmt: skip
     got = {n: fn() for n, fn in fns.items() if n != "cudnn"}
     base_out, base = got["fused"]
     errs = {}

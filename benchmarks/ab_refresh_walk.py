@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ab_args, frame_window_plan, interleaved_ms, rel_err, versions  # noqa: E402
+from _common import ab_args, interleaved_ms, rel_err, versions, window_case  # noqa: E402
 
 # name: (heads, head_dim, latent grid T x H x W)
 SHAPES = {"embedded": (6, 64, (13, 12, 16)), "wan1.3b_480p_81f": (12, 128, (21, 30, 52))}
@@ -37,13 +37,7 @@ TOL = {"out": 1e-2, "lse": 1e-3, "rho": 1e-3, "residual": 3e-2}
 def run_shape(name, heads, d, grid, density, smoke, rep_ms) -> dict:
     from dit_accel.kernels import ops, refresh_attention, triton_refresh
 
-    dev = "cpu" if smoke else "cuda"
-    dtype = torch.float16 if smoke else torch.bfloat16
-    seq = grid[0] * grid[1] * grid[2]
-    plan = frame_window_plan(grid, density, dev)
-    block = plan.block_q
-    g = torch.Generator().manual_seed(seq)
-    q, k, v = (torch.randn(1, seq, heads, d, generator=g).to(dev, dtype) for _ in range(3))
+    plan, (q, k, v), row = window_case(name, heads, d, grid, density, smoke)
 
     def refresh(walk):
         def call():
@@ -53,8 +47,6 @@ def run_shape(name, heads, d, grid, density, smoke, rep_ms) -> dict:
         return call
 
     ops._CALL_CACHE = False  # every call launches the variant its walk selects
-    row = {"shape": name, "heads": heads, "head_dim": d, "tokens": seq, "block": block,
-           "plan_density": plan.density()}  # fmt: skip
     got = {walk: refresh(walk)() for walk in WALKS}
     (o_s, l_s, c_s), (o_m, l_m, c_m) = got["skip"], got["masked"]
     errs = {
