@@ -215,6 +215,18 @@ def window_case(name: str, heads: int, d: int, grid, density: float, smoke: bool
     return plan, (q, k, v), row
 
 
+def add_row(report: dict, row: dict, out) -> None:
+    """Append ``row`` to ``report["rows"]``, print it as one JSON line and rewrite ``out`` (a Path, or None)
+    with the whole report, so a run that is cut off keeps the rows it finished."""
+    import json
+
+    report["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def frame_window_plan(grid, density: float, device):
     """The per-frame window's plan at latent ``grid`` (T, H, W) and ``density``, at the block the window takes
     there: its cap (8 blocks a frame, a power of two), at least 16 and at most 128 tokens."""

@@ -17,14 +17,13 @@ off: each timed call launches its variant.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ab_args, interleaved_ms, rel_err, versions, window_case  # noqa: E402
+from _common import ab_args, add_row, interleaved_ms, rel_err, versions, window_case  # noqa: E402
 
 # name: (heads, head_dim, latent grid T x H x W)
 SHAPES = {"embedded": (6, 64, (13, 12, 16)), "wan1.3b_480p_81f": (12, 128, (21, 30, 52))}
@@ -90,12 +89,7 @@ def main(argv=None) -> dict:
     try:
         for name, (heads, d, grid) in (SMOKE if args.smoke else SHAPES).items():
             for density in DENSITIES:
-                row = run_shape(name, heads, d, grid, density, args.smoke, args.rep_ms)
-                report["rows"].append(row)
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(report, indent=1) + "\n")
+                add_row(report, run_shape(name, heads, d, grid, density, args.smoke, args.rep_ms), args.out)
     finally:
         triton_refresh.MASKED_WALK_MAX_BLOCK = default
         ops._CALL_CACHE = True
