@@ -12,15 +12,15 @@
 
 Shapes: the embedded model's attention (6 heads, 2,496 tokens, head_dim 64) with the per-frame window plan it
 runs (16-token blocks) and Wan-1.3B 480p (12 heads, 32,760 tokens, head_dim 128, 128-token blocks), at window
-density 0.05 (and 0.3 at Wan-1.3B: ``DENSITIES``). Per row: the paths checked against each other (output,
-rho and R must agree to rounding), then timed two ways in interleaved rounds, with the call cache on as a
-model runs them:
+density 0.05 (and 0.3 and 0.5 at Wan-1.3B: ``DENSITIES``). Per row: the paths checked against each other
+(output, rho and R must agree to rounding), then timed two ways in interleaved rounds, with the call cache on
+as a model runs them:
 
 - ``gpu_ms``: ``triton.testing.do_bench`` median (L2 flushed between calls): the GPU's time;
 - ``wall_us``: wall time per call of 200 calls issued back to back, one synchronisation at the end: what a
   model whose host is slower than its GPU (the embedded model) sees, the larger of host and GPU time.
 
-    source benchmarks/gpu_env.sh && python3 benchmarks/ab_refresh_paths.py --out PATH.json     # about 1 min
+    source benchmarks/gpu_env.sh && python3 benchmarks/ab_refresh_paths.py --out PATH.json     # about 4 min
     python benchmarks/ab_refresh_paths.py --smoke --out /tmp/ab_refresh_paths.json          # CPU interpreter
 """
 
@@ -39,9 +39,9 @@ from _common import ab_args, add_row, interleaved_ms, rel_err, versions, window_
 # name: (heads, head_dim, latent grid T x H x W)
 SHAPES = {"embedded": (6, 64, (13, 12, 16)), "wan1.3b_480p_81f": (12, 128, (21, 30, 52))}
 SMOKE = {"smoke": (2, 32, (3, 4, 8))}
-# Window densities per shape: 0.05 as the presets run it; at Wan-1.3B also 0.3, near where "auto" switches to
-# the one-pass kernel (AUTO_SPLIT_BELOW), to place the crossover again.
-DENSITIES = {"embedded": (0.05,), "wan1.3b_480p_81f": (0.05, 0.3), "smoke": (0.05,)}
+# Window densities per shape: 0.05 as the presets run it; at Wan-1.3B also 0.3 and 0.5, on either side of
+# where "auto" switches to the one-pass kernel (AUTO_SPLIT_BELOW), to place the crossover.
+DENSITIES = {"embedded": (0.05,), "wan1.3b_480p_81f": (0.05, 0.3, 0.5), "smoke": (0.05,)}
 TOL = {"out": 1e-2, "rho": 2e-3, "residual": 3e-2}
 WALL_CALLS = 200
 

@@ -60,10 +60,10 @@ CONFIGS = {
     "adaspa_0.8": {"method": "adaspa", "sparsity": 0.8},
     "balanced": wan_preset("balanced"),
     "fast": wan_preset("fast"),
-    # balanced and fast with their refreshes on the two-pass path (a dense pass, then mask_statistics), which
-    # "auto" does not take at this size (AUTO_FUSED_BELOW_FLOPS in dit_accel/methods/rettention.py)
-    "balanced_split": {**wan_preset("balanced"), "refresh": "split"},
-    "fast_split": {**wan_preset("fast"), "refresh": "split"},
+    # balanced and fast with their refreshes on the one-pass kernel, which "auto" takes only above
+    # AUTO_SPLIT_BELOW (dit_accel/methods/rettention.py; these presets refresh on the two-pass path)
+    "balanced_fused": {**wan_preset("balanced"), "refresh": "fused"},
+    "fast_fused": {**wan_preset("fast"), "refresh": "fused"},
 }
 LAYERS = ("runtime.attend", "ops._sparse_attention_impl", "triton_common.launch")
 MODEL_LAYERS = ("wan.block", "wan.attn1", "wan.attn2")

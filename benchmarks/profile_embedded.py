@@ -78,10 +78,10 @@ CONFIGS = {
     # five-refresh candidates for the balanced preset (bench_e2e rows rettention_window_0.05_lean5a / _lean5b)
     "rettention_lean5a": _rettention_at(0.2, 0.3, 0.5, 0.7),
     "rettention_lean5b": _rettention_at(0.2, 0.4, 0.6, 0.8),
-    # balanced and fast with their refreshes on the two-pass path (a dense pass, then mask_statistics), which
-    # "auto" does not take at this size (AUTO_FUSED_BELOW_FLOPS in dit_accel/methods/rettention.py)
-    "balanced_split": {**wan_preset("balanced"), "refresh": "split"},
-    "fast_split": {**wan_preset("fast"), "refresh": "split"},
+    # balanced and fast with their refreshes on the one-pass kernel, which "auto" takes only above
+    # AUTO_SPLIT_BELOW (dit_accel/methods/rettention.py; these presets refresh on the two-pass path)
+    "balanced_fused": {**wan_preset("balanced"), "refresh": "fused"},
+    "fast_fused": {**wan_preset("fast"), "refresh": "fused"},
 }
 # The same configurations with whole forwards replayed as CUDA graphs (dit_accel.graphs).
 CONFIGS.update(

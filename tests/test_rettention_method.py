@@ -387,7 +387,7 @@ def test_registered_by_name_with_defaults():
     )
 
 
-def test_refresh_paths_agree_and_auto_picks_by_density_and_size():
+def test_refresh_paths_agree_and_auto_picks_by_density():
     model, inputs = TRANSFORMERS["wan"]()
     x = inputs(1)
     outs = {}
@@ -408,13 +408,15 @@ def test_refresh_paths_agree_and_auto_picks_by_density_and_size():
 
     correction = rettention.Correction()
     entry = SimpleNamespace(plan=None, density=None)
-    wan13 = dict(batch=1, heads=12, q_len=32760, k_len=32760, head_dim=128)  # 6.6e12 FLOPs dense
-    embedded = dict(batch=1, heads=6, q_len=2496, k_len=2496, head_dim=64)  # 9.6e9: host-bound
+    wan13 = dict(batch=1, heads=12, q_len=32760, k_len=32760, head_dim=128)
+    embedded = dict(batch=1, heads=6, q_len=2496, k_len=2496, head_dim=64)
     for device, density, shape, path in (
         ("cuda", 0.08, wan13, "split"),
-        ("cuda", 0.35, wan13, "fused"),
+        ("cuda", 0.35, wan13, "split"),
+        ("cuda", 0.45, wan13, "fused"),
         ("cpu", 0.08, wan13, "fused"),
-        ("cuda", 0.08, embedded, "fused"),
+        ("cuda", 0.08, embedded, "split"),
+        ("cuda", 0.6, embedded, "fused"),
     ):
         plan = SimpleNamespace(density=lambda d=density: d)
         call = SimpleNamespace(device=torch.device(device), entry=entry, **shape)

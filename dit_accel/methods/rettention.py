@@ -60,21 +60,15 @@ STATE_DTYPES = {
     "fp8": torch.float8_e4m3fn,
 }
 REFRESH_PATHS = ("auto", "fused", "split")
-# "auto" on a GPU: the two-pass refresh (cuDNN dense with LSE + our sparse pass) below this plan density, the
-# one-pass refresh kernel above it. Measured at Wan-1.3B 480p on an H200
-# (benchmarks/results/rettention_nvidia_h200.json): per-frame window at density 0.082: two-pass 1.22x one
-# cuDNN attention, one-pass 1.40x; radial at 0.345: two-pass 1.49x, one-pass 1.33x. The two-pass cost grows
-# with the density (about 1.1 + 1.1 d), the one-pass cost does not: they cross near d = 0.2.
-AUTO_SPLIT_BELOW = 0.2
-# ... except for calls below this many FLOPs of one dense attention (4 x batch x heads x q x k tokens x
-# head_dim; about 1 ms of cuDNN on an H100), which take the one-pass refresh at any density. There a refresh
-# is host-bound: the two-pass path issued two attention launches and about fifteen small torch ops for the
-# statistics, the one-pass path one launch, and the GPU time the two-pass path saves (0.18 of one dense
-# attention at Wan-1.3B) was less than the host time it cost. Wan-1.3B 480p is 6.6e12, the embedded model
-# 9.6e9, a 1024x1024 Flux image 2.6e11. Both thresholds were measured with those torch ops; the statistics are
-# now the plan pass's epilogue (kernels.mask_statistics), and benchmarks/ab_refresh_paths.py re-measures the
-# paths (docs/rettention.md#the-two-pass-refresh-in-two-launches).
-AUTO_FUSED_BELOW_FLOPS = 5e11
+# "auto" on a GPU: the two-pass refresh (a dense pass with its LSE, then kernels.mask_statistics over the
+# plan's blocks) below this plan density, the one-pass refresh kernel above it. Measured on an H100
+# (benchmarks/results/ab_refresh_paths_nvidia_h100_80gb_hbm3.json), Wan-1.3B 480p, per-frame window: two-pass
+# 12.5 / 15.6 / 17.6 ms of GPU at plan densities 0.08 / 0.33 / 0.49, one-pass 18.1-18.3 ms at any density, so
+# they cross near 0.5 there. The one-pass kernel ran 1.40x a cuDNN attention on an H200 against 1.63x on the
+# H100, which puts the H200 crossover near 0.35; 0.4 sits between the two. At small calls (the embedded
+# model's 2,496 tokens with 16-token blocks) the two-pass path took 0.19x the one-pass kernel's GPU time and
+# 0.30x its wall time per call issued back to back; whole clips there are host-bound and did not change.
+AUTO_SPLIT_BELOW = 0.4
 # Base pattern -> the knobs it takes (RettentionMethod's arguments passed on to it).
 BASES = {
     "window": ("density", "per_frame"),
@@ -109,8 +103,8 @@ class Correction:
             "fp32", "bf16", "fp16" or "fp8".
         refresh: "fused" (one pass, the refresh kernel), "split" (a dense pass, then a pass over the plan's
             blocks that writes the statistics: ``kernels.mask_statistics``) or "auto" (the default: on a GPU
-            "split" for plans sparser than ``AUTO_SPLIT_BELOW``, which measured faster there, except calls
-            too small to keep the GPU busy (``AUTO_FUSED_BELOW_FLOPS``), else "fused"; on the CPU "fused").
+            "split" for plans sparser than ``AUTO_SPLIT_BELOW``, which measured faster there, else "fused";
+            on the CPU "fused").
     """
 
     name = "rettention"
@@ -293,8 +287,6 @@ class Correction:
         if self.refresh != "auto":
             return self.refresh
         if call.device.type != "cuda":
-            return "fused"
-        if 4.0 * call.batch * call.heads * call.q_len * call.k_len * call.head_dim < AUTO_FUSED_BELOW_FLOPS:
             return "fused"
         density = call.entry.density if call.entry.plan is plan and call.entry.density is not None else None
         return "split" if (density if density is not None else plan.density()) < AUTO_SPLIT_BELOW else "fused"
