@@ -131,6 +131,30 @@ WAN_1_3B = {
 WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
 # HunyuanVideo 13B: the constructor's defaults are the released config.
 HUNYUAN_VIDEO: dict = {}
+# FLUX.1-dev (12B): 19 double-stream and 38 single-stream blocks, guidance-distilled (no true CFG).
+FLUX_DEV = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+FLUX_TINY = {
+    **FLUX_DEV,
+    "in_channels": 4,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 8,
+    "axes_dims_rope": (4, 6, 6),
+}
 WAN_TINY = {
     **WAN_1_3B,
     "num_attention_heads": 2,

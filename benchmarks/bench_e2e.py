@@ -75,6 +75,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
+    FLUX_DEV,
+    FLUX_TINY,
     HUNYUAN_TINY,
     HUNYUAN_VIDEO,
     WAN_1_3B,
@@ -163,6 +165,35 @@ GEOMETRIES: dict[str, dict] = {
         "step_cache": False,  # the step-cache target is Wan-14B's; --step-cache on adds it
         "check_rows": (),
     },
+    # Images: FLUX.1-dev at 1024^2 and 2048^2 (packed 2x2 latents: 4,096 / 16,384 image tokens after 512 text
+    # tokens), 28 steps (FluxPipeline's default), one call per step (guidance-distilled, no true CFG).
+    **{
+        f"flux_{px}": {
+            "family": "flux",
+            "config": FLUX_DEV,
+            "latent": (1, (px // 16) ** 2, 64),
+            "grid": (1, px // 16, px // 16),
+            "text": (1, 512, 4096),
+            "pooled": (1, 768),
+            "guidance": 3.5,
+            "contexts": ("cond",),
+            "steps": 28,
+            "block": 128,
+            "estimate_ms": est,
+            "compile_estimate_s": 90,
+            "default_rows": ("stock", "no_attention", "dense", "quality", "balanced", "fast"),
+            "default_compiled": (),
+            "step_cache": False,
+            "check_rows": (),
+        }
+        for px, est in (
+            (1024, {"dense": 300, "sparse": 270, "fused_search": 380, "cached_search": 320, "custom": 270}),
+            (
+                2048,
+                {"dense": 1500, "sparse": 900, "fused_search": 1900, "cached_search": 1400, "custom": 900},
+            ),  # noqa: E501
+        )
+    },
     "smoke": {
         "family": "wan",
         "config": WAN_TINY,
@@ -194,6 +225,24 @@ GEOMETRIES: dict[str, dict] = {
         "default_rows": ("stock", "dense", "radial", "adaspa_0.8"),
         "default_compiled": (),
         "step_cache": True,
+        "check_rows": (),
+        "smoke": True,
+    },
+    "smoke_flux": {
+        "family": "flux",
+        "config": FLUX_TINY,
+        "latent": (1, 12 * 16, 4),
+        "grid": (1, 12, 16),
+        "text": (1, 8, 32),
+        "pooled": (1, 8),
+        "guidance": 3.5,
+        "contexts": ("cond",),
+        "block": 16,
+        "estimate_ms": {"dense": 10, "sparse": 15, "fused_search": 25, "cached_search": 20, "custom": 5},
+        "compile_estimate_s": 20,
+        "default_rows": ("stock", "dense", "balanced"),
+        "default_compiled": (),
+        "step_cache": False,
         "check_rows": (),
         "smoke": True,
     },
@@ -318,6 +367,15 @@ PROBES = {
         "pooled": (1, 8),
         "guidance": 6.0,
     },
+    # 16 x 16 image tokens after 8 text tokens: 16 blocks of 16 tokens.
+    "flux": {
+        "config": FLUX_TINY,
+        "latent": (1, 256, 4),
+        "grid": (1, 16, 16),
+        "text": (1, 8, 32),
+        "pooled": (1, 8),
+        "guidance": 3.5,
+    },
 }
 PROBE_BLOCK = 16
 
@@ -338,9 +396,13 @@ class NoAttention(SparseMethod):
 # Models and inputs
 # --------------------------------------------------------------------------------------------------
 def _model_class(family: str):
-    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+    from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
-    return {"wan": WanTransformer3DModel, "hunyuan_video": HunyuanVideoTransformer3DModel}[family]
+    return {
+        "wan": WanTransformer3DModel,
+        "hunyuan_video": HunyuanVideoTransformer3DModel,
+        "flux": FluxTransformer2DModel,
+    }[family]
 
 
 def build_model(family: str, config: dict, device, dtype) -> torch.nn.Module:
@@ -358,7 +420,7 @@ def build_model(family: str, config: dict, device, dtype) -> torch.nn.Module:
     return model
 
 
-def make_inputs(spec: dict, contexts, device, dtype) -> dict[str, dict]:
+def make_inputs(family: str, spec: dict, contexts, device, dtype) -> dict[str, dict]:
     """Forward kwargs (all but ``timestep``) per CFG context, as the family's pipeline passes them."""
     g = torch.Generator(device="cpu").manual_seed(1)
 
@@ -369,7 +431,18 @@ def make_inputs(spec: dict, contexts, device, dtype) -> dict[str, dict]:
     out = {}
     for ctx in contexts:
         kw = {"hidden_states": latent, "encoder_hidden_states": randn(spec["text"])}
-        if "pooled" in spec:
+        if family == "flux":
+            # FluxPipeline: image ids (0, row, col) of the packed latent grid, zero text ids, the pooled
+            # CLIP embedding and the distilled guidance scale.
+            _, h, w = spec["grid"]
+            ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
+            ids[..., 1] = torch.arange(h, device=device)[:, None]
+            ids[..., 2] = torch.arange(w, device=device)[None, :]
+            kw["img_ids"] = ids.reshape(h * w, 3)
+            kw["txt_ids"] = torch.zeros(spec["text"][1], 3, device=device, dtype=dtype)
+            kw["pooled_projections"] = randn(spec["pooled"])
+            kw["guidance"] = torch.full((spec["latent"][0],), spec["guidance"], device=device)
+        elif "pooled" in spec:
             mask = torch.zeros(spec["text"][:2], dtype=dtype, device=device)
             mask[:, : spec["text_valid"]] = 1
             kw["encoder_attention_mask"] = mask
@@ -381,15 +454,17 @@ def make_inputs(spec: dict, contexts, device, dtype) -> dict[str, dict]:
     return out
 
 
-def _timestep(step: int, steps: int, device) -> torch.Tensor:
-    return torch.tensor([1000.0 * (1.0 - step / steps)], device=device)
+def _timestep(step: int, steps: int, device, scale: float = 1000.0) -> torch.Tensor:
+    return torch.tensor([scale * (1.0 - step / steps)], device=device)
 
 
 @torch.inference_mode()
 def forward_call(model, inputs, context: str, step: int, steps: int, device) -> torch.Tensor:
-    """One transformer call as the pipeline makes it: inside ``cache_context`` with the step index."""
+    """One transformer call as the pipeline makes it: inside ``cache_context`` with the step index
+    (FluxPipeline passes its timestep divided by 1000)."""
+    scale = 1.0 if type(model).__name__ == "FluxTransformer2DModel" else 1000.0
     with model.cache_context(context, step_index=step, num_inference_steps=steps):
-        return model(**inputs[context], timestep=_timestep(step, steps, device), return_dict=False)[0]
+        return model(**inputs[context], timestep=_timestep(step, steps, device, scale), return_dict=False)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,7 +570,7 @@ def probe_schedule(family: str, knobs: dict | None, steps: int, contexts, cache=
 
 def _probe(family, spec, knobs, steps, contexts, cache) -> dict:
     model = build_model(family, spec["config"], "cpu", torch.float32)
-    inputs = make_inputs(spec, contexts, "cpu", torch.float32)
+    inputs = make_inputs(family, spec, contexts, "cpu", torch.float32)
     handle = install(
         model,
         knobs if knobs is not None else {"method": "dense"},
@@ -541,7 +616,7 @@ class Runner:
         self.dtype = torch.float32 if self.smoke else torch.bfloat16
         self.backend = "torch" if self.smoke else args.backend
         self.compile_backend = "eager" if self.smoke else args.compile_backend
-        self.steps = args.steps or (3 if self.smoke else 50)
+        self.steps = args.steps or (3 if self.smoke else self.geom.get("steps", 50))
         self.contexts = tuple(self.geom["contexts"])
         self.repeats = args.repeats or (2 if self.smoke else (3 if name.startswith("wan1.3b") else 1))
         self.warmup = args.warmup if args.warmup is not None else 1
@@ -591,12 +666,16 @@ class Runner:
     # -- header, flush --------------------------------------------------------------------------
     def _header(self) -> dict:
         g = self.geom
-        _, _, frames, h, w = g["latent"]
-        p = g["config"].get("patch_size", 2)
-        ph, pw = (p[1], p[2]) if isinstance(p, tuple) else (p, p)
-        pt = g["config"].get("patch_size_t", 1) if not isinstance(p, tuple) else p[0]
-        grid = (frames // pt, h // ph, w // pw)
-        text_tokens = g["text"][1] if g["family"] == "hunyuan_video" else 0
+        if "grid" in g:  # images: the packed latent's token grid
+            grid = tuple(g["grid"])
+        else:
+            _, _, frames, h, w = g["latent"]
+            p = g["config"].get("patch_size", 2)
+            ph, pw = (p[1], p[2]) if isinstance(p, tuple) else (p, p)
+            pt = g["config"].get("patch_size_t", 1) if not isinstance(p, tuple) else p[0]
+            grid = (frames // pt, h // ph, w // pw)
+        # families whose self-attention also runs over the text tokens
+        text_tokens = g["text"][1] if g["family"] in ("hunyuan_video", "flux") else 0
         return {
             "benchmark": "bench_e2e",
             "geometry": {
@@ -731,7 +810,7 @@ class Runner:
         self.model = build_model(g["family"], g["config"], self.device, self.dtype)
         sync(self.device)
         self.result["model_build_s"] = time.perf_counter() - t0
-        self.inputs = make_inputs(g, self.contexts, self.device, self.dtype)
+        self.inputs = make_inputs(g["family"], g, self.contexts, self.device, self.dtype)
 
         eager = [p for p in planned if not p[1]]
         compiled = [p for p in planned if p[1]]

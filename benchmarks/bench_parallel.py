@@ -216,7 +216,7 @@ class Bench:
         model = build_model(self.family, self.geom["config"], self.device, self.dtype)
         for p in [*model.parameters(), *model.buffers()]:
             dist.broadcast(p.data, src=0)
-        inputs = make_inputs(self.geom, self.contexts, self.device, self.dtype)
+        inputs = make_inputs(self.geom["family"], self.geom, self.contexts, self.device, self.dtype)
         for kwargs in inputs.values():
             for value in kwargs.values():
                 if isinstance(value, torch.Tensor):

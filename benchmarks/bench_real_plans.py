@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     model = bench_e2e.build_model(family, geom["config"], device, dtype)
-    inputs = bench_e2e.make_inputs(geom, ("cond",), device, dtype)
+    inputs = bench_e2e.make_inputs(geom["family"], geom, ("cond",), device, dtype)
     handle = bench_e2e.install(
         model, knobs, block=geom["block"], backend="torch" if args.smoke else "auto", timing=True
     )

@@ -107,6 +107,28 @@ def test_schedules_come_from_the_methods(smoke):
     assert window_sources == {"dense row"}
 
 
+def test_image_geometry_runs_flux_with_its_text_tokens(monkeypatch, tmp_path):
+    """An image family: FLUX's packed tokens and ids, one call per step, the text tokens counted in the
+    attention's sequence, and the image presets' adaspa schedule read from the method."""
+    bench = _load(monkeypatch)
+    rows = "stock,dense,balanced"
+    result = bench.main(["--smoke", "--geometry", "smoke_flux", "--rows", rows, "--out-dir", str(tmp_path)])
+    result = result["smoke_flux"]
+    g = result["geometry"]
+    assert g["family"] == "flux" and g["calls_per_step"] == 1 and g["contexts"] == ["cond"]
+    assert g["grid"] == [1, 12, 16] and g["tokens"] == 12 * 16 + 8
+    rows = {r["row"]: r for r in result["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), {n: r.get("error") for n, r in rows.items()}
+    assert rows["dense"]["dense_equals_stock"] is True
+    balanced = rows["balanced"]
+    assert balanced["schedule"]["cond"] == list(AdaspaSchedule(3).phases())
+    assert balanced["schedule_verified"] and balanced["output_finite"]
+    assert balanced["speedup"] is not None
+    # the full geometries hold FLUX.1-dev's 28-step schedule and token counts
+    assert bench.GEOMETRIES["flux_1024"]["steps"] == 28
+    assert math.prod(bench.GEOMETRIES["flux_2048"]["grid"]) == 128 * 128
+
+
 def test_rettention_row_when_available(smoke):
     if "rettention" not in method_names():
         pytest.skip("rettention is not in this checkout")
