@@ -191,7 +191,7 @@ GEOMETRIES: dict[str, dict] = {
             (
                 2048,
                 {"dense": 1500, "sparse": 900, "fused_search": 1900, "cached_search": 1400, "custom": 900},
-            ),  # noqa: E501
+            ),
         )
     },
     "smoke": {
