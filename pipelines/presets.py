@@ -292,6 +292,41 @@ _VIDEO_NOTE = (
     "radial with the family's defaults (docs/radial.md), adaspa at the sparsities measured on Wan; nothing "
     "measured at this family's geometry yet"
 )
+# FLUX.1-dev at 1024^2 and 2048^2 (random weights, 28 steps, one call per step; one H100, 2026-12-06): eager
+# and, in a second run on the same lease, compiled (compile_repeated_blocks) against compiled stock.
+_FLUX_1024 = "FLUX.1-dev 1024x1024, 4,608 tokens"
+_FLUX_2048 = "FLUX.1-dev 2048x2048, 16,896 tokens"
+_E2E_FLUX = (
+    "H100 bf16, 28 steps, one call per step, steady-state step times composed over the schedule (bench_e2e)"
+)
+_E2E_FLUX_COMPILED = _E2E_FLUX + ", transformer.compile_repeated_blocks(), against compiled stock"
+
+
+def _flux_speeds(row: str, eager: tuple[float, float], compiled: tuple[float, ...] = ()) -> tuple[Speed, ...]:
+    """A flux preset's speedups at 1024^2 and 2048^2, eager against eager stock and compiled against compiled
+    stock (the rows the compiled runs timed)."""
+    out = []
+    for speedup, geometry, px in zip(eager, (_FLUX_1024, _FLUX_2048), (1024, 2048)):
+        path = f"benchmarks/results/e2e_flux_{px}_{_H100}.json"
+        out.append(
+            Speed(speedup, geometry, _E2E_FLUX, Source(path, f"rows[row={row},compiled=False]/speedup"))
+        )
+    for speedup, geometry, px in zip(compiled, (_FLUX_1024, _FLUX_2048), (1024, 2048)):
+        path = f"benchmarks/results/e2e_flux_{px}_{_H100}_compiled.json"
+        key = f"rows[row={row},compiled=True]/speedup_vs_same_compile_stock"
+        out.append(
+            Speed(speedup, geometry + ", compiled, vs compiled stock", _E2E_FLUX_COMPILED, Source(path, key))
+        )
+    return tuple(out)
+
+
+_FLUX_NOTE = (
+    "adaspa at the Wan sparsities; with random weights attention is flat, so the searches keep "
+    "more blocks (1024^2: density 0.50 / 0.34 / 0.28 at sparsity 0.6 / 0.8 / 0.9) than a trained "
+    "model's would. At 1024^2 most of the eager gain is dit_accel's fused rotary step, which the "
+    "dense preset has too (1.23x, output identical to stock); the sparse attention adds 2-4% "
+    "(docs/e2e.md#flux1-dev)"
+)
 _IMAGE_NOTE = (
     "radial is video-only; adaspa at the Wan sparsities, untuned: image sequences are short (Flux 1024^2: "
     "4,608 tokens), where sparse attention saves least"
@@ -403,9 +438,42 @@ _ROWS: tuple[Preset, ...] = (
             Preset(family, "fast", "adaspa", {"sparsity": 0.9}, note=_VIDEO_NOTE),
         )
     ),
+    Preset(
+        "flux",
+        "dense",
+        "dense",
+        note=(
+            "dit_accel's processors, stock attention: 1.23x / 1.15x stock at 1024^2 / 2048^2 eager "
+            "(the fused rotary step; identical output), 1.00x compiled"
+        ),
+    ),
+    Preset(
+        "flux",
+        "quality",
+        "adaspa",
+        {"sparsity": 0.6},
+        speed=_flux_speeds("quality", (1.23, 1.31)),
+        note=_FLUX_NOTE,
+    ),
+    Preset(
+        "flux",
+        "balanced",
+        "adaspa",
+        {"sparsity": 0.8},
+        speed=_flux_speeds("balanced", (1.25, 1.43), (1.02, 1.24)),
+        note=_FLUX_NOTE,
+    ),
+    Preset(
+        "flux",
+        "fast",
+        "adaspa",
+        {"sparsity": 0.9},
+        speed=_flux_speeds("fast", (1.26, 1.48), (1.04, 1.30)),
+        note=_FLUX_NOTE,
+    ),
     *(
         row
-        for family in ("flux", "sd3", "pixart", "qwenimage")
+        for family in ("sd3", "pixart", "qwenimage")
         for row in (
             Preset(family, "dense", "dense"),
             Preset(family, "quality", "adaspa", {"sparsity": 0.6}, note=_IMAGE_NOTE),
