@@ -155,6 +155,62 @@ FLUX_TINY = {
     "pooled_projection_dim": 8,
     "axes_dims_rope": (4, 6, 6),
 }
+# Stable Diffusion 3.5 Large (8B): 38 joint blocks, head_dim 64.
+SD35_LARGE = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 38,
+    "attention_head_dim": 64,
+    "num_attention_heads": 38,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+    "qk_norm": "rms_norm",
+}
+SD3_TINY = {
+    **SD35_LARGE,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 8,
+    "pos_embed_max_size": 32,
+}
+# PixArt-Sigma XL 2K (0.6B): 28 blocks, head_dim 72, text through cross-attention.
+PIXART_SIGMA_2K = {
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 28,
+    "cross_attention_dim": 1152,
+    "attention_bias": True,
+    "sample_size": 256,
+    "patch_size": 2,
+    "activation_fn": "gelu-approximate",
+    "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "caption_channels": 4096,
+    "use_additional_conditions": False,
+}
+PIXART_TINY = {
+    **PIXART_SIGMA_2K,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "num_layers": 1,
+    "cross_attention_dim": 32,
+    "sample_size": 32,
+    "caption_channels": 32,
+}
 WAN_TINY = {
     **WAN_1_3B,
     "num_attention_heads": 2,

@@ -56,6 +56,7 @@ CPU smoke run of the same code on tiny models and 3 steps (fp32, torch kernels, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fnmatch
 import gc
@@ -79,6 +80,10 @@ from _common import (  # noqa: E402
     FLUX_TINY,
     HUNYUAN_TINY,
     HUNYUAN_VIDEO,
+    PIXART_SIGMA_2K,
+    PIXART_TINY,
+    SD3_TINY,
+    SD35_LARGE,
     WAN_1_3B,
     WAN_14B,
     WAN_TINY,
@@ -194,6 +199,56 @@ GEOMETRIES: dict[str, dict] = {
             ),
         )
     },
+    # SD3.5 Large at 1024^2 (64 x 64 patches before 333 text tokens, joint attention, head_dim 64) and
+    # PixArt-Sigma at 2048^2 (128 x 128 patches, head_dim 72, text by cross-attention): their pipelines batch
+    # CFG (one call per step of batch 2, the latents duplicated); 28 and 20 steps, the pipelines' defaults.
+    "sd35_large_1024": {
+        "family": "sd3",
+        "config": SD35_LARGE,
+        "latent": (2, 16, 128, 128),
+        "cfg_batched": True,
+        "grid": (1, 64, 64),
+        "text": (2, 333, 4096),
+        "pooled": (2, 2048),
+        "contexts": ("cond",),
+        "steps": 28,
+        "block": 128,
+        "estimate_ms": {
+            "dense": 400,
+            "sparse": 350,
+            "fused_search": 500,
+            "cached_search": 450,
+            "custom": 350,
+        },
+        "compile_estimate_s": 90,
+        "default_rows": ("stock", "no_attention", "dense", "quality", "balanced", "fast"),
+        "default_compiled": (),
+        "step_cache": False,
+        "check_rows": (),
+    },
+    "pixart_sigma_2048": {
+        "family": "pixart",
+        "config": PIXART_SIGMA_2K,
+        "latent": (2, 4, 256, 256),
+        "cfg_batched": True,
+        "grid": (1, 128, 128),
+        "text": (2, 300, 4096),
+        "contexts": ("cond",),
+        "steps": 20,
+        "block": 128,
+        "estimate_ms": {
+            "dense": 400,
+            "sparse": 250,
+            "fused_search": 500,
+            "cached_search": 400,
+            "custom": 250,
+        },
+        "compile_estimate_s": 60,
+        "default_rows": ("stock", "no_attention", "dense", "quality", "balanced", "fast"),
+        "default_compiled": (),
+        "step_cache": False,
+        "check_rows": (),
+    },
     "smoke": {
         "family": "wan",
         "config": WAN_TINY,
@@ -227,6 +282,27 @@ GEOMETRIES: dict[str, dict] = {
         "step_cache": True,
         "check_rows": (),
         "smoke": True,
+    },
+    **{
+        f"smoke_{family}": {
+            "family": family,
+            "config": config,
+            "latent": (2, 4, 24, 32),
+            "cfg_batched": True,
+            "grid": (1, 12, 16),
+            "text": (2, 8, 32),
+            **extra,
+            "contexts": ("cond",),
+            "block": 16,
+            "estimate_ms": {"dense": 10, "sparse": 15, "fused_search": 25, "cached_search": 20, "custom": 5},
+            "compile_estimate_s": 20,
+            "default_rows": ("stock", "dense", "balanced"),
+            "default_compiled": (),
+            "step_cache": False,
+            "check_rows": (),
+            "smoke": True,
+        }
+        for family, config, extra in (("sd3", SD3_TINY, {"pooled": (2, 8)}), ("pixart", PIXART_TINY, {}))
     },
     "smoke_flux": {
         "family": "flux",
@@ -367,7 +443,15 @@ PROBES = {
         "pooled": (1, 8),
         "guidance": 6.0,
     },
-    # 16 x 16 image tokens after 8 text tokens: 16 blocks of 16 tokens.
+    # 16 x 16 image tokens (with 8 text tokens in flux's and sd3's joint attention): 16 blocks of 16 tokens.
+    "sd3": {
+        "config": SD3_TINY,
+        "latent": (1, 4, 32, 32),
+        "grid": (1, 16, 16),
+        "text": (1, 8, 32),
+        "pooled": (1, 8),
+    },
+    "pixart": {"config": PIXART_TINY, "latent": (1, 4, 32, 32), "grid": (1, 16, 16), "text": (1, 8, 32)},
     "flux": {
         "config": FLUX_TINY,
         "latent": (1, 256, 4),
@@ -396,13 +480,18 @@ class NoAttention(SparseMethod):
 # Models and inputs
 # --------------------------------------------------------------------------------------------------
 def _model_class(family: str):
-    from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
+    import diffusers
 
-    return {
-        "wan": WanTransformer3DModel,
-        "hunyuan_video": HunyuanVideoTransformer3DModel,
-        "flux": FluxTransformer2DModel,
-    }[family]
+    return getattr(
+        diffusers,
+        {
+            "wan": "WanTransformer3DModel",
+            "hunyuan_video": "HunyuanVideoTransformer3DModel",
+            "flux": "FluxTransformer2DModel",
+            "sd3": "SD3Transformer2DModel",
+            "pixart": "PixArtTransformer2DModel",
+        }[family],
+    )
 
 
 def build_model(family: str, config: dict, device, dtype) -> torch.nn.Module:
@@ -427,7 +516,10 @@ def make_inputs(family: str, spec: dict, contexts, device, dtype) -> dict[str, d
     def randn(shape):
         return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
 
-    latent = randn(spec["latent"])
+    if spec.get("cfg_batched"):  # the pipeline's torch.cat([latents] * 2)
+        latent = randn((1, *spec["latent"][1:])).expand(spec["latent"]).contiguous()
+    else:
+        latent = randn(spec["latent"])
     out = {}
     for ctx in contexts:
         kw = {"hidden_states": latent, "encoder_hidden_states": randn(spec["text"])}
@@ -442,6 +534,12 @@ def make_inputs(family: str, spec: dict, contexts, device, dtype) -> dict[str, d
             kw["txt_ids"] = torch.zeros(spec["text"][1], 3, device=device, dtype=dtype)
             kw["pooled_projections"] = randn(spec["pooled"])
             kw["guidance"] = torch.full((spec["latent"][0],), spec["guidance"], device=device)
+        elif family == "sd3":
+            kw["pooled_projections"] = randn(spec["pooled"])
+        elif family == "pixart":
+            # PixArtSigmaPipeline: the T5 mask (every token valid here) and no size conditioning
+            kw["encoder_attention_mask"] = torch.ones(spec["text"][:2], device=device, dtype=dtype)
+            kw["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
         elif "pooled" in spec:
             mask = torch.zeros(spec["text"][:2], dtype=dtype, device=device)
             mask[:, : spec["text_valid"]] = 1
@@ -454,8 +552,8 @@ def make_inputs(family: str, spec: dict, contexts, device, dtype) -> dict[str, d
     return out
 
 
-def _timestep(step: int, steps: int, device, scale: float = 1000.0) -> torch.Tensor:
-    return torch.tensor([scale * (1.0 - step / steps)], device=device)
+def _timestep(step: int, steps: int, device, scale: float = 1000.0, batch: int = 1) -> torch.Tensor:
+    return torch.full((batch,), scale * (1.0 - step / steps), device=device)
 
 
 @torch.inference_mode()
@@ -463,8 +561,27 @@ def forward_call(model, inputs, context: str, step: int, steps: int, device) -> 
     """One transformer call as the pipeline makes it: inside ``cache_context`` with the step index
     (FluxPipeline passes its timestep divided by 1000)."""
     scale = 1.0 if type(model).__name__ == "FluxTransformer2DModel" else 1000.0
-    with model.cache_context(context, step_index=step, num_inference_steps=steps):
-        return model(**inputs[context], timestep=_timestep(step, steps, device, scale), return_dict=False)[0]
+    kwargs = inputs[context]
+    t = _timestep(step, steps, device, scale, kwargs["hidden_states"].shape[0])
+    with _cache_context(model, context, step_index=step, num_inference_steps=steps):
+        return model(**kwargs, timestep=t, return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def _cache_context(model, name: str, **kwargs):
+    """``model.cache_context``; for models without it (SD3, PixArt: their pipelines pass none, and the step
+    tracker counts their timesteps instead) the same context set on the model's hooks, as it does."""
+    if hasattr(model, "cache_context"):
+        with model.cache_context(name, **kwargs):
+            yield
+        return
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(model, CacheContext(name, **kwargs))
+    try:
+        yield
+    finally:
+        _set_cache_context(model, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -675,7 +792,7 @@ class Runner:
             pt = g["config"].get("patch_size_t", 1) if not isinstance(p, tuple) else p[0]
             grid = (frames // pt, h // ph, w // pw)
         # families whose self-attention also runs over the text tokens
-        text_tokens = g["text"][1] if g["family"] in ("hunyuan_video", "flux") else 0
+        text_tokens = g["text"][1] if g["family"] in ("hunyuan_video", "flux", "sd3") else 0
         return {
             "benchmark": "bench_e2e",
             "geometry": {

@@ -107,26 +107,39 @@ def test_schedules_come_from_the_methods(smoke):
     assert window_sources == {"dense row"}
 
 
-def test_image_geometry_runs_flux_with_its_text_tokens(monkeypatch, tmp_path):
-    """An image family: FLUX's packed tokens and ids, one call per step, the text tokens counted in the
-    attention's sequence, and the image presets' adaspa schedule read from the method."""
+@pytest.mark.parametrize(
+    "geometry, batch, text_tokens",
+    [("smoke_flux", 1, 8), ("smoke_sd3", 2, 8), ("smoke_pixart", 2, 0)],
+)
+def test_image_geometries_run_with_their_inputs(monkeypatch, tmp_path, geometry, batch, text_tokens):
+    """Image families: FLUX's packed tokens and ids (one call per step), SD3's and PixArt's batched CFG (one
+    call of batch 2 on duplicated latents; neither model has ``cache_context``), text tokens counted where
+    self-attention runs over them (joint attention), and the image presets' adaspa schedule read from the
+    method."""
     bench = _load(monkeypatch)
     rows = "stock,dense,balanced"
-    result = bench.main(["--smoke", "--geometry", "smoke_flux", "--rows", rows, "--out-dir", str(tmp_path)])
-    result = result["smoke_flux"]
+    result = bench.main(["--smoke", "--geometry", geometry, "--rows", rows, "--out-dir", str(tmp_path)])
+    result = result[geometry]
     g = result["geometry"]
-    assert g["family"] == "flux" and g["calls_per_step"] == 1 and g["contexts"] == ["cond"]
-    assert g["grid"] == [1, 12, 16] and g["tokens"] == 12 * 16 + 8
+    assert g["calls_per_step"] == 1 and g["contexts"] == ["cond"] and g["latent"][0] == batch
+    assert g["grid"] == [1, 12, 16] and g["tokens"] == 12 * 16 + text_tokens
     rows = {r["row"]: r for r in result["rows"]}
     assert all(r["status"] == "ok" for r in rows.values()), {n: r.get("error") for n, r in rows.items()}
     assert rows["dense"]["dense_equals_stock"] is True
     balanced = rows["balanced"]
     assert balanced["schedule"]["cond"] == list(AdaspaSchedule(3).phases())
     assert balanced["schedule_verified"] and balanced["output_finite"]
+    assert all(s["seen_kind"] == s["kind"] for s in balanced["timed_segments"])
     assert balanced["speedup"] is not None
-    # the full geometries hold FLUX.1-dev's 28-step schedule and token counts
-    assert bench.GEOMETRIES["flux_1024"]["steps"] == 28
-    assert math.prod(bench.GEOMETRIES["flux_2048"]["grid"]) == 128 * 128
+
+
+def test_image_geometries_hold_the_pipelines_defaults(monkeypatch):
+    geometries = _load(monkeypatch).GEOMETRIES
+    assert geometries["flux_1024"]["steps"] == 28 and math.prod(geometries["flux_2048"]["grid"]) == 128 * 128
+    assert geometries["sd35_large_1024"]["steps"] == 28 and geometries["sd35_large_1024"]["latent"][0] == 2
+    assert (
+        geometries["pixart_sigma_2048"]["steps"] == 20 and geometries["pixart_sigma_2048"]["grid"][1] == 128
+    )
 
 
 def test_rettention_row_when_available(smoke):
