@@ -103,6 +103,46 @@ logger = logging.getLogger("dit_accel.bench_e2e")
 # --------------------------------------------------------------------------------------------------
 # What is measured: geometries, rows, step caches (data)
 # --------------------------------------------------------------------------------------------------
+_SMOKE_EST = {"dense": 10, "sparse": 15, "fused_search": 25, "cached_search": 20, "custom": 5}
+
+
+def _est(dense: float, sparse: float, fused_search: float, cached_search: float) -> dict:
+    """Per-call ms for the printed plan (custom kinds: a sparse call's)."""
+    return {
+        "dense": dense,
+        "sparse": sparse,
+        "fused_search": fused_search,
+        "cached_search": cached_search,
+        "custom": sparse,
+    }
+
+
+def _image(family, config, latent, grid, text, steps, estimate_ms, smoke=False, **extra) -> dict:
+    """An image geometry: one call per step (context "cond"; CFG batched where ``cfg_batched``), the
+    packed token ``grid``, eager rows by default, no step cache or whole-pipeline check; ``smoke``: a tiny
+    CPU one."""
+    return {
+        "family": family,
+        "config": config,
+        "latent": latent,
+        "grid": grid,
+        "text": text,
+        **extra,
+        "contexts": ("cond",),
+        "steps": steps,
+        "block": 16 if smoke else 128,
+        "estimate_ms": estimate_ms,
+        "compile_estimate_s": 20 if smoke else 90,
+        "default_rows": ("stock", "dense", "balanced")
+        if smoke
+        else ("stock", "no_attention", "dense", "quality", "balanced", "fast"),
+        "default_compiled": (),
+        "step_cache": False,
+        "check_rows": (),
+        "smoke": smoke,
+    }
+
+
 GEOMETRIES: dict[str, dict] = {
     "wan1.3b_480p_81f": {
         "family": "wan",
@@ -173,82 +213,43 @@ GEOMETRIES: dict[str, dict] = {
     # Images: FLUX.1-dev at 1024^2 and 2048^2 (packed 2x2 latents: 4,096 / 16,384 image tokens after 512 text
     # tokens), 28 steps (FluxPipeline's default), one call per step (guidance-distilled, no true CFG).
     **{
-        f"flux_{px}": {
-            "family": "flux",
-            "config": FLUX_DEV,
-            "latent": (1, (px // 16) ** 2, 64),
-            "grid": (1, px // 16, px // 16),
-            "text": (1, 512, 4096),
-            "pooled": (1, 768),
-            "guidance": 3.5,
-            "contexts": ("cond",),
-            "steps": 28,
-            "block": 128,
-            "estimate_ms": est,
-            "compile_estimate_s": 90,
-            "default_rows": ("stock", "no_attention", "dense", "quality", "balanced", "fast"),
-            "default_compiled": (),
-            "step_cache": False,
-            "check_rows": (),
-        }
-        for px, est in (
-            (1024, {"dense": 300, "sparse": 270, "fused_search": 380, "cached_search": 320, "custom": 270}),
-            (
-                2048,
-                {"dense": 1500, "sparse": 900, "fused_search": 1900, "cached_search": 1400, "custom": 900},
-            ),
+        f"flux_{px}": _image(
+            "flux",
+            FLUX_DEV,
+            (1, (px // 16) ** 2, 64),
+            (1, px // 16, px // 16),
+            (1, 512, 4096),
+            28,
+            _est(*est),
+            pooled=(1, 768),
+            guidance=3.5,
         )
+        for px, est in ((1024, (300, 270, 380, 320)), (2048, (1500, 900, 1900, 1400)))
     },
     # SD3.5 Large at 1024^2 (64 x 64 patches before 333 text tokens, joint attention, head_dim 64) and
     # PixArt-Sigma at 2048^2 (128 x 128 patches, head_dim 72, text by cross-attention): their pipelines batch
     # CFG (one call per step of batch 2, the latents duplicated); 28 and 20 steps, the pipelines' defaults.
-    "sd35_large_1024": {
-        "family": "sd3",
-        "config": SD35_LARGE,
-        "latent": (2, 16, 128, 128),
-        "cfg_batched": True,
-        "grid": (1, 64, 64),
-        "text": (2, 333, 4096),
-        "pooled": (2, 2048),
-        "contexts": ("cond",),
-        "steps": 28,
-        "block": 128,
-        "estimate_ms": {
-            "dense": 400,
-            "sparse": 350,
-            "fused_search": 500,
-            "cached_search": 450,
-            "custom": 350,
-        },
-        "compile_estimate_s": 90,
-        "default_rows": ("stock", "no_attention", "dense", "quality", "balanced", "fast"),
-        "default_compiled": (),
-        "step_cache": False,
-        "check_rows": (),
-    },
-    "pixart_sigma_2048": {
-        "family": "pixart",
-        "config": PIXART_SIGMA_2K,
-        "latent": (2, 4, 256, 256),
-        "cfg_batched": True,
-        "grid": (1, 128, 128),
-        "text": (2, 300, 4096),
-        "contexts": ("cond",),
-        "steps": 20,
-        "block": 128,
-        "estimate_ms": {
-            "dense": 400,
-            "sparse": 250,
-            "fused_search": 500,
-            "cached_search": 400,
-            "custom": 250,
-        },
-        "compile_estimate_s": 60,
-        "default_rows": ("stock", "no_attention", "dense", "quality", "balanced", "fast"),
-        "default_compiled": (),
-        "step_cache": False,
-        "check_rows": (),
-    },
+    "sd35_large_1024": _image(
+        "sd3",
+        SD35_LARGE,
+        (2, 16, 128, 128),
+        (1, 64, 64),
+        (2, 333, 4096),
+        28,
+        _est(400, 350, 500, 450),
+        pooled=(2, 2048),
+        cfg_batched=True,
+    ),
+    "pixart_sigma_2048": _image(
+        "pixart",
+        PIXART_SIGMA_2K,
+        (2, 4, 256, 256),
+        (1, 128, 128),
+        (2, 300, 4096),
+        20,
+        _est(400, 250, 500, 400),
+        cfg_batched=True,
+    ),
     "smoke": {
         "family": "wan",
         "config": WAN_TINY,
@@ -283,45 +284,41 @@ GEOMETRIES: dict[str, dict] = {
         "check_rows": (),
         "smoke": True,
     },
-    **{
-        f"smoke_{family}": {
-            "family": family,
-            "config": config,
-            "latent": (2, 4, 24, 32),
-            "cfg_batched": True,
-            "grid": (1, 12, 16),
-            "text": (2, 8, 32),
-            **extra,
-            "contexts": ("cond",),
-            "block": 16,
-            "estimate_ms": {"dense": 10, "sparse": 15, "fused_search": 25, "cached_search": 20, "custom": 5},
-            "compile_estimate_s": 20,
-            "default_rows": ("stock", "dense", "balanced"),
-            "default_compiled": (),
-            "step_cache": False,
-            "check_rows": (),
-            "smoke": True,
-        }
-        for family, config, extra in (("sd3", SD3_TINY, {"pooled": (2, 8)}), ("pixart", PIXART_TINY, {}))
-    },
-    "smoke_flux": {
-        "family": "flux",
-        "config": FLUX_TINY,
-        "latent": (1, 12 * 16, 4),
-        "grid": (1, 12, 16),
-        "text": (1, 8, 32),
-        "pooled": (1, 8),
-        "guidance": 3.5,
-        "contexts": ("cond",),
-        "block": 16,
-        "estimate_ms": {"dense": 10, "sparse": 15, "fused_search": 25, "cached_search": 20, "custom": 5},
-        "compile_estimate_s": 20,
-        "default_rows": ("stock", "dense", "balanced"),
-        "default_compiled": (),
-        "step_cache": False,
-        "check_rows": (),
-        "smoke": True,
-    },
+    "smoke_sd3": _image(
+        "sd3",
+        SD3_TINY,
+        (2, 4, 24, 32),
+        (1, 12, 16),
+        (2, 8, 32),
+        3,
+        _SMOKE_EST,
+        pooled=(2, 8),
+        cfg_batched=True,
+        smoke=True,
+    ),
+    "smoke_pixart": _image(
+        "pixart",
+        PIXART_TINY,
+        (2, 4, 24, 32),
+        (1, 12, 16),
+        (2, 8, 32),
+        3,
+        _SMOKE_EST,
+        cfg_batched=True,
+        smoke=True,
+    ),
+    "smoke_flux": _image(
+        "flux",
+        FLUX_TINY,
+        (1, 12 * 16, 4),
+        (1, 12, 16),
+        (1, 8, 32),
+        3,
+        _SMOKE_EST,
+        pooled=(1, 8),
+        guidance=3.5,
+        smoke=True,
+    ),
 }
 
 # One row per configuration. Keys besides name / preset / note are dit_accel.apply knobs; a method name not
