@@ -234,3 +234,31 @@ def test_dense_steps_sweep_saves_after_every_prompt(tmp_path, monkeypatch):
     assert [w.get("prompts_done") for w in written] == [1, 2, None]
     assert [r["method"] for r in written[0]["rows"]] == ["dense (reference)", "radial dense_steps=0"]
     assert json.loads(out.read_text())["rows"] == result["rows"] and out.with_suffix(".md").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_probe_schedule_is_what_the_pipeline_runs_without_cache_context(monkeypatch, family):
+    """SD3's and PixArt's pipelines pass no ``cache_context``: the step tracker counts their timesteps. The
+    benchmark sets the context on the model's hooks instead; both must give the preset the same schedule."""
+    import _tiny
+
+    import dit_accel
+    from dit_accel.pipelines.presets import get_preset
+
+    bench = _load(monkeypatch)
+    preset = get_preset(family, "balanced")
+    knobs = {"method": preset.method, **dict(preset.knobs)}
+    steps = 10
+    pipe = getattr(_tiny, f"{family}_pipeline")()
+    pipe.set_progress_bar_config(disable=True)
+    handle = dit_accel.apply(pipe, backend="torch", block_q=16, block_k=16, **knobs)
+    try:
+        getattr(_tiny, f"run_{family}")(pipe, steps=steps)
+        calls: dict = {}
+        for r in handle.stats().records:
+            calls.setdefault(r["step"], []).append(r)
+        ran = [bench.classify(calls[s], len(handle.layers)) for s in range(steps)]
+    finally:
+        dit_accel.remove(pipe)
+    assert {"fused_search", "sparse", "cached_search"} <= set(ran)
+    assert bench.probe_schedule(family, knobs, steps, ("cond",))["cond"] == ran
