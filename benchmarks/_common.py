@@ -211,6 +211,28 @@ PIXART_TINY = {
     "sample_size": 32,
     "caption_channels": 32,
 }
+# Qwen-Image (20B): 60 double-stream blocks, head_dim 128, no guidance embedding (true CFG).
+QWEN_IMAGE = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
+QWEN_IMAGE_TINY = {
+    **QWEN_IMAGE,
+    "in_channels": 16,
+    "out_channels": 4,
+    "num_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 16,
+    "axes_dims_rope": (8, 4, 4),
+}
 WAN_TINY = {
     **WAN_1_3B,
     "num_attention_heads": 2,

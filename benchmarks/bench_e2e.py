@@ -82,6 +82,8 @@ from _common import (  # noqa: E402
     HUNYUAN_VIDEO,
     PIXART_SIGMA_2K,
     PIXART_TINY,
+    QWEN_IMAGE,
+    QWEN_IMAGE_TINY,
     SD3_TINY,
     SD35_LARGE,
     WAN_1_3B,
@@ -117,10 +119,11 @@ def _est(dense: float, sparse: float, fused_search: float, cached_search: float)
     }
 
 
-def _image(family, config, latent, grid, text, steps, estimate_ms, smoke=False, **extra) -> dict:
-    """An image geometry: one call per step (context "cond"; CFG batched where ``cfg_batched``), the
-    packed token ``grid``, eager rows by default, no step cache or whole-pipeline check; ``smoke``: a tiny
-    CPU one."""
+def _image(
+    family, config, latent, grid, text, steps, estimate_ms, smoke=False, contexts=("cond",), **extra
+) -> dict:
+    """An image geometry: one call per step and context (CFG batched where ``cfg_batched``), the packed token
+    ``grid``, eager rows by default, no step cache or whole-pipeline check; ``smoke``: a tiny CPU one."""
     return {
         "family": family,
         "config": config,
@@ -128,7 +131,7 @@ def _image(family, config, latent, grid, text, steps, estimate_ms, smoke=False, 
         "grid": grid,
         "text": text,
         **extra,
-        "contexts": ("cond",),
+        "contexts": contexts,
         "steps": steps,
         "block": 16 if smoke else 128,
         "estimate_ms": estimate_ms,
@@ -226,6 +229,20 @@ GEOMETRIES: dict[str, dict] = {
         )
         for px, est in ((1024, (300, 270, 380, 320)), (2048, (1500, 900, 1900, 1400)))
     },
+    # Qwen-Image at its 1:1 size, 1328^2 (83 x 83 packed tokens after 64 text tokens), 50 steps, true CFG
+    # (a cond and an uncond call per step, as with a negative prompt); built in bf16 (20B: fp32 does not fit
+    # 80 GB).
+    "qwenimage_1328": _image(
+        "qwenimage",
+        QWEN_IMAGE,
+        (1, 83 * 83, 64),
+        (1, 83, 83),
+        (1, 64, 3584),
+        50,
+        _est(700, 550, 900, 800),
+        contexts=("cond", "uncond"),
+        init_in_dtype=True,
+    ),
     # SD3.5 Large at 1024^2 (64 x 64 patches before 333 text tokens, joint attention, head_dim 64) and
     # PixArt-Sigma at 2048^2 (128 x 128 patches, head_dim 72, text by cross-attention): their pipelines batch
     # CFG (one call per step of batch 2, the latents duplicated); 28 and 20 steps, the pipelines' defaults.
@@ -284,6 +301,17 @@ GEOMETRIES: dict[str, dict] = {
         "check_rows": (),
         "smoke": True,
     },
+    "smoke_qwenimage": _image(
+        "qwenimage",
+        QWEN_IMAGE_TINY,
+        (1, 12 * 16, 16),
+        (1, 12, 16),
+        (1, 8, 16),
+        3,
+        _SMOKE_EST,
+        contexts=("cond", "uncond"),
+        smoke=True,
+    ),
     "smoke_sd3": _image(
         "sd3",
         SD3_TINY,
@@ -441,6 +469,7 @@ PROBES = {
         "guidance": 6.0,
     },
     # 16 x 16 image tokens (with 8 text tokens in flux's and sd3's joint attention): 16 blocks of 16 tokens.
+    "qwenimage": {"config": QWEN_IMAGE_TINY, "latent": (1, 256, 16), "grid": (1, 16, 16), "text": (1, 8, 16)},
     "sd3": {
         "config": SD3_TINY,
         "latent": (1, 4, 32, 32),
@@ -485,18 +514,26 @@ def _model_class(family: str):
             "wan": "WanTransformer3DModel",
             "hunyuan_video": "HunyuanVideoTransformer3DModel",
             "flux": "FluxTransformer2DModel",
+            "qwenimage": "QwenImageTransformer2DModel",
             "sd3": "SD3Transformer2DModel",
             "pixart": "PixArtTransformer2DModel",
         }[family],
     )
 
 
-def build_model(family: str, config: dict, device, dtype) -> torch.nn.Module:
+def build_model(family: str, config: dict, device, dtype, init_in_dtype: bool = False) -> torch.nn.Module:
     """Random weights from ``config``, initialised on ``device`` in fp32 and cast to ``dtype`` as
-    ``from_pretrained(torch_dtype=dtype)`` loads them: the model's ``_keep_in_fp32_modules`` stay fp32."""
+    ``from_pretrained(torch_dtype=dtype)`` loads them: the model's ``_keep_in_fp32_modules`` stay fp32.
+    ``init_in_dtype``: initialised in ``dtype`` directly (a model whose fp32 weights do not fit the GPU)."""
     torch.manual_seed(0)
-    with torch.device(device):
-        model = _model_class(family)(**config)
+    default = torch.get_default_dtype()
+    if init_in_dtype:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = _model_class(family)(**config)
+    finally:
+        torch.set_default_dtype(default)
     model.eval().requires_grad_(False)
     if dtype != torch.float32:
         keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
@@ -531,6 +568,9 @@ def make_inputs(family: str, spec: dict, contexts, device, dtype) -> dict[str, d
             kw["txt_ids"] = torch.zeros(spec["text"][1], 3, device=device, dtype=dtype)
             kw["pooled_projections"] = randn(spec["pooled"])
             kw["guidance"] = torch.full((spec["latent"][0],), spec["guidance"], device=device)
+        elif family == "qwenimage":
+            # QwenImagePipeline: the packed grid's shape; a single prompt's all-valid mask is dropped (None)
+            kw["img_shapes"] = [[tuple(spec["grid"])]] * spec["latent"][0]
         elif family == "sd3":
             kw["pooled_projections"] = randn(spec["pooled"])
         elif family == "pixart":
@@ -557,7 +597,10 @@ def _timestep(step: int, steps: int, device, scale: float = 1000.0, batch: int =
 def forward_call(model, inputs, context: str, step: int, steps: int, device) -> torch.Tensor:
     """One transformer call as the pipeline makes it: inside ``cache_context`` with the step index
     (FluxPipeline passes its timestep divided by 1000)."""
-    scale = 1.0 if type(model).__name__ == "FluxTransformer2DModel" else 1000.0
+    # FluxPipeline and QwenImagePipeline pass their timestep divided by 1000
+    scale = (
+        1.0 if type(model).__name__ in ("FluxTransformer2DModel", "QwenImageTransformer2DModel") else 1000.0
+    )
     kwargs = inputs[context]
     t = _timestep(step, steps, device, scale, kwargs["hidden_states"].shape[0])
     with _cache_context(model, context, step_index=step, num_inference_steps=steps):
@@ -789,7 +832,7 @@ class Runner:
             pt = g["config"].get("patch_size_t", 1) if not isinstance(p, tuple) else p[0]
             grid = (frames // pt, h // ph, w // pw)
         # families whose self-attention also runs over the text tokens
-        text_tokens = g["text"][1] if g["family"] in ("hunyuan_video", "flux", "sd3") else 0
+        text_tokens = g["text"][1] if g["family"] in ("hunyuan_video", "flux", "sd3", "qwenimage") else 0
         return {
             "benchmark": "bench_e2e",
             "geometry": {
@@ -921,7 +964,9 @@ class Runner:
 
         g = self.geom
         t0 = time.perf_counter()
-        self.model = build_model(g["family"], g["config"], self.device, self.dtype)
+        self.model = build_model(
+            g["family"], g["config"], self.device, self.dtype, init_in_dtype=g.get("init_in_dtype", False)
+        )
         sync(self.device)
         self.result["model_build_s"] = time.perf_counter() - t0
         self.inputs = make_inputs(g["family"], g, self.contexts, self.device, self.dtype)

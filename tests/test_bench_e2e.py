@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 from _bench import load_benchmark
 
 from dit_accel.methods import method_names
@@ -108,20 +109,27 @@ def test_schedules_come_from_the_methods(smoke):
 
 
 @pytest.mark.parametrize(
-    "geometry, batch, text_tokens",
-    [("smoke_flux", 1, 8), ("smoke_sd3", 2, 8), ("smoke_pixart", 2, 0)],
+    "geometry, batch, text_tokens, contexts",
+    [
+        ("smoke_flux", 1, 8, ["cond"]),
+        ("smoke_qwenimage", 1, 8, ["cond", "uncond"]),
+        ("smoke_sd3", 2, 8, ["cond"]),
+        ("smoke_pixart", 2, 0, ["cond"]),
+    ],
 )
-def test_image_geometries_run_with_their_inputs(monkeypatch, tmp_path, geometry, batch, text_tokens):
-    """Image families: FLUX's packed tokens and ids (one call per step), SD3's and PixArt's batched CFG (one
-    call of batch 2 on duplicated latents; neither model has ``cache_context``), text tokens counted where
-    self-attention runs over them (joint attention), and the image presets' adaspa schedule read from the
-    method."""
+def test_image_geometries_run_with_their_inputs(
+    monkeypatch, tmp_path, geometry, batch, text_tokens, contexts
+):
+    """Image families: FLUX's packed tokens and ids (one call per step), Qwen-Image's image shapes and true
+    CFG (two calls per step), SD3's and PixArt's batched CFG (one call of batch 2 on duplicated latents;
+    neither model has ``cache_context``), text tokens counted where self-attention runs over them (joint
+    attention), and the image presets' adaspa schedule read from the method."""
     bench = _load(monkeypatch)
     rows = "stock,dense,balanced"
     result = bench.main(["--smoke", "--geometry", geometry, "--rows", rows, "--out-dir", str(tmp_path)])
     result = result[geometry]
     g = result["geometry"]
-    assert g["calls_per_step"] == 1 and g["contexts"] == ["cond"] and g["latent"][0] == batch
+    assert g["contexts"] == contexts and g["calls_per_step"] == len(contexts) and g["latent"][0] == batch
     assert g["grid"] == [1, 12, 16] and g["tokens"] == 12 * 16 + text_tokens
     rows = {r["row"]: r for r in result["rows"]}
     assert all(r["status"] == "ok" for r in rows.values()), {n: r.get("error") for n, r in rows.items()}
@@ -140,6 +148,16 @@ def test_image_geometries_hold_the_pipelines_defaults(monkeypatch):
     assert (
         geometries["pixart_sigma_2048"]["steps"] == 20 and geometries["pixart_sigma_2048"]["grid"][1] == 128
     )
+    assert geometries["qwenimage_1328"]["init_in_dtype"] and geometries["qwenimage_1328"]["steps"] == 50
+
+
+def test_build_model_in_dtype_keeps_the_default_dtype(monkeypatch):
+    """A model too large for fp32 weights is initialised in its dtype; the process's default dtype stays."""
+    bench = _load(monkeypatch)
+    spec = bench.PROBES["qwenimage"]
+    model = bench.build_model("qwenimage", spec["config"], "cpu", torch.bfloat16, init_in_dtype=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
 
 
 def test_rettention_row_when_available(smoke):
@@ -236,10 +254,11 @@ def test_dense_steps_sweep_saves_after_every_prompt(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["rows"] == result["rows"] and out.with_suffix(".md").exists()
 
 
-@pytest.mark.parametrize("family", ["sd3", "pixart"])
-def test_probe_schedule_is_what_the_pipeline_runs_without_cache_context(monkeypatch, family):
-    """SD3's and PixArt's pipelines pass no ``cache_context``: the step tracker counts their timesteps. The
-    benchmark sets the context on the model's hooks instead; both must give the preset the same schedule."""
+@pytest.mark.parametrize("family", ["sd3", "pixart", "flux"])
+def test_probe_schedule_is_what_the_pipeline_runs_without_a_step_index(monkeypatch, family):
+    """The image pipelines pass no step index (FLUX: ``cache_context("cond")`` alone; SD3, PixArt: no
+    context): the step tracker counts their timesteps. The benchmark hands it the step index instead; both
+    must give the preset the same schedule."""
     import _tiny
 
     import dit_accel
