@@ -577,7 +577,7 @@ def make_inputs(family: str, spec: dict, contexts, device, dtype) -> dict[str, d
             # PixArtSigmaPipeline: the T5 mask (every token valid here) and no size conditioning
             kw["encoder_attention_mask"] = torch.ones(spec["text"][:2], device=device, dtype=dtype)
             kw["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-        elif "pooled" in spec:
+        elif family == "hunyuan_video":
             mask = torch.zeros(spec["text"][:2], dtype=dtype, device=device)
             mask[:, : spec["text_valid"]] = 1
             kw["encoder_attention_mask"] = mask
