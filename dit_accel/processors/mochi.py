@@ -109,17 +109,17 @@ class MochiSparseAttnProcessor(SparseAttnProcessorBase):
 
         text_mask = attention_mask.to(torch.bool)
         n_valid = prefix_lengths(text_mask)
+        text_qkv = (encoder_query, encoder_key, encoder_value)
         if n_valid is None:
+            # valid text tokens first (stock's order); dense() above reads the tensors as they came
             order = torch.argsort((~text_mask).to(torch.int8), dim=1, stable=True)
             index = order[:, None, :, None].expand(-1, heads, -1, dim)
-            encoder_query, encoder_key, encoder_value = (
-                torch.gather(t, 2, index) for t in (encoder_query, encoder_key, encoder_value)
-            )
+            text_qkv = tuple(torch.gather(t, 2, index) for t in text_qkv)
             n_valid = text_mask.sum(-1, dtype=torch.int32)
         kv_len = n_valid + sequence_length
-        joint_query = torch.cat([query, encoder_query], dim=2)
-        joint_key = torch.cat([key, encoder_key], dim=2)
-        joint_value = torch.cat([value, encoder_value], dim=2)
+        joint_query, joint_key, joint_value = (
+            torch.cat([x, t], dim=2) for x, t in zip((query, key, value), text_qkv)
+        )
 
         hidden_states = self._attend(
             joint_query,
