@@ -7,8 +7,9 @@ that work to custom ops, which the compiler treats as single opaque nodes:
 
 - ``dit_accel::track(slot, order, hidden_states, timestep, grid, text_len, text_position)`` runs the
   step tracker's bookkeeping for one transformer forward (the hook's pre-forward) and bumps ``order``;
-- ``dit_accel::attend(q, k, v, kv_len, slot, order, layout, text_len, text_position) -> out`` runs one
-  attention call through the handle's method. It reads ``order``, so the compiler keeps it after the
+- ``dit_accel::attend(q, k, v, kv_len, slot, order, layout, text_len, text_position, key_mask) -> out``
+  runs one attention call through the handle's method (a padded-text family's boolean key mask is read
+  there, on the host, not in the graph). It reads ``order``, so the compiler keeps it after the
   ``track`` of its forward.
 
 Everything that differs between layers and steps is data, not a constant baked into the graph: the layer
@@ -46,11 +47,16 @@ def _lookup(slot: torch.Tensor):
     return obj
 
 
-def default_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len, layout: str) -> torch.Tensor:
-    """Dense attention as diffusers' native backend runs it, in ``layout``; keys past ``kv_len`` masked."""
+def default_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len, layout: str, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dense attention as diffusers' native backend runs it, in ``layout``; keys past ``kv_len`` masked (or
+    those ``key_mask``, bool [B, S_k], leaves out)."""
     qh, kh, vh = (x.transpose(1, 2) if layout == "bshd" else x for x in (q, k, v))
     mask = None
-    if kv_len is not None:
+    if key_mask is not None:
+        mask = key_mask.to(device=kh.device, dtype=torch.bool)[:, None, None, :]
+    elif kv_len is not None:
         cols = torch.arange(kh.shape[2], device=kh.device)
         mask = (cols[None, :] < kv_len.to(kh.device)[:, None])[:, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
@@ -68,19 +74,31 @@ def _attend_op(
     layout: str,
     text_len: int,
     text_position: str,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     processor = _lookup(slot)
-    out = processor.runtime.attend(
-        processor,
-        q,
-        k,
-        v,
-        layout=layout,
-        dense_fn=lambda: default_dense(q, k, v, kv_len, layout),
-        kv_len=kv_len,
-        text_len=None if text_len < 0 else text_len,
-        text_position=text_position or None,
-    )
+    if key_mask is not None:
+        from .processors.base import _log_once, prefix_lengths
+
+        kv_len = prefix_lengths(key_mask)
+        if kv_len is None:
+            _log_once(
+                f"{type(processor).__name__}: a key mask that is not a prefix of each row was passed; "
+                "running stock attention for those calls"
+            )
+            out = default_dense(q, k, v, None, layout, key_mask=key_mask)
+    if key_mask is None or kv_len is not None:
+        out = processor.runtime.attend(
+            processor,
+            q,
+            k,
+            v,
+            layout=layout,
+            dense_fn=lambda: default_dense(q, k, v, kv_len, layout),
+            kv_len=kv_len,
+            text_len=None if text_len < 0 else text_len,
+            text_position=text_position or None,
+        )
     out = out.contiguous()
     if out.data_ptr() in (q.data_ptr(), k.data_ptr(), v.data_ptr()):
         out = out.clone()  # a custom op's output must not alias its inputs
@@ -88,7 +106,7 @@ def _attend_op(
 
 
 @_attend_op.register_fake
-def _(q, k, v, kv_len, slot, order, layout, text_len, text_position):
+def _(q, k, v, kv_len, slot, order, layout, text_len, text_position, key_mask=None):
     return q.new_empty(q.shape)
 
 
@@ -112,8 +130,9 @@ def _(slot, order, hidden_states, timestep, grid, text_len, text_position):
     return None
 
 
-def attend(processor, q, k, v, *, layout, kv_len, text_len, text_position) -> torch.Tensor:
-    """The attention call of ``processor`` as one opaque node of a compiled graph."""
+def attend(processor, q, k, v, *, layout, kv_len, text_len, text_position, key_mask=None) -> torch.Tensor:
+    """The attention call of ``processor`` as one opaque node of a compiled graph. ``key_mask`` (instead of
+    ``kv_len``): a boolean key mask read inside the node, as ``SparseAttnProcessorBase._attend`` reads it."""
     return torch.ops.dit_accel.attend(
         q,
         k,
@@ -124,6 +143,7 @@ def attend(processor, q, k, v, *, layout, kv_len, text_len, text_position) -> to
         layout,
         -1 if text_len is None else int(text_len),
         text_position or "",
+        key_mask,
     )
 
 

@@ -435,12 +435,26 @@ class SparseAttnProcessorBase:
         text_len: int | None = 0,
         text_position: str | None = None,
         attention_mask: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of q, k, v ([B, S, H, D] for "bshd", [B, H, S, D] for "bhsd") by the handle's method.
 
         ``text_len=None`` takes the text length and position from the forward (Flux single blocks). Under
         diffusers' context parallelism q, k, v are this rank's sequence shard (:mod:`dit_accel.parallel`).
+        ``key_mask`` (bool [B, S_k], instead of ``kv_len``): the keys a padded-text family attends to. Where
+        it keeps a prefix of each row the method runs with those lengths as ``kv_len``; otherwise the call
+        runs ``dense_fn`` (stock attention with the mask). Deciding reads the mask on the host, so under
+        torch.compile it happens inside the opaque attention op, not in the graph.
         """
+        if key_mask is not None:
+            if torch.compiler.is_compiling() and self._parallel_config is None and attention_mask is None:
+                return compiled.attend(
+                    self, q, k, v, layout=layout, kv_len=None, text_len=text_len, text_position=text_position,
+                    key_mask=key_mask,
+                )  # fmt: skip
+            kv_len = prefix_lengths(key_mask)
+            if kv_len is None:
+                attention_mask = key_mask
         if self._parallel_config is not None:
             return parallel.attend(
                 self, q, k, v, layout=layout, dense_fn=dense_fn, kv_len=kv_len, text_len=text_len,

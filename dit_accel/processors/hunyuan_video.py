@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideo
 
 from .._diffusers import dispatch_attention_fn
 from ..tracking import Geometry
-from .base import Family, SparseAttnProcessorBase, prefix_lengths
+from .base import Family, SparseAttnProcessorBase
 
 __all__ = ["FAMILY", "HunyuanVideoSparseAttnProcessor"]
 
@@ -85,12 +85,12 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessorBase):
             )
 
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
-        kv_len, unexpressed = None, None
+        key_mask, unexpressed = None, None
         if attention_mask is not None:
             mask = attention_mask
             if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1):
-                kv_len = prefix_lengths(mask[:, 0, 0])
-            if kv_len is None:
+                key_mask = mask[:, 0, 0]  # the model's padded-text key mask: kv_len where it is a prefix
+            else:
                 unexpressed = attention_mask
         hidden_states = self._attend(
             query,
@@ -98,10 +98,10 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessorBase):
             value,
             layout="bshd",
             dense_fn=dense,
-            kv_len=kv_len,
             text_len=text_len,
             text_position="last" if text_len else None,
             attention_mask=unexpressed,
+            key_mask=key_mask,
         )
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)

@@ -101,24 +101,31 @@ class QwenImageSparseAttnProcessor(SparseAttnProcessorBase):
                 parallel_config=self._parallel_config,
             )
 
-        mode, n_valid = "first", None
-        if encoder_hidden_states_mask is not None:
+        mode, n_valid, key_mask = "first", None, None
+        seq_img = img_query.shape[1]
+        if encoder_hidden_states_mask is not None and torch.compiler.is_compiling():
+            # Reading the mask here would break the graph: text goes last and the opaque attention op reads
+            # the key mask (kv_len where the text is a prefix, else stock attention with the mask).
+            mode = "last"
+            text_mask = encoder_hidden_states_mask.to(torch.bool)
+            key_mask = torch.cat([text_mask.new_ones(text_mask.shape[0], seq_img), text_mask], dim=1)
+        elif encoder_hidden_states_mask is not None:
             n_valid = prefix_lengths(encoder_hidden_states_mask)
             if n_valid is None:
                 mode = "masked"
             elif not bool((n_valid == seq_txt).all()):
                 mode = "last"
         if mode == "last":
-            seq_img = img_query.shape[1]
             joint_hidden_states = self._attend(
                 torch.cat([img_query, txt_query], dim=1),
                 torch.cat([img_key, txt_key], dim=1),
                 torch.cat([img_value, txt_value], dim=1),
                 layout="bshd",
                 dense_fn=lambda: _image_first(dense(), seq_txt),
-                kv_len=n_valid + seq_img,
+                kv_len=None if key_mask is not None else n_valid + seq_img,
                 text_len=seq_txt,
                 text_position="last",
+                key_mask=key_mask,
             )
             joint_hidden_states = torch.cat(
                 [joint_hidden_states[:, seq_img:], joint_hidden_states[:, :seq_img]], 1
