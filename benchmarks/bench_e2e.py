@@ -34,7 +34,8 @@ This is the number a user feels: how much sooner the video is done. Per geometry
 5. **Check** (Wan geometries, ``--check-rows``): a real WanPipeline run (``output_type="latent"``, no VAE,
    random prompt embeddings, UniPC flow scheduler) of the same rows, timed whole, against the composed total.
 
-Compiled rows use ``transformer.compile_repeated_blocks(fullgraph=False)``; they run after all eager rows
+Compiled rows use ``dit_accel.pipelines.wrapped.compile_blocks(transformer, fullgraph=False)`` (diffusers'
+``compile_repeated_blocks``, also where a transformer declares no repeated blocks); they run after all eager rows
 (``torch._dynamo.reset()`` before each, so each row's first call carries its own compilation). A row whose
 compile or run fails is recorded with its error and the run goes on; graph breaks are counted and their
 first reasons kept. Results are written after every row (``benchmarks/results/e2e_<geometry>_<gpu>.json``),
@@ -97,6 +98,7 @@ from _common import (  # noqa: E402
 )
 
 import dit_accel  # noqa: E402
+from dit_accel.pipelines.wrapped import compile_blocks  # noqa: E402
 from dit_accel.methods import SparseMethod, method_names  # noqa: E402
 from dit_accel.pipelines.quality import STEP_CACHES, step_cache_config  # noqa: E402
 
@@ -860,7 +862,7 @@ class Runner:
                 "segments_per_kind": self.segments_per_kind,
                 "share_dense": not self.args.no_share_dense,
                 "backend": self.backend,
-                "compile": f"compile_repeated_blocks(fullgraph=False, backend={self.compile_backend!r})",
+                "compile": f"compile_blocks(fullgraph=False, backend={self.compile_backend!r})",
                 "block": self.geom["block"],
             },
             "rows": [],
@@ -985,7 +987,7 @@ class Runner:
                 self._compile()
             except Exception as e:  # noqa: BLE001 - every compiled row records the failure
                 compiled = [
-                    (r, c, None, f"compile_repeated_blocks failed: {type(e).__name__}: {e}")
+                    (r, c, None, f"compile_blocks failed: {type(e).__name__}: {e}")
                     for r, c, *_ in compiled
                 ]
         for item in compiled:
@@ -1015,7 +1017,8 @@ class Runner:
         for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 256))
-        self.model.compile_repeated_blocks(fullgraph=False, backend=self.compile_backend)
+        # diffusers' compile_repeated_blocks, also for transformers that declare no repeated blocks (SD3, PixArt)
+        compile_blocks(self.model, fullgraph=False, backend=self.compile_backend)
 
     def _base_row(self, row: dict, compiled: bool) -> dict:
         return {
@@ -1536,7 +1539,7 @@ def report(paths: list[str]) -> str:
         broken = [row for row in r["rows"] if row.get("graph_breaks")]
         if broken:
             lines.append("")
-            lines.append("Graph breaks under compile_repeated_blocks:")
+            lines.append("Graph breaks under regional compilation:")
             lines.append("")
             for row in broken:
                 reasons = "; ".join(_md(x)[:120] for x in row.get("graph_break_reasons", [])[:2])
