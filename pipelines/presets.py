@@ -229,7 +229,7 @@ _E2E14_FAST = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_fast_compiled.
 # Balanced's schedule, beside stock in one run per geometry on one H100, its quality at 50 steps over the 24
 # prompts in one run (with small refreshes on the one-pass kernel, as "auto" runs them now; the two-pass
 # refresh gave 31.08 dB / 0.960 over the same prompts, in two runs merged). Its embedded-model speeds are
-# _EAGER_H100's and _GRAPHS_PATHS's (below).
+# _EMBEDDED_H100's (below).
 _LEAN5 = f"{_H100}_balanced_lean5"
 _E2E13_LEAN = f"benchmarks/results/e2e_wan1.3b_480p_81f_{_LEAN5}.json"
 _E2E14_LEAN = f"benchmarks/results/e2e_wan14b_720p_81f_{_LEAN5}.json"
@@ -251,40 +251,26 @@ def _e2e_speed(speedup: float, geometry: str, what: str, path: str, row: str, co
     return Speed(speedup, geometry, what, Source(path, f"rows[row={row}{which}]/speedup"))
 
 
-_GRAPHS = "benchmarks/results/profile_embedded_graphs_nvidia_h200.json"
-# Every Wan preset eager beside stock and dense, 9 interleaved rounds on one H100 (2026-12-05), with repeated
-# sparse and rotary calls replayed from the call cache (each preset also ran without it in the same rounds:
-# 0.89-0.96x stock; docs/kernels.md#repeated-calls).
-_EAGER_H100 = "benchmarks/results/profile_embedded_call_cache_b_nvidia_h100_80gb_hbm3.json"
-# Balanced and fast with CUDA graphs, 7 interleaved rounds on one H100, balanced's two-pass refresh beside
-# (1.50x stock); fast's quality over the 24 prompts at 50 steps on the refresh path it runs now (the two-pass
-# path gave 26.23 dB / 0.903 on an H200, quality_tiny_presets_50steps_24prompts_nvidia_h200.json).
-_GRAPHS_PATHS = "benchmarks/results/profile_embedded_graphs_refresh_paths_nvidia_h100_80gb_hbm3.json"
+# The embedded model: stock, dense and every Wan preset, eager and with CUDA graphs, 7 interleaved rounds in
+# one run on one H100 (2026-12-06). Its forwards are host-bound, so eager ratios move with the host: an
+# earlier lease gave radial / balanced / fast 1.08 / 1.11 / 1.11x stock eager
+# (profile_embedded_call_cache_b_nvidia_h100_80gb_hbm3.json). Dense with graphs is the fastest here
+# (docs/graphs.md): at 2,496 tokens a replayed sparse forward takes as long as a replayed dense one.
+_EMBEDDED_H100 = "benchmarks/results/profile_embedded_graphs_vs_dense_graphs_nvidia_h100_80gb_hbm3.json"
+# Fast's quality over the 24 prompts at 50 steps on the refresh path it runs now (the two-pass path gave
+# 26.23 dB / 0.903 on an H200, quality_tiny_presets_50steps_24prompts_nvidia_h200.json).
 _Q50_FAST = "benchmarks/results/quality_tiny_fast_fused_refresh_50steps_24prompts_nvidia_h100_80gb_hbm3.json"
 
 
-def _embedded_eager_speed(row: str, speedup: float, path: str = _EAGER_H100, rounds: int = 9) -> Speed:
-    """The embedded model eager (profile_embedded), against stock in the same run."""
+def _embedded_speed(row: str, speedup: float, graphs: bool = False) -> Speed:
+    """The embedded model (profile_embedded), eager or with ``cuda_graphs=True`` (docs/graphs.md), against
+    stock without graphs in the same run."""
     return Speed(
         speedup,
-        _EMBEDDED,
-        f"H100 bf16, whole 30-step render, median of {rounds} interleaved rounds (profile_embedded)",
-        Source(path, f"renders/{row}/seconds"),
-        Source(path, "renders/stock/seconds"),
-    )
-
-
-def _embedded_graphs_speed(
-    row: str, speedup: float, path: str = _GRAPHS, gpu: str = "H200", rounds: int = 5
-) -> Speed:
-    """The embedded model with ``cuda_graphs=True`` (docs/graphs.md), against stock without graphs in the
-    same run."""
-    return Speed(
-        speedup,
-        _EMBEDDED + ", cuda_graphs=True",
-        f"{gpu} bf16, whole 30-step render, median of {rounds} interleaved rounds (profile_embedded)",
-        Source(path, f"renders/{row}+graphs/seconds"),
-        Source(path, "renders/stock/seconds"),
+        _EMBEDDED + (", cuda_graphs=True" if graphs else ""),
+        "H100 bf16, whole 30-step render, median of 7 interleaved rounds (profile_embedded)",
+        Source(_EMBEDDED_H100, f"renders/{row}{'+graphs' if graphs else ''}/seconds"),
+        Source(_EMBEDDED_H100, "renders/stock/seconds"),
     )
 
 
@@ -292,32 +278,46 @@ _VIDEO_NOTE = (
     "radial with the family's defaults (docs/radial.md), adaspa at the sparsities measured on Wan; nothing "
     "measured at this family's geometry yet"
 )
-# FLUX.1-dev at 1024^2 and 2048^2 (random weights, 28 steps, one call per step; one H100, 2026-12-06): eager
-# and, in a second run on the same lease, compiled (compile_repeated_blocks) against compiled stock.
-_FLUX_1024 = "FLUX.1-dev 1024x1024, 4,608 tokens"
-_FLUX_2048 = "FLUX.1-dev 2048x2048, 16,896 tokens"
-_E2E_FLUX = (
-    "H100 bf16, 28 steps, one call per step, steady-state step times composed over the schedule (bench_e2e)"
-)
-_E2E_FLUX_COMPILED = _E2E_FLUX + ", transformer.compile_repeated_blocks(), against compiled stock"
+# Image models end to end (random weights, real configs, bf16; one H100, 2026-12-06): eager against eager
+# stock and, in a second run on the same lease, compiled against compiled stock. A geometry is its label and
+# the stem of its bench_e2e result file.
+_FLUX_1024 = ("FLUX.1-dev 1024x1024, 4,608 tokens", "e2e_flux_1024")
+_FLUX_2048 = ("FLUX.1-dev 2048x2048, 16,896 tokens", "e2e_flux_2048")
+_SD35 = ("SD3.5 Large 1024x1024, 4,429 tokens", "e2e_sd35_large_1024")
+_PIXART = ("PixArt-Sigma 2048x2048, 16,384 tokens", "e2e_pixart_sigma_2048")
+_QWEN = ("Qwen-Image 1328x1328, 6,953 tokens", "e2e_qwenimage_1328")
+_COMPOSED = "steady-state step times composed over the schedule (bench_e2e)"
+_E2E_FLUX = f"H100 bf16, 28 steps, one call per step, {_COMPOSED}"
+_E2E_SD35 = f"H100 bf16, 28 steps, CFG batched (one call of batch 2 per step), {_COMPOSED}"
+_E2E_PIXART = f"H100 bf16, 20 steps, CFG batched (one call of batch 2 per step), {_COMPOSED}"
+_E2E_QWEN = f"H100 bf16, 50 steps, true CFG (two calls per step), {_COMPOSED}"
+_VS_COMPILED = ", regional compilation, against compiled stock"
+
+
+def _image_speeds(
+    geometries: tuple[tuple[str, str], ...],
+    what: str,
+    row: str,
+    eager: tuple[float, ...],
+    compiled: tuple[float, ...] = (),
+) -> tuple[Speed, ...]:
+    """A preset's bench_e2e speedups at each of ``geometries``, eager against eager stock and compiled
+    against compiled stock (the first ``len(compiled)`` geometries, whose ``_compiled`` files timed it)."""
+    out = []
+    for speedup, (geometry, stem) in zip(eager, geometries):
+        path = f"benchmarks/results/{stem}_{_H100}.json"
+        out.append(Speed(speedup, geometry, what, Source(path, f"rows[row={row},compiled=False]/speedup")))
+    for speedup, (geometry, stem) in zip(compiled, geometries):
+        path = f"benchmarks/results/{stem}_{_H100}_compiled.json"
+        key = f"rows[row={row},compiled=True]/speedup_vs_same_compile_stock"
+        out.append(
+            Speed(speedup, geometry + ", compiled, vs compiled stock", what + _VS_COMPILED, Source(path, key))
+        )
+    return tuple(out)
 
 
 def _flux_speeds(row: str, eager: tuple[float, float], compiled: tuple[float, ...] = ()) -> tuple[Speed, ...]:
-    """A flux preset's speedups at 1024^2 and 2048^2, eager against eager stock and compiled against compiled
-    stock (the rows the compiled runs timed)."""
-    out = []
-    for speedup, geometry, px in zip(eager, (_FLUX_1024, _FLUX_2048), (1024, 2048)):
-        path = f"benchmarks/results/e2e_flux_{px}_{_H100}.json"
-        out.append(
-            Speed(speedup, geometry, _E2E_FLUX, Source(path, f"rows[row={row},compiled=False]/speedup"))
-        )
-    for speedup, geometry, px in zip(compiled, (_FLUX_1024, _FLUX_2048), (1024, 2048)):
-        path = f"benchmarks/results/e2e_flux_{px}_{_H100}_compiled.json"
-        key = f"rows[row={row},compiled=True]/speedup_vs_same_compile_stock"
-        out.append(
-            Speed(speedup, geometry + ", compiled, vs compiled stock", _E2E_FLUX_COMPILED, Source(path, key))
-        )
-    return tuple(out)
+    return _image_speeds((_FLUX_1024, _FLUX_2048), _E2E_FLUX, row, eager, compiled)
 
 
 _FLUX_NOTE = (
@@ -327,13 +327,29 @@ _FLUX_NOTE = (
     "dense preset has too (1.23x, output identical to stock); the sparse attention adds 2-4% "
     "(docs/e2e.md#flux1-dev)"
 )
-_IMAGE_NOTE = (
-    "radial is video-only; adaspa at the Wan sparsities, untuned: image sequences are short (Flux 1024^2: "
-    "4,608 tokens), where sparse attention saves least"
-)
+
+
+def _image_note(share: str, densities: str) -> str:
+    return (
+        f"adaspa at the Wan sparsities (radial is video-only). Attention is {share} of a dense step here, "
+        f"which bounds what any attention method gains. With random weights attention is flat, so the "
+        f"searches keep density {densities} at sparsity 0.6 / 0.8 / 0.9, more than a trained model's would "
+        "(docs/e2e.md)"
+    )
+
+
+_SD35_NOTE = _image_note("19%", "0.49 / 0.31 / 0.24")
+_PIXART_NOTE = _image_note("65%", "0.40 / 0.20 / 0.10")
+_QWEN_NOTE = _image_note("19%", "0.42 / 0.23 / 0.14")
 
 _ROWS: tuple[Preset, ...] = (
-    Preset("wan", "dense", "dense"),
+    Preset(
+        "wan",
+        "dense",
+        "dense",
+        speed=(_embedded_speed("dense", 1.07), _embedded_speed("dense", 2.38, graphs=True)),
+        note="the embedded model's fastest on a GPU with cuda_graphs=True (docs/graphs.md)",
+    ),
     Preset(
         "wan",
         "quality",
@@ -345,8 +361,8 @@ _ROWS: tuple[Preset, ...] = (
                 1.69, _WAN13_COMPILED, _E2E_COMPILED, Source(_E2E13, "rows[row=radial,compiled=True]/speedup")
             ),
             Speed(1.62, _WAN14, _E2E, Source(_E2E14_NOW, "rows[row=quality,compiled=False]/speedup")),
-            _embedded_eager_speed("radial", 1.08),
-            _embedded_graphs_speed("radial", 2.07),
+            _embedded_speed("radial", 1.01),
+            _embedded_speed("radial", 2.00, graphs=True),
         ),
         quality=Quality(37.31, 0.985, 0.672, "radial"),
         note="Wan defaults: decay 0.2, sink frame, layer 0 and the first 25% of steps dense",
@@ -361,8 +377,8 @@ _ROWS: tuple[Preset, ...] = (
             _e2e_speed(2.27, _WAN13_COMPILED, _E2E_COMPILED_H100, _E2E13_LEAN, _LEAN_ROW, True),
             _e2e_speed(2.13, _WAN14, _E2E_H100, _E2E14_LEAN, _LEAN_ROW, False),
             _e2e_speed(2.47, _WAN14_COMPILED, _E2E_COMPILED_H100, _E2E14_LEAN, _LEAN_ROW, True),
-            _embedded_eager_speed("balanced", 1.11),
-            _embedded_graphs_speed("balanced", 1.64, _GRAPHS_PATHS, "H100", rounds=7),
+            _embedded_speed("balanced", 1.01),
+            _embedded_speed("balanced", 1.65, graphs=True),
         ),
         quality=Quality(31.10, 0.961, 0.185, _LEAN_SPEC, _Q50_FUSED, steps=50),
         note=(
@@ -380,8 +396,8 @@ _ROWS: tuple[Preset, ...] = (
             _e2e_speed(2.47, _WAN13_COMPILED, _E2E_COMPILED_H100, _E2E13_H100, _FAST_ROW, True),
             _e2e_speed(2.33, _WAN14, _E2E_H100, _E2E14_H100, _FAST_ROW, False),
             _e2e_speed(2.71, _WAN14_COMPILED, _E2E_COMPILED, _E2E14_FAST, "fast", True),
-            _embedded_eager_speed("fast", 1.11),
-            _embedded_graphs_speed("fast", 1.86, _GRAPHS_PATHS, "H100", rounds=7),
+            _embedded_speed("fast", 1.02),
+            _embedded_speed("fast", 1.90, graphs=True),
         ),
         quality=Quality(26.24, 0.903, 0.124, _FAST_SPEC, _Q50_FAST, steps=50),
         note=(
@@ -474,12 +490,24 @@ _ROWS: tuple[Preset, ...] = (
     ),
     *(
         row
-        for family in ("sd3", "pixart", "qwenimage")
+        for family, geometry, what, note, speeds in (
+            ("sd3", _SD35, _E2E_SD35, _SD35_NOTE, ((1.00,), (1.04,), (1.06,), (1.07,))),
+            ("pixart", _PIXART, _E2E_PIXART, _PIXART_NOTE, ((0.99,), (1.20,), (1.40,), (1.53,))),
+            ("qwenimage", _QWEN, _E2E_QWEN, _QWEN_NOTE, ((1.00,), (1.06,), (1.09,), (1.11,))),
+        )
         for row in (
-            Preset(family, "dense", "dense"),
-            Preset(family, "quality", "adaspa", {"sparsity": 0.6}, note=_IMAGE_NOTE),
-            Preset(family, "balanced", "adaspa", {"sparsity": 0.8}, note=_IMAGE_NOTE),
-            Preset(family, "fast", "adaspa", {"sparsity": 0.9}, note=_IMAGE_NOTE),
+            Preset(family, "dense", "dense", speed=_image_speeds((geometry,), what, "dense", speeds[0])),
+            *(
+                Preset(
+                    family,
+                    name,
+                    "adaspa",
+                    {"sparsity": sparsity},
+                    speed=_image_speeds((geometry,), what, name, eager),
+                    note=note,
+                )
+                for name, sparsity, eager in zip(("quality", "balanced", "fast"), (0.6, 0.8, 0.9), speeds[1:])
+            ),
         )
     ),
 )

@@ -244,7 +244,7 @@ def test_presets_lists_every_family_with_its_numbers(capsys):
     quality = presets.get_preset("wan", "quality")
     speed, q = quality.speed[0], quality.quality
     assert f"{speed.speedup:.2f}x {speed.geometry}" in text and f"{q.psnr:.2f} dB / {q.ssim:.3f}" in text
-    assert "[untuned for sd3]" in text
+    assert "[untuned for mochi]" in text
     assert re.search(r"^  balanced +rettention +density=\S+, .*\) +\[measured\]$", text, re.M)  # own columns
     assert cli.main(["presets", "--family", "wan", "--markdown"]) == 0
     text = capsys.readouterr().out

@@ -76,7 +76,8 @@ def test_rows_without_a_measurement_say_untuned():
         else:
             assert p.status == f"untuned for {p.family}" and not p.tuned
             assert presets.speed_text(p) == "untuned"
-    assert {p.family for p in presets.table() if p.speed} == {"wan", "hunyuan_video", "flux"}  # benchmarked
+    benchmarked = {"wan", "hunyuan_video", "flux", "sd3", "pixart", "qwenimage"}
+    assert {p.family for p in presets.table() if p.speed} == benchmarked
 
 
 def _embedded_blocks(method: str, knobs: dict) -> tuple[int, int]:
