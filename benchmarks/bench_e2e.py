@@ -35,9 +35,9 @@ This is the number a user feels: how much sooner the video is done. Per geometry
    random prompt embeddings, UniPC flow scheduler) of the same rows, timed whole, against the composed total.
 
 Compiled rows use ``dit_accel.pipelines.wrapped.compile_blocks(transformer, fullgraph=False)`` (diffusers'
-``compile_repeated_blocks``, also where a transformer declares no repeated blocks); they run after all eager rows
-(``torch._dynamo.reset()`` before each, so each row's first call carries its own compilation). A row whose
-compile or run fails is recorded with its error and the run goes on; graph breaks are counted and their
+``compile_repeated_blocks``, also where a transformer declares no repeated blocks); they run after all eager
+rows (``torch._dynamo.reset()`` before each, so each row's first call carries its own compilation). A row
+whose compile or run fails is recorded with its error and the run goes on; graph breaks are counted and their
 first reasons kept. Results are written after every row (``benchmarks/results/e2e_<geometry>_<gpu>.json``),
 so a run that is killed keeps what finished. ``--report`` turns result files into docs/e2e.md's tables.
 
@@ -98,9 +98,9 @@ from _common import (  # noqa: E402
 )
 
 import dit_accel  # noqa: E402
-from dit_accel.pipelines.wrapped import compile_blocks  # noqa: E402
 from dit_accel.methods import SparseMethod, method_names  # noqa: E402
 from dit_accel.pipelines.quality import STEP_CACHES, step_cache_config  # noqa: E402
+from dit_accel.pipelines.wrapped import compile_blocks  # noqa: E402
 
 logger = logging.getLogger("dit_accel.bench_e2e")
 
@@ -987,8 +987,7 @@ class Runner:
                 self._compile()
             except Exception as e:  # noqa: BLE001 - every compiled row records the failure
                 compiled = [
-                    (r, c, None, f"compile_blocks failed: {type(e).__name__}: {e}")
-                    for r, c, *_ in compiled
+                    (r, c, None, f"compile_blocks failed: {type(e).__name__}: {e}") for r, c, *_ in compiled
                 ]
         for item in compiled:
             self._run_row(*item)
@@ -1017,7 +1016,7 @@ class Runner:
         for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 256))
-        # diffusers' compile_repeated_blocks, also for transformers that declare no repeated blocks (SD3, PixArt)
+        # diffusers' compile_repeated_blocks, also for transformers that declare none (SD3, PixArt)
         compile_blocks(self.model, fullgraph=False, backend=self.compile_backend)
 
     def _base_row(self, row: dict, compiled: bool) -> dict:

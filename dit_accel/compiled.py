@@ -48,7 +48,12 @@ def _lookup(slot: torch.Tensor):
 
 
 def default_dense(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len, layout: str, key_mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_len,
+    layout: str,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention as diffusers' native backend runs it, in ``layout``; keys past ``kv_len`` masked (or
     those ``key_mask``, bool [B, S_k], leaves out)."""

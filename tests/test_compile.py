@@ -83,9 +83,9 @@ def _non_prefix(inputs):
 @pytest.mark.parametrize("family", ["hunyuan_video", "mochi", "qwenimage"])
 @pytest.mark.parametrize("holes", [False, True], ids=["prefix", "holes"])
 def test_regional_compile_padded_text_without_graph_breaks(family, holes):
-    """Families that pad their text pass a boolean key mask: deciding whether it is a prefix of each row (kv_len)
-    reads it on the host, which under compile happens inside the opaque attention op, so no block breaks its
-    graph; a mask with holes runs as eager runs it."""
+    """Families that pad their text pass a boolean key mask: deciding whether it is a prefix of each row
+    (kv_len) reads it on the host, which under compile happens inside the opaque attention op, so no block
+    breaks its graph; a mask with holes runs as eager runs it."""
     model, inputs = TRANSFORMERS[family]()
     x = inputs(2)  # the first row's text is padded
     if holes:
@@ -102,6 +102,39 @@ def test_regional_compile_padded_text_without_graph_breaks(family, holes):
                 block.compile(fullgraph=True, backend="aot_eager")
     with torch._dynamo.config.patch(error_on_recompile=True):
         outs = _steps(model, x, n=4)
+    assert [(r["step"], r["layer"], r["kind"]) for r in handle.stats().records] == eager_kinds
+    for a, b in zip(outs, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    dit_accel.remove(model)
+
+
+def _family_steps(model, x, n=4):
+    """``n`` denoising steps; SD3 and PixArt have no cache_context, so their steps come from the timestep."""
+    if hasattr(model, "cache_context"):
+        return _steps(model, x, n)
+    outs = []
+    for i in range(n):
+        with torch.no_grad():
+            t = torch.full_like(x["timestep"], 900.0 - 200.0 * i)
+            outs.append(model(**{**x, "timestep": t}, return_dict=False)[0])
+    return outs
+
+
+@pytest.mark.parametrize("method", ["adaspa", "rettention"])
+@pytest.mark.parametrize("family", list(TRANSFORMERS))
+def test_compiled_blocks_of_every_family(family, method):
+    """Every family's blocks compile with ``fullgraph=True`` (a graph break raises) through the methods that
+    search and keep state, and give eager's outputs and schedule."""
+    from dit_accel.pipelines.wrapped import compile_blocks
+
+    model, inputs = TRANSFORMERS[family]()
+    x = inputs(2)
+    handle = dit_accel.apply(model, backend="torch", **BLOCKS, **KNOBS[method])
+    eager = _family_steps(model, x)
+    eager_kinds = [(r["step"], r["layer"], r["kind"]) for r in handle.stats().records]
+    handle = dit_accel.apply(model, backend="torch", **BLOCKS, **KNOBS[method])
+    assert compile_blocks(model, fullgraph=True, backend="aot_eager") >= 1
+    outs = _family_steps(model, x)
     assert [(r["step"], r["layer"], r["kind"]) for r in handle.stats().records] == eager_kinds
     for a, b in zip(outs, eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -108,8 +108,8 @@ class MochiSparseAttnProcessor(SparseAttnProcessorBase):
             return torch.cat(attn_outputs, dim=0)
 
         text_mask = attention_mask.to(torch.bool)
-        # Under torch.compile the valid text tokens are always gathered to the front (the identity for a prefix
-        # mask): checking for a prefix would read the mask on the host inside the graph.
+        # Under torch.compile the valid text tokens are always gathered to the front (the identity for a
+        # prefix mask): checking for a prefix would read the mask on the host inside the graph.
         n_valid = None if torch.compiler.is_compiling() else prefix_lengths(text_mask)
         text_qkv = (encoder_query, encoder_key, encoder_value)
         if n_valid is None:
