@@ -86,13 +86,13 @@ def _attend_op(
         from .processors.base import _log_once, prefix_lengths
 
         kv_len = prefix_lengths(key_mask)
-        if kv_len is None:
-            _log_once(
-                f"{type(processor).__name__}: a key mask that is not a prefix of each row was passed; "
-                "running stock attention for those calls"
-            )
-            out = default_dense(q, k, v, None, layout, key_mask=key_mask)
-    if key_mask is None or kv_len is not None:
+    if key_mask is not None and kv_len is None:
+        _log_once(
+            f"{type(processor).__name__}: a key mask that is not a prefix of each row was passed; "
+            "running stock attention for those calls"
+        )
+        out = default_dense(q, k, v, None, layout, key_mask=key_mask)
+    else:
         out = processor.runtime.attend(
             processor,
             q,
