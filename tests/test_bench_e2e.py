@@ -281,3 +281,14 @@ def test_probe_schedule_is_what_the_pipeline_runs_without_a_step_index(monkeypat
         dit_accel.remove(pipe)
     assert {"fused_search", "sparse", "cached_search"} <= set(ran)
     assert bench.probe_schedule(family, knobs, steps, ("cond",))["cond"] == ran
+
+
+def test_compile_only_keeps_eager_stock_as_the_denominator(monkeypatch):
+    bench = _load(monkeypatch)
+    argv = ["--smoke", "--geometry", "smoke", "--rows", "stock,dense", "--plan-only", "--step-cache", "off"]
+    plan = bench.main([*argv, "--compile-rows", "stock,dense", "--compile", "only"])["smoke"]["plan"]["rows"]
+    assert [(r["row"], r["compiled"]) for r in plan] == [("stock", False), ("stock", True), ("dense", True)]
+    plan = bench.main([*argv, "--rows", "dense", "--compile-rows", "dense", "--compile", "only"])["smoke"][
+        "plan"
+    ]["rows"]
+    assert [(r["row"], r["compiled"]) for r in plan] == [("dense", True)]
