@@ -62,6 +62,7 @@ import dataclasses
 import fnmatch
 import gc
 import glob
+import importlib
 import json
 import logging
 import math
@@ -438,9 +439,13 @@ ROWS: list[dict] = [
     {"name": "quality", "preset": "quality"},
     {"name": "balanced", "preset": "balanced"},
     {"name": "fast", "preset": "fast"},
+    # fuse_blocks: the blocks' elementwise work in one pass per step (Wan; eager only: compile fuses it too)
+    {"name": "dense_fused", "method": "dense", "fuse_blocks": True},
+    {"name": "balanced_fused", "preset": "balanced", "fuse_blocks": True},
+    {"name": "fast_fused", "preset": "fast", "fuse_blocks": True},
 ]
 # Rows that are never compiled (they measure something compile does not change).
-EAGER_ONLY = ("no_attention",)
+EAGER_ONLY = ("no_attention", "dense_fused", "balanced_fused", "fast_fused")
 
 # The step cache composed with rows: the quality harness's settings, so its quality rows are of this cache.
 # TaylorSeer's computed steps depend only on its config, so the probe reads the exact schedule; lite mode
@@ -646,9 +651,13 @@ def _preset_knobs(name: str, family: str) -> dict:
 
 def row_knobs(row: dict, family: str) -> dict | None:
     """dit_accel.apply knobs of a row (None: stock). Raises Skip for what this checkout lacks."""
-    if row.get("preset"):
-        return _preset_knobs(row["preset"], family)
     knobs = {k: v for k, v in row.items() if k not in META_KEYS}
+    if knobs.get("fuse_blocks"):
+        fam = importlib.import_module(f"dit_accel.processors.{family}").FAMILY
+        if fam.fused_blocks is None:
+            raise Skip(f"fuse_blocks: the {family} family has no fused block forward")
+    if row.get("preset"):  # the preset's knobs, then the row's own (fuse_blocks)
+        return {**_preset_knobs(row["preset"], family), **knobs}
     if not knobs:
         return None
     method = knobs.get("method")

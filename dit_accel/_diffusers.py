@@ -108,6 +108,17 @@ def context_parallel_group(cp_config):
     return cp_config._flattened_mesh.get_group()
 
 
+def hooks_after(module: torch.nn.Module, name: str) -> list[str]:
+    """Names of the hooks on ``module`` registered after the hook ``name`` (they wrap it). diffusers'
+    ``remove_hook`` on a hook that another one with a ``new_forward`` wraps points that one's ``forward``
+    past its own ``new_forward``, so such a hook is better left in place, passing through."""
+    registry = hook_registry(module)
+    if registry is None or name not in registry._hook_order:
+        return []
+    order = registry._hook_order
+    return list(order[order.index(name) + 1 :])
+
+
 def outer_split_hooks(module: torch.nn.Module, name: str) -> list:
     """The context-parallel split hooks on ``module`` registered after the hook ``name``: they run their
     ``pre_forward`` before it, so that hook sees the inputs they shard."""

@@ -9,14 +9,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._diffusers import drop_registry, hook_registry
+from ._diffusers import HookRegistry, drop_registry, hook_registry, hooks_after
 from .config import SparseAttentionConfig
 from .graphs import CudaGraphs
 from .kernels.ops import triton_runtime_unavailable_reason
 from .methods import SparseMethod, create_method
 from .parallel import gather_stats, stats_group
 from .processors import Family, Runtime, family_for
-from .processors.base import LayerRecord, SparseAttnProcessorBase, bind, bound_processor, unbind
+from .processors.base import (
+    FUSED_BLOCK_HOOK_NAME,
+    FusedBlockHook,
+    LayerRecord,
+    SparseAttnProcessorBase,
+    bind,
+    bound_processor,
+    unbind,
+)
 from .tracking import TRACKER_HOOK_NAME, StepTracker, install_tracker
 
 __all__ = ["AttentionStats", "SparseAttentionHandle", "apply", "attn_processors", "remove"]
@@ -155,6 +163,32 @@ def _fmt_bytes(n: int) -> str:
 _MISSING = object()
 
 
+class _BlockHook:
+    """A fused-block hook on one block and what the block held before it (:func:`_remove_module_hook`)."""
+
+    def __init__(self, block: torch.nn.Module, hook):
+        self.block = block
+        self.hook = hook
+        self.had_registry = hook_registry(block) is not None
+        self.forward_before = block.__dict__.get("forward", _MISSING)
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        registry.register_hook(hook, FUSED_BLOCK_HOOK_NAME)
+        self.forward_installed = block.__dict__.get("forward")
+
+    def remove(self) -> None:
+        self.hook.active = False
+        if hooks_after(self.block, FUSED_BLOCK_HOOK_NAME):
+            return  # wrapped by a hook registered since (a step cache's): stays, as a pass-through
+        _remove_module_hook(
+            self.block,
+            FUSED_BLOCK_HOOK_NAME,
+            self.hook,
+            self.forward_installed,
+            self.forward_before,
+            self.had_registry,
+        )
+
+
 class _Installed:
     """What one transformer held before :func:`apply`, and what dit_accel put there."""
 
@@ -167,6 +201,7 @@ class _Installed:
         self.modules: dict[str, torch.nn.Module] = {}
         self.originals: dict[str, object] = {}
         self.processors: dict[str, object] = {}
+        self.block_hooks: list[_BlockHook] = []  # fuse_blocks
 
     def serves(self, path: str) -> bool:
         """Whether the layer at ``path`` still runs dit_accel's processor (directly or through a detached one,
@@ -249,6 +284,13 @@ class SparseAttentionHandle:
         if self.config.cuda_graphs:
             inst.hook.graphs = CudaGraphs(self.runtime, TRACKER_HOOK_NAME)
         inst.forward_installed = transformer.__dict__.get("forward")
+        if self.config.fuse_blocks:
+            blocks = family.fused_blocks(transformer) if family.fused_blocks is not None else []
+            if not blocks:
+                _log_skipped(
+                    f"{name}: fuse_blocks: no block of {type(transformer).__name__} has a fused forward"
+                )
+            inst.block_hooks = [_BlockHook(block, FusedBlockHook(forward)) for _, block, forward in blocks]
         setattr(transformer, _HANDLE_ATTR, self)
         return inst
 
@@ -327,6 +369,8 @@ class SparseAttentionHandle:
                 unbind(module, inst.processors[path])
             if inst.hook is not None:
                 _remove_tracker(transformer, inst)
+            for block_hook in inst.block_hooks:
+                block_hook.remove()
             if getattr(transformer, _HANDLE_ATTR, None) is self:
                 delattr(transformer, _HANDLE_ATTR)
         if not isinstance(self.target, torch.nn.Module) and getattr(self.target, _HANDLE_ATTR, None) is self:
@@ -338,33 +382,47 @@ class SparseAttentionHandle:
 def _remove_tracker(transformer: torch.nn.Module, inst: _Installed) -> None:
     """Take the step-tracker hook out of the transformer's forward chain, keeping what others added since."""
     inst.hook.deactivate()
-    registry = hook_registry(transformer)
+    _remove_module_hook(
+        transformer,
+        TRACKER_HOOK_NAME,
+        inst.hook,
+        inst.forward_installed,
+        inst.forward_before,
+        inst.had_registry,
+    )
+
+
+def _remove_module_hook(
+    module: torch.nn.Module, name: str, hook, forward_installed, forward_before, had_registry: bool
+) -> None:
+    """Take dit_accel's hook ``name`` out of ``module``'s forward chain, keeping what others added since."""
+    registry = hook_registry(module)
     if registry is None:
         return
-    if registry.get_hook(TRACKER_HOOK_NAME) is inst.hook:
-        current = transformer.__dict__.get("forward", _MISSING)
-        registry.remove_hook(TRACKER_HOOK_NAME, recurse=False)
-        below = transformer.__dict__.get("forward", _MISSING)
-        if current is not inst.forward_installed and current is not _MISSING:
+    if registry.get_hook(name) is hook:
+        current = module.__dict__.get("forward", _MISSING)
+        registry.remove_hook(name, recurse=False)
+        below = module.__dict__.get("forward", _MISSING)
+        if current is not forward_installed and current is not _MISSING:
             # Someone wrapped the forward after apply. diffusers' remove_hook just put back the forward from
             # before apply: keep theirs, and point it past ours where we know how (accelerate's
             # add_hook_to_module calls the wrapped forward through _old_forward). Other wrappers call the
             # hook's forward, now a pass-through.
-            transformer.forward = current
-            if getattr(transformer, "_old_forward", None) is inst.forward_installed and below is not _MISSING:
-                transformer._old_forward = below
+            module.forward = current
+            if getattr(module, "_old_forward", None) is forward_installed and below is not _MISSING:
+                module._old_forward = below
     if registry.hooks:
         return
-    forward = transformer.__dict__.get("forward", _MISSING)
+    forward = module.__dict__.get("forward", _MISSING)
     if (
-        inst.forward_before is _MISSING
+        forward_before is _MISSING
         and inspect.ismethod(forward)
-        and forward.__self__ is transformer
-        and forward.__func__ is type(transformer).forward
+        and forward.__self__ is module
+        and forward.__func__ is type(module).forward
     ):
-        del transformer.__dict__["forward"]
-    if not inst.had_registry:
-        drop_registry(transformer)
+        del module.__dict__["forward"]
+    if not had_registry:
+        drop_registry(module)
 
 
 def _as_dict(r: LayerRecord) -> dict:

@@ -60,6 +60,13 @@ class SparseAttentionConfig:
             kernel launch, which decides the speed of small geometries (the embedded model, small images).
             Costs one capture per kind of forward per run and the memory of the captured forwards. See
             ``dit_accel.graphs`` for when a forward runs eagerly instead.
+        fuse_blocks: run each transformer block's elementwise work around attention and feed-forward (its
+            residuals, float32 LayerNorms and modulation) as one Triton pass per step instead of eager
+            torch's several passes over the hidden states (``dit_accel.kernels.block_step``). Families that
+            declare a fused block forward only (Wan); elsewhere, on the CPU, under ``torch.compile`` (which
+            fuses them itself) and in blocks whose forward something else wraps from inside (a step cache's
+            hook registered before ``apply``), the stock forward runs. Eager only changes speed and the last
+            bit of the LayerNorms' half-precision output.
         timing: record each attention call's wall time in the handle's stats (adds a CUDA event pair per
             call; no host synchronisation until stats are read).
         max_state_bytes: byte budget of what a method keeps per layer between steps (cached LSE, re-ttention's
@@ -85,6 +92,7 @@ class SparseAttentionConfig:
     dense_backend: str = "stock"
     timing: bool = False
     cuda_graphs: bool = False
+    fuse_blocks: bool = False
     max_state_bytes: int | str | None = "auto"
     state_offload: bool = True
     patterns: str | None = None
@@ -109,6 +117,8 @@ class SparseAttentionConfig:
             raise ValueError(f"max_state_bytes must be an int >= 0, None or 'auto', got {budget!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        if not isinstance(self.fuse_blocks, bool):
+            raise ValueError(f"fuse_blocks must be a bool, got {self.fuse_blocks!r}")
         if not isinstance(self.state_offload, bool):
             raise ValueError(f"state_offload must be a bool, got {self.state_offload!r}")
         for name in ("patterns", "save_patterns"):

@@ -2,7 +2,8 @@
 
 Public: :class:`BlockPlan`, :class:`SoftmaxCorrection`, :func:`block_sparse_attention`,
 :func:`dense_attention`, :func:`block_mass`, :func:`refresh_attention`, :func:`mask_statistics`,
-:func:`correction_from_outputs`, :func:`merge_partial_attention`, :func:`rotary_interleaved`.
+:func:`correction_from_outputs`, :func:`merge_partial_attention`, :func:`rotary_interleaved`,
+:func:`block_step`.
 This package imports only torch and triton; ``xformers_attention`` imports xformers lazily, for its backend.
 """
 
@@ -11,6 +12,7 @@ from .merge import merge_partial_attention
 from .ops import (
     block_mass,
     block_sparse_attention,
+    block_step,
     dense_attention,
     mask_statistics,
     refresh_attention,
@@ -23,6 +25,7 @@ __all__ = [
     "SoftmaxCorrection",
     "block_mass",
     "block_sparse_attention",
+    "block_step",
     "correction_from_outputs",
     "dense_attention",
     "mask_statistics",

@@ -1392,3 +1392,98 @@ def rotary_interleaved(
         qo, ko = _run(_rotary_qk_impl, _rotary_qk_op, q, k, cos, sin, convention, rotary_len)
     _remember(key, launches, _RotaryCall.record, q, k, cos, sin, qo, ko)
     return qo, ko
+
+
+_BLOCK_RESIDUALS = ("none", "add", "gated")
+_BLOCK_NORMS = (None, "modulate", "affine")
+
+
+def block_step(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    *,
+    residual: str = "none",
+    norm: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step of a transformer block's per-token elementwise work in one pass: a residual, then a float32
+    LayerNorm with modulation or affine, as ``WanTransformerBlock.forward`` computes them between its
+    attention and feed-forward calls (``reference.block_step_reference`` is that eager arithmetic).
+
+    Args:
+        x: [B, S, D] hidden states (float16 or bfloat16 for the Triton kernel).
+        y: [B, S, D] the branch output added by residual "add" or "gated".
+        gate: [B, 1, D] float32, residual "gated": h = (x.float() + y * gate) in x's dtype.
+        residual: "none" (h = x), "add" (h = x + y in x's dtype) or "gated".
+        norm: None, "modulate" (n = LayerNorm(h) * (1 + scale) + shift; scale, shift [B, 1, D] float32) or
+            "affine" (n = LayerNorm(h) * weight + bias; weight, bias [D]).
+        eps: the LayerNorm's epsilon.
+        backend: "triton" (raises where it cannot run), "torch" (the reference), "auto" (Triton where it can
+            run, else the reference; under torch.compile the reference, which the compiler fuses).
+
+    Returns:
+        (h, n): h is x itself for residual "none"; n is None without a norm. The residual steps are bit-exact
+        with the reference; n can differ from it in the last bit of x's dtype (the LayerNorm's sums run in
+        another order than torch's).
+
+    Raises:
+        ValueError: an unknown backend, residual or norm; missing or misshaped operands.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if residual not in _BLOCK_RESIDUALS:
+        raise ValueError(f"residual must be one of {_BLOCK_RESIDUALS}, got {residual!r}")
+    if norm not in _BLOCK_NORMS:
+        raise ValueError(f"norm must be one of {_BLOCK_NORMS}, got {norm!r}")
+    bad = _block_step_shapes(x, y, gate, residual, norm, scale, shift, weight, bias)
+    if bad is not None:
+        raise ValueError(f"block_step: {bad}")
+    kwargs = dict(residual=residual, norm=norm, scale=scale, shift=shift, weight=weight, bias=bias, eps=eps)
+    reason = None
+    if backend != "torch":
+        grad = _needs_grad(*(t for t in (x, y, gate, scale, shift, weight, bias) if t is not None))
+        reason = _triton_unavailable_reason(x, grad=grad)
+        if reason is None and (x.stride(-1) != 1 or (y is not None and y.stride(-1) != 1)):
+            reason = "x and y need a unit last stride"
+        if backend == "triton" and reason is not None:
+            raise RuntimeError(f"block_step: backend='triton' cannot run: {reason}")
+        if backend == "auto" and torch.compiler.is_compiling():
+            reason = "compiling"
+    if backend == "torch" or reason is not None:
+        return reference.block_step_reference(x, y, gate, **kwargs)
+    from . import triton_block
+
+    def f32(t):
+        return None if t is None else t.float() if t.stride(-1) == 1 else t.float().contiguous()
+
+    h, n = triton_block.block_step_fwd(
+        x, y, f32(gate), residual, norm, f32(scale), f32(shift), weight, bias, eps, write_h=residual != "none"
+    )
+    return (x if h is None else h), n
+
+
+def _block_step_shapes(x, y, gate, residual, norm, scale, shift, weight, bias) -> str | None:
+    if x.dim() != 3:
+        return f"x must be [B, S, D], got shape {tuple(x.shape)}"
+    batch, _, d = x.shape
+    if residual != "none" and (y is None or y.shape != x.shape or y.dtype != x.dtype):
+        return f"residual {residual!r} needs y of x's shape and dtype {tuple(x.shape)} {x.dtype}"
+    per_batch = {"gate": gate} if residual == "gated" else {}
+    if norm == "modulate":
+        per_batch.update(scale=scale, shift=shift)
+    for name, t in per_batch.items():
+        if t is None:
+            return f"{name} is required (residual {residual!r}, norm {norm!r})"
+        if t.dim() != 3 or t.shape[1] != 1 or t.shape[2] != d or t.shape[0] not in (1, batch):
+            return f"{name} must be [B or 1, 1, {d}], got shape {tuple(t.shape)}"
+    if norm == "affine":
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is None or t.shape != (d,):
+                return f"norm 'affine' needs {name} of shape ({d},)"
+    return None

@@ -244,3 +244,37 @@ def rotary_pairs_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
     x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def block_step_reference(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    *,
+    residual: str = "none",
+    norm: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step of a transformer block's elementwise work, as ``WanTransformerBlock.forward`` runs it
+    eagerly: h = x, ``x + y`` (residual "add") or ``(x.float() + y * gate).type_as(x)`` ("gated"); then
+    n = ``(LayerNorm(h.float()) * (1 + scale) + shift).type_as(h)`` ("modulate", diffusers' FP32LayerNorm
+    without affine) or ``LayerNorm(h.float(), weight.float(), bias.float()).type_as(h)`` ("affine"), or
+    None. Returns (h, n)."""
+    if residual == "none":
+        h = x
+    elif residual == "add":
+        h = x + y
+    else:
+        h = (x.float() + y * gate).type_as(x)
+    if norm is None:
+        return h, None
+    d = h.shape[-1]
+    if norm == "modulate":
+        n = torch.nn.functional.layer_norm(h.float(), (d,), None, None, eps)
+        return h, (n * (1 + scale) + shift).type_as(h)
+    n = torch.nn.functional.layer_norm(h.float(), (d,), weight.float(), bias.float(), eps)
+    return h, n.type_as(h)

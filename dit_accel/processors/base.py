@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .. import compiled, parallel
-from .._diffusers import PROCESSOR_ATTRS, apply_rotary_emb
+from .._diffusers import PROCESSOR_ATTRS, ModelHook, apply_rotary_emb
 from ..config import SparseAttentionConfig
 from ..kernels import BlockPlan, rotary_interleaved
 from ..methods.base import AttentionCall, SparseMethod
@@ -62,6 +62,9 @@ class Family:
         defaults: per-family defaults of the methods and patterns, by their name ("radial", "rettention",
             "window", ...): knob -> value, including config fields (``dense_steps``, ``dense_layers``).
             A method fills what the user left unset from here (``SparseMethod.configure``).
+        fused_blocks: ``fused_blocks(transformer)`` -> [(path, block, forward)] for ``fuse_blocks=True``:
+            the blocks whose stock forward ``forward(block, *args, **kwargs)`` replaces with the same
+            arithmetic in fused kernels; None: the family has none.
     """
 
     name: str
@@ -72,6 +75,34 @@ class Family:
     has_set_attn_processor: bool = True
     video: bool = True
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    fused_blocks: Callable[[torch.nn.Module], list] | None = None
+
+
+FUSED_BLOCK_HOOK_NAME = "dit_accel_fused_block"
+
+
+class FusedBlockHook(ModelHook):
+    """Runs a block's fused forward in place of its stock one (``SparseAttentionConfig.fuse_blocks``).
+
+    Only where it wraps the block's own forward directly: a hook registered on the block before it (a step
+    cache that may skip the block) stays in charge, and the stock forward runs beneath it. Under
+    ``torch.compile`` the stock forward runs too; the compiler fuses it.
+    """
+
+    def __init__(self, forward: Callable):
+        super().__init__()
+        self.forward = forward
+        self.active = True  # False once removed while another hook wraps it: a pass-through
+
+    def new_forward(self, module, *args, **kwargs):
+        below = self.fn_ref.original_forward
+        direct = (
+            getattr(below, "__func__", None) is type(module).forward
+            and getattr(below, "__self__", None) is module
+        )
+        if not (self.active and direct) or torch.compiler.is_compiling():
+            return below(*args, **kwargs)
+        return self.forward(module, *args, **kwargs)
 
 
 @dataclass
