@@ -1312,6 +1312,7 @@ def _run_ranks(args, plan: Plan, state) -> int:
             "host": socket.gethostname(),
             "compiled": args.compile,
             "cuda_graphs": args.cuda_graphs,
+            "fuse_blocks": args.fuse_blocks,
             "versions": _versions(),
             "jobs_file": str(Path(args.jobs).resolve()),
         }

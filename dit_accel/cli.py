@@ -184,11 +184,20 @@ def add_graphs_argument(r: argparse.ArgumentParser) -> None:
         help="replay the accelerated transformer forwards as CUDA graphs (cuda_graphs=True): removes the "
         "host cost that bounds small geometries such as the embedded model's; GPU only (docs/graphs.md)",
     )
+    r.add_argument(
+        "--fuse-blocks",
+        action="store_true",
+        help="run each transformer block's elementwise work (residuals, LayerNorms, modulation) as one "
+        "Triton pass per step (fuse_blocks=True; Wan; GPU, eager: docs/kernels.md#block-elementwise-work)",
+    )
 
 
 def graph_knobs(args) -> dict:
-    """``{"cuda_graphs": True}`` with ``--cuda-graphs``, else {}."""
-    return {"cuda_graphs": True} if getattr(args, "cuda_graphs", False) else {}
+    """The config switches of ``--cuda-graphs`` and ``--fuse-blocks`` (``cuda_graphs``, ``fuse_blocks``)."""
+    knobs = {"cuda_graphs": True} if getattr(args, "cuda_graphs", False) else {}
+    if getattr(args, "fuse_blocks", False):
+        knobs["fuse_blocks"] = True
+    return knobs
 
 
 def compile_loaded(args, pipe, prog: str = "dit-accel") -> None:
@@ -438,6 +447,8 @@ def _plan(args) -> dict:
     knobs = _knobs(args)
     if knobs is None and args.cuda_graphs:
         raise UsageError("--cuda-graphs", "replays dit_accel's forwards: needs --method or --preset")
+    if knobs is None and getattr(args, "fuse_blocks", False):
+        raise UsageError("--fuse-blocks", "is a dit_accel knob: needs --method or --preset")
     settings = None
     if knobs is not None:
         try:
@@ -647,6 +658,7 @@ def _bench(args) -> int:
         "repeats": args.repeats,
         "compiled": args.compile,
         "cuda_graphs": args.cuda_graphs,
+        "fuse_blocks": args.fuse_blocks,
         "rows": [],
     }
 

@@ -292,3 +292,13 @@ def test_compile_only_keeps_eager_stock_as_the_denominator(monkeypatch):
         "plan"
     ]["rows"]
     assert [(r["row"], r["compiled"]) for r in plan] == [("dense", True)]
+
+
+def test_fused_rows_carry_the_knob_and_skip_families_without_fused_blocks(monkeypatch):
+    bench = _load(monkeypatch)
+    rows = {r["name"]: r for r in bench.ROWS}
+    knobs = bench.row_knobs(rows["balanced_fused"], "wan")
+    assert knobs["fuse_blocks"] is True and knobs["method"] == "rettention"  # the preset's, plus the knob
+    assert bench.row_knobs(rows["dense_fused"], "wan") == {"method": "dense", "fuse_blocks": True}
+    with pytest.raises(bench.Skip, match="no fused block forward"):
+        bench.row_knobs(rows["dense_fused"], "flux")

@@ -440,3 +440,19 @@ def test_cuda_graphs_flag(smoke_weights, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert rc == 0 and report["cuda_graphs"] is True
     assert "cuda_graphs=True" in report["rows"][1]["settings"] and report["rows"][1]["error"] is None
+
+
+def test_fuse_blocks_flag(smoke_weights, tmp_path, capsys):
+    """``--fuse-blocks`` sets the knob of the accelerated render (on the CPU the block steps run the eager
+    arithmetic); it needs a method or preset."""
+    with pytest.raises(SystemExit):
+        _render("--out", str(tmp_path / "stock.gif"), *SMALL, "--fuse-blocks")
+    assert "argument --fuse-blocks: is a dit_accel knob" in capsys.readouterr().err
+    out = tmp_path / "bench.json"
+    rc = _bench(
+        "--weights", str(smoke_weights), *SMALL, "--warmup", "0", "--configs", "dense", "--out", str(out),
+        "--fuse-blocks",
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["fuse_blocks"] is True
+    assert "fuse_blocks=True" in report["rows"][1]["settings"] and report["rows"][1]["error"] is None

@@ -82,3 +82,22 @@ def test_blocks_of_a_model_without_repeated_blocks():
 def test_nothing_to_compile_is_an_error():
     with pytest.raises(ValueError, match="no repeated blocks"):
         wrapped.compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_fused_blocks_under_compile_run_the_stock_block_without_graph_breaks(monkeypatch):
+    """With fuse_blocks the compiled blocks trace the stock forward beneath the hook (inductor fuses it):
+    fullgraph holds and the fused steps never run inside the graph."""
+    from dit_accel.processors import wan as wan_processors
+
+    steps = []
+    real = wan_processors.block_step
+    monkeypatch.setattr(wan_processors, "block_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+    pipe, call = _build("wan")
+    accel = wrapped.wrap(pipe, "balanced", fuse_blocks=True, **BLOCKS)
+    eager = render_output(accel, **call, seed=0)
+    assert steps, "the fused block forward never ran eagerly"
+    accel.compile(backend="aot_eager", fullgraph=True)
+    steps.clear()
+    compiled = render_output(accel, **call, seed=0)
+    assert not steps
+    np.testing.assert_allclose(compiled, eager, atol=2e-3)

@@ -201,3 +201,32 @@ def test_faster_cache_keeps_adaspa_plans():
     run_cogvideox(pipe, steps=8)
     searches = {r["step"] for r in handle.stats().records if r["kind"] == "fused_search"}
     assert len(searches) <= 2, f"fused searches at steps {sorted(searches)}"
+
+
+@pytest.mark.parametrize("order", ["cache first", "dit_accel first"])
+@pytest.mark.parametrize("cache_name", CACHES)
+def test_fused_blocks_with_a_cache(cache_name, order, monkeypatch):
+    """fuse_blocks under a cache: a cache hook registered after apply wraps the fused block forward; one
+    registered before stays in charge of its block, which then runs the stock forward. Either way the output
+    is the cache's alone (float32 on the CPU: the block steps run the eager arithmetic), and remove leaves the
+    cache working."""
+    from dit_accel.processors import wan as wan_processors
+
+    reference = _reference("wan", cache_name)
+    pipe, run = _build("wan")
+    steps = []
+    real = wan_processors.block_step
+
+    def counted(*args, **kwargs):
+        steps.append(kwargs.get("residual", "none"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wan_processors, "block_step", counted)
+    _install(pipe, cache_name, order, method="dense", fuse_blocks=True)
+    assert torch.equal(run(pipe), reference)
+    if order == "dit_accel first":
+        assert steps, "the fused block forward never ran"
+    assert dit_accel.remove(pipe)
+    assert CACHE_HOOKS[cache_name] in _cache_hooks(pipe.transformer)
+    steps.clear()
+    assert torch.equal(run(pipe), reference) and not steps
