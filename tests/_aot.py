@@ -52,6 +52,11 @@ def _rotary(head_dim: int = 128, **_) -> dict:
     return dict(D=head_dim, BLOCK_H=16, BLOCK_D=1 << (head_dim - 1).bit_length(), MODE=1, PAIRS=False)
 
 
+def _block(_: int = 0, **__) -> dict:
+    # Wan-14B's hidden size (5,120) padded: a gated residual and a modulated LayerNorm in one pass
+    return dict(RESIDUAL=2, WRITE_H=True, NORM=1, BLOCK_D=8192)
+
+
 # name: (module, kernel, default constexprs, pointer argument types, default warps and stages)
 KERNELS = {
     "attention": (
@@ -77,8 +82,14 @@ KERNELS = {
         {"Q": "*bf16", "K": "*bf16", "QO": "*bf16", "KO": "*bf16", "COS": "*fp32", "SIN": "*fp32"},
         (4, 1),
     ),
+    "block": (
+        "triton_block", "_block_step_kernel", _block,
+        {"X": "*bf16", "Y": "*bf16", "GATE": "*fp32", "H_OUT": "*bf16", "N_OUT": "*bf16", "SCALE": "*fp32",
+         "SHIFT": "*fp32", "W": "*fp32", "B": "*fp32"},
+        (16, 1),
+    ),
 }  # fmt: skip
-FLOATS = ("qk_scale", "rho_add")
+FLOATS = ("qk_scale", "rho_add", "eps")
 
 
 def constexprs(kernel: str, **overrides) -> dict:

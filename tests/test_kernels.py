@@ -204,7 +204,8 @@ def _compile_for_hopper(configs: list[dict]) -> list[dict]:
 def test_kernels_compile_for_hopper():
     """Every kernel builds for an H100 / H200 on a machine without one (the interpreter tests do not compile
     anything): the attention kernel's sparse, dense, corrected and pointer-load paths, the refresh kernel with
-    fp16 and fp8 residuals, block mass and both rotary conventions. The tensor-core paths use wgmma."""
+    fp16 and fp8 residuals, block mass, both rotary conventions and the block step (``fuse_blocks``). The
+    tensor-core paths use wgmma."""
     configs = [
         {"kernel": "attention"},
         {"kernel": "attention", "DENSE": True},
@@ -215,10 +216,12 @@ def test_kernels_compile_for_hopper():
         {"kernel": "mass"},
         {"kernel": "rotary"},
         {"kernel": "rotary", "MODE": 0, "PAIRS": True},
+        {"kernel": "block"},
+        {"kernel": "block", "RESIDUAL": 1, "NORM": 2, "BLOCK_D": 2048, "num_warps": 4},
     ]
     results = _compile_for_hopper(configs)
     for config, result in zip(configs, results):
-        if config["kernel"] != "rotary":
+        if config["kernel"] not in ("rotary", "block"):
             assert "m64n128k16" in result["wgmma"], (config, result)
         assert result["registers"] is not None and result["registers"] <= 255, (config, result)
 
