@@ -18,6 +18,8 @@ calls), dense against each sparse method, and what one attention call costs the 
    forwards replayed as CUDA graphs. Before timing, each is rendered once against an eager ``<name>``
    render: the largest frame difference and how its forwards ran are recorded, and a row over
    ``GRAPH_TOLERANCE`` or without a replayed forward is marked failed and not timed.
+   ``<name>+blocks`` and ``<name>+graphs+blocks`` (only when named in ``--configs``): with
+   ``fuse_blocks=True``, each block's elementwise work in one Triton pass per step.
 2. **One attention call.** At the model's attention shape (1, 6, 2,496, 64; bf16): cuDNN SDPA, our
    ``dense_attention(backend="triton")`` and ``block_sparse_attention`` at plan densities 1.0 / 0.5 / 0.25
    (at 0.5 also the bare launcher, and both through Triton's own launcher):
@@ -87,6 +89,10 @@ CONFIGS = {
 CONFIGS.update(
     {f"{name}+graphs": {**knobs, "cuda_graphs": True} for name, knobs in list(CONFIGS.items()) if knobs}
 )
+# ... and with fuse_blocks=True: each block's elementwise work in one pass per step (docs/kernels.md).
+CONFIGS.update(
+    {f"{name}+blocks": {**knobs, "fuse_blocks": True} for name, knobs in list(CONFIGS.items()) if knobs}
+)
 GRAPH_TOLERANCE = 1e-2  # max |frame difference| (frames in [0, 1]) of a graphed render against its eager one
 SYNC_OPS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
 LAUNCH_OPS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
@@ -134,7 +140,9 @@ def _variants(names=None, jit: bool = True):
     """(row name, knobs, context) per configuration (``names``: those only; ``<name>@uncached``: that
     configuration without the call cache); with ``jit`` sparse ones also on the old launch path."""
     for name, knobs in CONFIGS.items():
-        if (names is None and not name.endswith("+graphs")) or (names is not None and name in names):
+        if (names is None and not name.endswith(("+graphs", "+blocks"))) or (
+            names is not None and name in names
+        ):
             yield name, knobs, contextlib.nullcontext
             if jit and knobs and knobs["method"] != "dense" and not knobs.get("cuda_graphs"):
                 yield f"{name}@jit", knobs, launch_through_triton

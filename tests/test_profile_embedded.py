@@ -34,9 +34,11 @@ def _renders_only(module, out, configs: str) -> None:
 def test_renders_only_subset_reports_ratio_to_dense_per_round(tmp_path, monkeypatch):
     module = load_benchmark("profile_embedded", monkeypatch)
     out = tmp_path / "renders.json"
-    _renders_only(module, out, "dense,radial,radial@uncached")
+    _renders_only(module, out, "dense,radial,radial@uncached,dense+blocks")
     report = json.loads(out.read_text())
-    assert "one_call" not in report and list(report["renders"]) == ["dense", "radial", "radial@uncached"]
+    assert "one_call" not in report
+    assert list(report["renders"]) == ["dense", "radial", "radial@uncached", "dense+blocks"]
+    assert module.CONFIGS["dense+blocks"] == {"method": "dense", "fuse_blocks": True}
     dense, radial = report["renders"]["dense"], report["renders"]["radial"]
     assert "python_top" not in radial
     assert radial["speedup_vs_dense"] == dense["all_seconds"][0] / radial["all_seconds"][0]
