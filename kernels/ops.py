@@ -1486,4 +1486,8 @@ def _block_step_shapes(x, y, gate, residual, norm, scale, shift, weight, bias) -
         for name, t in (("weight", weight), ("bias", bias)):
             if t is None or t.shape != (d,):
                 return f"norm 'affine' needs {name} of shape ({d},)"
+    named = {"y": y, "gate": gate, "scale": scale, "shift": shift, "weight": weight, "bias": bias}
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            return f"{name} is on {t.device}, x on {x.device}"
     return None

@@ -81,6 +81,8 @@ def test_block_step_rejects_bad_arguments():
         block_step(x, norm="modulate", scale=kw["scale"][..., :8], shift=kw["shift"])
     with pytest.raises(ValueError, match="needs weight"):
         block_step(x, norm="affine", bias=kw["bias"])
+    with pytest.raises(ValueError, match="weight is on meta, x on cpu"):
+        block_step(x, norm="affine", weight=kw["weight"].to("meta"), bias=kw["bias"])
 
 
 def _count_steps(monkeypatch) -> list:
@@ -193,3 +195,26 @@ def test_gpu_block_step_bf16(residual, norm):
         step = n_ref.float().abs().clamp_min(1.0) * 2.0**-7  # one bf16 step at the value's magnitude
         assert ((n.float() - n_ref.float()).abs() <= step).all()
         assert (n != n_ref).float().mean().item() < 1e-3
+
+
+def test_norm_weights_elsewhere_run_the_stock_block(monkeypatch):
+    """A block whose norm2 weights are not on the hidden states' device (leaf-level offloading places them
+    when norm2 itself is called) runs the stock forward, which calls norm2."""
+    model, kw = _half_wan()
+    calls = _count_steps(monkeypatch)
+    handle = dit_accel.apply(model, method="dense", fuse_blocks=True)
+    block = model.blocks[0]
+    real = block.norm2.weight
+    seen = []
+
+    def place(module, args):  # as an onloading hook would: the weights arrive when the module is called
+        seen.append(module.weight.device.type)
+        module.weight = real
+
+    block.norm2.weight = torch.nn.Parameter(real.detach().to("meta"), requires_grad=False)
+    hook = block.norm2.register_forward_pre_hook(place)
+    with torch.no_grad():
+        model(**kw, return_dict=False)
+    hook.remove()
+    handle.remove()
+    assert seen == ["meta"] and len(calls) == 4 * (len(model.blocks) - 1)

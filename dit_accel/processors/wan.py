@@ -83,8 +83,11 @@ def fused_block_forward(
     done by ``dit_accel.kernels.block_step``, one pass per step (stock runs each as several eager ops over
     the hidden states): the norms and modulations, the gated residuals and the cross-attention's residual.
     Same arithmetic; the LayerNorms' output may differ in the last bit. Wan 2.2 TI2V's per-token
-    modulation (4-d ``temb``) runs the stock forward."""
-    if temb.ndim == 4:
+    modulation (4-d ``temb``), and a norm whose weights are not on the hidden states' device (leaf-level
+    group offloading places them when the norm module is called), run the stock forward."""
+    norm2_weight = getattr(block.norm2, "weight", None)
+    if temb.ndim == 4 or (norm2_weight is not None and norm2_weight.device != hidden_states.device):
+        # TI2V; or norm2's weights not placed yet (leaf-level offloading onloads them when norm2 is called)
         return WanTransformerBlock.forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
         block.scale_shift_table + temb.float()
