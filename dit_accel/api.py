@@ -168,11 +168,16 @@ class _BlockHook:
 
     def __init__(self, block: torch.nn.Module, hook):
         self.block = block
-        self.hook = hook
         self.had_registry = hook_registry(block) is not None
         self.forward_before = block.__dict__.get("forward", _MISSING)
         registry = HookRegistry.check_if_exists_or_initialize(block)
-        registry.register_hook(hook, FUSED_BLOCK_HOOK_NAME)
+        left = registry.get_hook(FUSED_BLOCK_HOOK_NAME)
+        if left is not None:  # the pass-through an earlier remove() left under a later hook: active again
+            left.forward, left.active = hook.forward, True
+            hook = left
+        else:
+            registry.register_hook(hook, FUSED_BLOCK_HOOK_NAME)
+        self.hook = hook
         self.forward_installed = block.__dict__.get("forward")
 
     def remove(self) -> None:

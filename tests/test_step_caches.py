@@ -230,3 +230,23 @@ def test_fused_blocks_with_a_cache(cache_name, order, monkeypatch):
     assert CACHE_HOOKS[cache_name] in _cache_hooks(pipe.transformer)
     steps.clear()
     assert torch.equal(run(pipe), reference) and not steps
+
+
+def test_fused_blocks_applied_again_under_a_cache(monkeypatch):
+    """apply(fuse_blocks) -> cache -> remove leaves the fused hooks passing through beneath the cache's;
+    applying again takes them back instead of failing on the hook name."""
+    from dit_accel.processors import wan as wan_processors
+
+    reference = _reference("wan", "first_block")
+    pipe, run = _build("wan")
+    steps = []
+    real = wan_processors.block_step
+    monkeypatch.setattr(wan_processors, "block_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+    _install(pipe, "first_block", "dit_accel first", method="dense", fuse_blocks=True)
+    assert dit_accel.remove(pipe)
+    handle = dit_accel.apply(pipe, method="dense", fuse_blocks=True)
+    steps.clear()
+    assert torch.equal(run(pipe), reference) and steps
+    handle.remove()
+    steps.clear()
+    assert torch.equal(run(pipe), reference) and not steps
