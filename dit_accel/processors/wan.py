@@ -132,7 +132,8 @@ def _fused_blocks(transformer) -> list:
         plain = all(type(n) is FP32LayerNorm and n.weight is None for n in (block.norm1, block.norm3))
         norm2 = block.norm2
         if plain and (
-            type(norm2) is torch.nn.Identity or (type(norm2) is FP32LayerNorm and norm2.weight is not None)
+            type(norm2) is torch.nn.Identity
+            or (type(norm2) is FP32LayerNorm and norm2.weight is not None and norm2.bias is not None)
         ):
             out.append((path, block, fused_block_forward))
     return out
