@@ -19,9 +19,10 @@ This is the number a user feels: how much sooner the video is done. Per geometry
    ``first_call_ms``: Triton autotuning, torch.compile), then ``--repeats`` timed calls (median). One call
    is one CFG branch; each step costs one call per context, as the pipeline makes them (Wan: cond and
    uncond, separately; HunyuanVideo: one call with embedded guidance). Dense steps of a method run the stock
-   op through dit_accel's processors: they take the ``dense`` row's time when that row ran in the same
-   compile mode (``--no-share-dense`` times them per row). Before a row's times are used, the kind each
-   visited step actually ran (from the stats) must equal the probed kind, and the output must be finite.
+   op through dit_accel's processors: they take the ``dense`` row's time (``dense_fused``'s for rows that
+   fuse the blocks) when that row ran in the same compile mode (``--no-share-dense`` times them per row).
+   Before a row's times are used, the kind each visited step actually ran (from the stats) must equal the
+   probed kind, and the output must be finite.
 3. **Composition.** total = sum over contexts and steps of the time of the step's kind (its own run's time
    when visited, else the median of that kind's visited runs). ``per_step_ms`` holds the summands. The step
    cache rows are composed from a base row's kind times plus the cache's own measured costs (a step it
@@ -904,7 +905,7 @@ class Runner:
         est = self.geom["estimate_ms"]
         total_ms = 0.0
         planned = []
-        shared_dense = {c for (r, c) in self.selected() if r["name"] == "dense"}
+        selected = {(r["name"], c) for (r, c) in self.selected()}
         for row, compiled in self.selected():
             try:
                 schedule = self.probe(row["name"])
@@ -915,7 +916,7 @@ class Runner:
                 planned.append((row, compiled, None, f"probe failed: {type(e).__name__}: {e}"))
                 continue
             visits = self._visits(
-                schedule["cond"], _shares_dense(row, self.geom["family"]) and compiled in shared_dense
+                schedule["cond"], (_dense_source(row, self.geom["family"]), compiled) in selected
             )
             ms = sum(
                 (self.warmup + self.repeats) * est.get(_estimate_key(k), est["dense"]) for k, _, _ in visits
@@ -1106,10 +1107,8 @@ class Runner:
             if row.get("preset"):  # what the preset was when it ran: presets change, result files stay
                 plain = (str, int, float, tuple)
                 res["preset_knobs"] = {k: v for k, v in knobs.items() if isinstance(v, plain)}
-        dense_ref = self.results.get(("dense", compiled))
-        share = (
-            dense_ref is not None and _shares_dense(row, self.geom["family"]) and not self.args.no_share_dense
-        )
+        dense_ref = self.results.get((_dense_source(row, self.geom["family"]), compiled))
+        share = dense_ref is not None and not self.args.no_share_dense
         visits = self._visits(schedule["cond"], share)
         timed = []
         verified = True
@@ -1431,17 +1430,19 @@ class Runner:
         self.flush()
 
 
-def _shares_dense(row: dict, family: str) -> bool:
-    """Whether a row's dense steps are the ``dense`` row's: dit_accel rows whose dense steps run the stock op
-    through dit_accel's processors; not stock, not the dense row, not a row (or preset) with its own dense
-    backend."""
-    if row["name"] in ("stock", "dense"):
-        return False
+def _dense_source(row: dict, family: str) -> str | None:
+    """The row whose dense steps a row's dense steps are: ``dense`` for dit_accel rows whose dense steps run
+    the stock op through dit_accel's processors, ``dense_fused`` for those that also fuse the blocks; None
+    for stock, the dense rows themselves and a row (or preset) with its own dense backend."""
+    if row["name"] in ("stock", "dense", "dense_fused"):
+        return None
     try:
         knobs = row_knobs(row, family)
     except Skip:
-        return False
-    return knobs is not None and knobs.get("dense_backend", "stock") == "stock"
+        return None
+    if knobs is None or knobs.get("dense_backend", "stock") != "stock":
+        return None
+    return "dense_fused" if knobs.get("fuse_blocks") else "dense"
 
 
 def _row(name: str) -> dict:

@@ -302,3 +302,32 @@ def test_fused_rows_carry_the_knob_and_skip_families_without_fused_blocks(monkey
     assert bench.row_knobs(rows["dense_fused"], "wan") == {"method": "dense", "fuse_blocks": True}
     with pytest.raises(bench.Skip, match="no fused block forward"):
         bench.row_knobs(rows["dense_fused"], "flux")
+
+
+def test_fused_rows_take_their_dense_steps_from_the_fused_dense_row(monkeypatch, tmp_path):
+    """A row that fuses the blocks runs its dense steps fused: they take ``dense_fused``'s time, not the
+    unfused ``dense`` row's, and ``dense_fused`` times its own steps instead of copying ``dense``."""
+    bench = _load(monkeypatch)
+    rows = {r["name"]: r for r in bench.ROWS}
+    assert bench._dense_source(rows["balanced"], "wan") == "dense"
+    assert bench._dense_source(rows["balanced_fused"], "wan") == "dense_fused"
+    assert bench._dense_source(rows["dense_fused"], "wan") is None
+    assert bench._dense_source(rows["stock"], "wan") is None
+    argv = [
+        "--smoke",
+        "--geometry",
+        "smoke",
+        "--rows",
+        "stock,dense,dense_fused,balanced_fused",
+        "--no-check",
+    ]
+    argv += ["--steps", "10", "--compile", "off", "--step-cache", "off"]  # 10 steps: one dense step (0.1)
+    result = bench.main([*argv, "--out-dir", str(tmp_path)])["smoke"]
+    got = {r["row"]: r for r in result["rows"]}
+    assert all(got[n]["status"] == "ok" for n in ("dense", "dense_fused", "balanced_fused"))
+    assert {s["source"] for s in got["dense_fused"]["timed_segments"]} == {"timed"}
+    fused_dense_ms = got["dense_fused"]["step_kinds"]["dense"]["ms_per_call"]
+    assert fused_dense_ms != got["dense"]["step_kinds"]["dense"]["ms_per_call"]
+    dense_segs = [s for s in got["balanced_fused"]["segments"] if s["kind"] == "dense"]
+    assert dense_segs and {s["source"] for s in dense_segs} == {"dense row"}
+    assert {s["ms_per_call"] for s in dense_segs} == {fused_dense_ms}
