@@ -287,7 +287,7 @@ class SparseAttentionHandle:
         self._installed[name] = inst
         inst.hook = install_tracker(transformer, self.tracker, name, family.geometry)
         if self.config.cuda_graphs:
-            inst.hook.graphs = CudaGraphs(self.runtime, TRACKER_HOOK_NAME)
+            inst.hook.graphs = CudaGraphs(self.runtime, TRACKER_HOOK_NAME, FUSED_BLOCK_HOOK_NAME)
         inst.forward_installed = transformer.__dict__.get("forward")
         if self.config.fuse_blocks:
             blocks = family.fused_blocks(transformer) if family.fused_blocks is not None else []

@@ -33,9 +33,9 @@ match again), and share one memory pool per transformer.
 
 Forwards that run eagerly instead, with the reason counted in ``stats().graphs``: not on a CUDA device,
 under ``torch.compile``, with grad enabled, with ``timing=True`` (per-call events), under context
-parallelism, when another hook (a step cache such as FirstBlockCache, offloading) is installed on the
-transformer or its blocks, with state kept in host memory, and when a capture fails (logged once, that key
-is not tried again).
+parallelism, when another hook (a step cache such as FirstBlockCache, offloading; dit_accel's fused-block
+hook is not one) is installed on the transformer or its blocks, with state kept in host memory, and when a
+capture fails (logged once, that key is not tried again).
 """
 
 from __future__ import annotations
@@ -139,11 +139,14 @@ class CudaGraphs:
         runtime: the handle's :class:`dit_accel.processors.base.Runtime` (method, config, tracker, records).
         hook_name: the name of dit_accel's own hook in diffusers' hook registry (every other hook found on
             the transformer or its modules makes forwards run eagerly).
+        block_hook_name: the name of dit_accel's fused-block hook (``fuse_blocks``), allowed on the blocks:
+            its forward launches kernels only and is captured with the rest.
     """
 
-    def __init__(self, runtime, hook_name: str):
+    def __init__(self, runtime, hook_name: str, block_hook_name: str | None = None):
         self.runtime = runtime
         self.hook_name = hook_name
+        self.block_hook_name = block_hook_name
         self._graphs: dict = {}
         self._clean: dict = {}
         self._failed: set = set()
@@ -209,6 +212,7 @@ class CudaGraphs:
             hooks = set(getattr(registry, "hooks", {}) or {})
             if sub is module:
                 hooks.discard(self.hook_name)
+            hooks.discard(self.block_hook_name)
             if hooks:
                 return f"another hook is installed ({sorted(hooks)[0]})"
             if hasattr(sub, "_hf_hook"):

@@ -90,6 +90,7 @@ def use_recorded_graphs(handle) -> list[RecordedGraphs]:
     swapped = []
     for inst in handle._installed.values():
         assert inst.hook.graphs is not None, "apply with cuda_graphs=True first"
-        inst.hook.graphs = RecordedGraphs(handle.runtime, inst.hook.graphs.hook_name)
+        old = inst.hook.graphs
+        inst.hook.graphs = RecordedGraphs(handle.runtime, old.hook_name, old.block_hook_name)
         swapped.append(inst.hook.graphs)
     return swapped

@@ -185,6 +185,26 @@ def test_searches_run_eagerly():
     assert stats.graphs["eager: the method searches, refreshes or varies at this step"] == len(searches)
 
 
+def test_fused_blocks_are_captured_with_the_forward(monkeypatch):
+    """dit_accel's fused-block hook (fuse_blocks) is not another hook: it is captured and replayed."""
+    from dit_accel.processors import wan as wan_processors
+
+    fused = []
+    step = wan_processors.block_step
+    monkeypatch.setattr(wan_processors, "block_step", lambda *a, **k: fused.append(1) or step(*a, **k))
+    knobs = {"method": "window", "density": 0.5, "dense_steps": 3, "fuse_blocks": True}
+    (eager,), (eager_stats,), _ = _render(knobs, graphs=False)
+    eager_steps, fused[:] = len(fused), []
+    (graphed,), (graph_stats,), _ = _render(knobs, graphs=True)
+    assert torch.equal(torch.as_tensor(eager), torch.as_tensor(graphed))
+    assert _records(graph_stats) == _records(eager_stats)
+    counts = graph_stats.graphs
+    assert counts["replayed"] >= 4 and not any("another hook" in k for k in counts), counts
+    # the fused steps ran in every eager and captured forward, and only there (replays skip the Python)
+    per_forward = eager_steps // (2 * STEPS)
+    assert per_forward > 0 and len(fused) == per_forward * (counts["eager"] + counts["captured"])
+
+
 @pytest.mark.parametrize("reason", ["timing", "grad", "step cache", "cpu"])
 def test_forwards_run_eagerly_with_a_reason(reason, caplog):
     graphs._log_info_once.cache_clear()  # each reason is logged once per process
@@ -283,11 +303,14 @@ def _gpu_render(knobs: dict, graphs: bool, compiled: bool = False):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["dense", "window", "adaspa", "rettention (no ramp)", "rettention"])
+@pytest.mark.parametrize(
+    "name", ["dense", "window", "adaspa", "rettention (no ramp)", "rettention", "rettention+fuse_blocks"]
+)
 def test_gpu_graphs_match_eager(name):
     """Real CUDA graphs: the same latents as eager (the kernels are deterministic) and the same stats."""
-    eager, eager_stats = _gpu_render(METHODS[name], graphs=False)
-    graphed, stats = _gpu_render(METHODS[name], graphs=True)
+    knobs = dict(METHODS[name.split("+")[0]], fuse_blocks=name.endswith("+fuse_blocks"))
+    eager, eager_stats = _gpu_render(knobs, graphs=False)
+    graphed, stats = _gpu_render(knobs, graphs=True)
     assert stats.graphs["replayed"] >= 4, stats.graphs
     assert _records(stats) == _records(eager_stats)
     torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
