@@ -19,7 +19,9 @@ calls), dense against each sparse method, and what one attention call costs the 
    render: the largest frame difference and how its forwards ran are recorded, and a row over
    ``GRAPH_TOLERANCE`` or without a replayed forward is marked failed and not timed.
    ``<name>+blocks`` and ``<name>+graphs+blocks`` (only when named in ``--configs``): with
-   ``fuse_blocks=True``, each block's elementwise work in one Triton pass per step.
+   ``fuse_blocks=True``, each block's elementwise work in one Triton pass per step. Before timing, each is
+   rendered once against a render without ``fuse_blocks``: the largest frame difference and the PSNR
+   between the two are recorded (the fused LayerNorms may differ in the last bit; the clips should not).
 2. **One attention call.** At the model's attention shape (1, 6, 2,496, 64; bf16): cuDNN SDPA, our
    ``dense_attention(backend="triton")`` and ``block_sparse_attention`` at plan densities 1.0 / 0.5 / 0.25
    (at 0.5 also the bare launcher, and both through Triton's own launcher):
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -190,6 +193,7 @@ def profile_renders(
             render(knobs, context)
         out[name] = {"knobs": knobs, "all_seconds": []}
     check_graphs(variants, out, lambda knobs, context: frames(knobs, context), log)
+    check_blocks(variants, out, lambda knobs, context: frames(knobs, context), log)
     variants = [v for v in variants if out[v[0]].get("graphs_check", "passed") == "passed"]
     for r in range(repeats):
         for name, knobs, context in variants:
@@ -246,6 +250,21 @@ def check_graphs(variants, out: dict, frames, log) -> None:
         ok = diff <= GRAPH_TOLERANCE and counts.get("replayed", 0) > 0
         out[name].update(graphs_max_abs_diff=diff, graphs=counts, graphs_check="passed" if ok else "failed")
         log(f"{name}: max |frames - eager frames| {diff:.2e}; forwards {counts}" + ("" if ok else " FAILED"))
+
+
+def check_blocks(variants, out: dict, frames, log) -> None:
+    """Each row with ``fuse_blocks`` against a render without it: the largest frame difference and the PSNR
+    (frames in [0, 1]). Recorded, not judged: this is the fused blocks' effect on a clip."""
+    for name, knobs, context in variants:
+        if not knobs or not knobs.get("fuse_blocks"):
+            continue
+        unfused, _ = frames({k: v for k, v in knobs.items() if k != "fuse_blocks"}, context)
+        fused, _ = frames(knobs, context)
+        err = fused.astype("float64") - unfused.astype("float64")
+        mse = float((err**2).mean())
+        psnr = float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+        out[name].update(blocks_max_abs_diff=float(abs(err).max()), blocks_psnr_db=psnr)
+        log(f"{name}: max |frames - unfused frames| {abs(err).max():.2e}, PSNR {psnr:.1f} dB")
 
 
 def profile_one(pipe, call_kwargs, device, top: int, row: dict) -> None:

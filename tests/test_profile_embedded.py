@@ -39,6 +39,9 @@ def test_renders_only_subset_reports_ratio_to_dense_per_round(tmp_path, monkeypa
     assert "one_call" not in report
     assert list(report["renders"]) == ["dense", "radial", "radial@uncached", "dense+blocks"]
     assert module.CONFIGS["dense+blocks"] == {"method": "dense", "fuse_blocks": True}
+    # the fused row was rendered against an unfused one first: on the CPU both are the eager arithmetic
+    fused = report["renders"]["dense+blocks"]
+    assert fused["blocks_max_abs_diff"] == 0.0 and fused["blocks_psnr_db"] == float("inf")
     dense, radial = report["renders"]["dense"], report["renders"]["radial"]
     assert "python_top" not in radial
     assert radial["speedup_vs_dense"] == dense["all_seconds"][0] / radial["all_seconds"][0]
