@@ -360,6 +360,9 @@ ROWS: list[dict] = [
     {"name": "stock", "note": "diffusers' default attention (no dit_accel)"},
     {"name": "no_attention", "method": "no_attention", "note": "attention replaced by a no-op: the floor"},
     {"name": "dense", "method": "dense", "note": "dit_accel processors, every call dense: our overhead"},
+    # fuse_blocks: the blocks' elementwise work in one pass per step (Wan; eager only: compile fuses it too).
+    # Wan's sparse presets set it; the _unfused rows are those presets without it.
+    {"name": "dense_fused", "method": "dense", "fuse_blocks": True},
     {
         "name": "dense_xformers",
         "method": "dense",
@@ -440,13 +443,12 @@ ROWS: list[dict] = [
     {"name": "quality", "preset": "quality"},
     {"name": "balanced", "preset": "balanced"},
     {"name": "fast", "preset": "fast"},
-    # fuse_blocks: the blocks' elementwise work in one pass per step (Wan; eager only: compile fuses it too)
-    {"name": "dense_fused", "method": "dense", "fuse_blocks": True},
-    {"name": "balanced_fused", "preset": "balanced", "fuse_blocks": True},
-    {"name": "fast_fused", "preset": "fast", "fuse_blocks": True},
+    {"name": "quality_unfused", "preset": "quality", "fuse_blocks": False},
+    {"name": "balanced_unfused", "preset": "balanced", "fuse_blocks": False},
+    {"name": "fast_unfused", "preset": "fast", "fuse_blocks": False},
 ]
 # Rows that are never compiled (they measure something compile does not change).
-EAGER_ONLY = ("no_attention", "dense_fused", "balanced_fused", "fast_fused")
+EAGER_ONLY = ("no_attention", "dense_fused", "quality_unfused", "balanced_unfused", "fast_unfused")
 
 # The step cache composed with rows: the quality harness's settings, so its quality rows are of this cache.
 # TaylorSeer's computed steps depend only on its config, so the probe reads the exact schedule; lite mode
@@ -653,7 +655,7 @@ def _preset_knobs(name: str, family: str) -> dict:
 def row_knobs(row: dict, family: str) -> dict | None:
     """dit_accel.apply knobs of a row (None: stock). Raises Skip for what this checkout lacks."""
     knobs = {k: v for k, v in row.items() if k not in META_KEYS}
-    if knobs.get("fuse_blocks"):
+    if "fuse_blocks" in knobs:  # with or without: a comparison only where the family has a fused forward
         fam = importlib.import_module(f"dit_accel.processors.{family}").FAMILY
         if fam.fused_blocks is None:
             raise Skip(f"fuse_blocks: the {family} family has no fused block forward")
@@ -916,7 +918,7 @@ class Runner:
                 planned.append((row, compiled, None, f"probe failed: {type(e).__name__}: {e}"))
                 continue
             visits = self._visits(
-                schedule["cond"], (_dense_source(row, self.geom["family"]), compiled) in selected
+                schedule["cond"], (_dense_source(row, self.geom["family"], compiled), compiled) in selected
             )
             ms = sum(
                 (self.warmup + self.repeats) * est.get(_estimate_key(k), est["dense"]) for k, _, _ in visits
@@ -1107,7 +1109,7 @@ class Runner:
             if row.get("preset"):  # what the preset was when it ran: presets change, result files stay
                 plain = (str, int, float, tuple)
                 res["preset_knobs"] = {k: v for k, v in knobs.items() if isinstance(v, plain)}
-        dense_ref = self.results.get((_dense_source(row, self.geom["family"]), compiled))
+        dense_ref = self.results.get((_dense_source(row, self.geom["family"], compiled), compiled))
         share = dense_ref is not None and not self.args.no_share_dense
         visits = self._visits(schedule["cond"], share)
         timed = []
@@ -1430,10 +1432,11 @@ class Runner:
         self.flush()
 
 
-def _dense_source(row: dict, family: str) -> str | None:
+def _dense_source(row: dict, family: str, compiled: bool) -> str | None:
     """The row whose dense steps a row's dense steps are: ``dense`` for dit_accel rows whose dense steps run
-    the stock op through dit_accel's processors, ``dense_fused`` for those that also fuse the blocks; None
-    for stock, the dense rows themselves and a row (or preset) with its own dense backend."""
+    the stock op through dit_accel's processors, ``dense_fused`` for those that also fuse the blocks (eager:
+    compiled blocks run the stock forward, which the compiler fuses); None for stock, the dense rows
+    themselves and a row (or preset) with its own dense backend."""
     if row["name"] in ("stock", "dense", "dense_fused"):
         return None
     try:
@@ -1442,7 +1445,7 @@ def _dense_source(row: dict, family: str) -> str | None:
         return None
     if knobs is None or knobs.get("dense_backend", "stock") != "stock":
         return None
-    return "dense_fused" if knobs.get("fuse_blocks") else "dense"
+    return "dense_fused" if knobs.get("fuse_blocks") and not compiled else "dense"
 
 
 def _row(name: str) -> dict:

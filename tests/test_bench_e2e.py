@@ -297,11 +297,15 @@ def test_compile_only_keeps_eager_stock_as_the_denominator(monkeypatch):
 def test_fused_rows_carry_the_knob_and_skip_families_without_fused_blocks(monkeypatch):
     bench = _load(monkeypatch)
     rows = {r["name"]: r for r in bench.ROWS}
-    knobs = bench.row_knobs(rows["balanced_fused"], "wan")
-    assert knobs["fuse_blocks"] is True and knobs["method"] == "rettention"  # the preset's, plus the knob
+    knobs = bench.row_knobs(rows["balanced"], "wan")
+    assert knobs["fuse_blocks"] is True and knobs["method"] == "rettention"  # Wan's preset fuses
+    knobs = bench.row_knobs(rows["balanced_unfused"], "wan")
+    assert knobs["fuse_blocks"] is False and knobs["method"] == "rettention"  # the preset's, less the knob
     assert bench.row_knobs(rows["dense_fused"], "wan") == {"method": "dense", "fuse_blocks": True}
     with pytest.raises(bench.Skip, match="no fused block forward"):
         bench.row_knobs(rows["dense_fused"], "flux")
+    with pytest.raises(bench.Skip, match="no fused block forward"):
+        bench.row_knobs(rows["balanced_unfused"], "hunyuan_video")
 
 
 def test_fused_rows_take_their_dense_steps_from_the_fused_dense_row(monkeypatch, tmp_path):
@@ -309,25 +313,27 @@ def test_fused_rows_take_their_dense_steps_from_the_fused_dense_row(monkeypatch,
     unfused ``dense`` row's, and ``dense_fused`` times its own steps instead of copying ``dense``."""
     bench = _load(monkeypatch)
     rows = {r["name"]: r for r in bench.ROWS}
-    assert bench._dense_source(rows["balanced"], "wan") == "dense"
-    assert bench._dense_source(rows["balanced_fused"], "wan") == "dense_fused"
-    assert bench._dense_source(rows["dense_fused"], "wan") is None
-    assert bench._dense_source(rows["stock"], "wan") is None
+    assert bench._dense_source(rows["radial"], "wan", False) == "dense"
+    assert bench._dense_source(rows["balanced_unfused"], "wan", False) == "dense"
+    assert bench._dense_source(rows["balanced"], "wan", False) == "dense_fused"
+    assert bench._dense_source(rows["balanced"], "wan", True) == "dense"  # compiled: stock blocks
+    assert bench._dense_source(rows["dense_fused"], "wan", False) is None
+    assert bench._dense_source(rows["stock"], "wan", False) is None
     argv = [
         "--smoke",
         "--geometry",
         "smoke",
         "--rows",
-        "stock,dense,dense_fused,balanced_fused",
+        "stock,dense,dense_fused,balanced",
         "--no-check",
     ]
     argv += ["--steps", "10", "--compile", "off", "--step-cache", "off"]  # 10 steps: one dense step (0.1)
     result = bench.main([*argv, "--out-dir", str(tmp_path)])["smoke"]
     got = {r["row"]: r for r in result["rows"]}
-    assert all(got[n]["status"] == "ok" for n in ("dense", "dense_fused", "balanced_fused"))
+    assert all(got[n]["status"] == "ok" for n in ("dense", "dense_fused", "balanced"))
     assert {s["source"] for s in got["dense_fused"]["timed_segments"]} == {"timed"}
     fused_dense_ms = got["dense_fused"]["step_kinds"]["dense"]["ms_per_call"]
     assert fused_dense_ms != got["dense"]["step_kinds"]["dense"]["ms_per_call"]
-    dense_segs = [s for s in got["balanced_fused"]["segments"] if s["kind"] == "dense"]
+    dense_segs = [s for s in got["balanced"]["segments"] if s["kind"] == "dense"]
     assert dense_segs and {s["source"] for s in dense_segs} == {"dense row"}
     assert {s["ms_per_call"] for s in dense_segs} == {fused_dense_ms}
