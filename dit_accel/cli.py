@@ -186,17 +186,19 @@ def add_graphs_argument(r: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--fuse-blocks",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="run each transformer block's elementwise work (residuals, LayerNorms, modulation) as one "
-        "Triton pass per step (fuse_blocks=True; Wan; GPU, eager: docs/kernels.md#block-elementwise-work)",
+        "Triton pass per step (fuse_blocks=True; Wan; GPU, eager: docs/kernels.md#block-elementwise-work); "
+        "default: the preset's (Wan's sparse presets fuse)",
     )
 
 
 def graph_knobs(args) -> dict:
     """The config switches of ``--cuda-graphs`` and ``--fuse-blocks`` (``cuda_graphs``, ``fuse_blocks``)."""
     knobs = {"cuda_graphs": True} if getattr(args, "cuda_graphs", False) else {}
-    if getattr(args, "fuse_blocks", False):
-        knobs["fuse_blocks"] = True
+    if getattr(args, "fuse_blocks", None) is not None:
+        knobs["fuse_blocks"] = args.fuse_blocks
     return knobs
 
 
@@ -447,7 +449,7 @@ def _plan(args) -> dict:
     knobs = _knobs(args)
     if knobs is None and args.cuda_graphs:
         raise UsageError("--cuda-graphs", "replays dit_accel's forwards: needs --method or --preset")
-    if knobs is None and getattr(args, "fuse_blocks", False):
+    if knobs is None and getattr(args, "fuse_blocks", None) is not None:
         raise UsageError("--fuse-blocks", "is a dit_accel knob: needs --method or --preset")
     settings = None
     if knobs is not None:

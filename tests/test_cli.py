@@ -245,7 +245,9 @@ def test_presets_lists_every_family_with_its_numbers(capsys):
     speed, q = quality.speed[0], quality.quality
     assert f"{speed.speedup:.2f}x {speed.geometry}" in text and f"{q.psnr:.2f} dB / {q.ssim:.3f}" in text
     assert "[untuned for mochi]" in text
-    assert re.search(r"^  balanced +rettention +density=\S+, .*\) +\[measured\]$", text, re.M)  # own columns
+    assert re.search(
+        r"^  balanced +rettention +density=\S+, .*fuse_blocks=True +\[measured\]$", text, re.M
+    )  # own columns
     assert cli.main(["presets", "--family", "wan", "--markdown"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(presets.markdown_table("wan")) and presets.sources_text("wan") in text
@@ -456,3 +458,11 @@ def test_fuse_blocks_flag(smoke_weights, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert rc == 0 and report["fuse_blocks"] is True
     assert "fuse_blocks=True" in report["rows"][1]["settings"] and report["rows"][1]["error"] is None
+    # --no-fuse-blocks: off where a preset turns it on (Wan's sparse presets do)
+    rc = _bench(
+        "--weights", str(smoke_weights), *SMALL, "--warmup", "0", "--configs", "balanced", "--out", str(out),
+        "--no-fuse-blocks",
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["fuse_blocks"] is False
+    assert "fuse_blocks=False" in report["rows"][1]["settings"] and report["rows"][1]["error"] is None
