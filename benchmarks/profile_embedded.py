@@ -66,6 +66,7 @@ CONFIGS = {
     "stock": None,
     "dense": {"method": "dense"},
     # the Wan presets as the table has them now (results before 2026-12-05 name adaspa 0.8 "balanced")
+    "quality": wan_preset("quality"),
     "balanced": wan_preset("balanced"),
     "fast": wan_preset("fast"),
     "adaspa_0.8": {"method": "adaspa", "sparsity": 0.8},

@@ -195,14 +195,12 @@ class Preset:
 # ---------------------------------------------------------------------------------------------- the table
 
 _E2E13 = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200.json"
-_E2E13_NOW = "benchmarks/results/e2e_wan1.3b_480p_81f_nvidia_h200_lazy.json"  # current kernels
-_E2E14_NOW = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_lazy.json"  # current kernels: the others
 # The balanced preset: re-ttention on a 5% per-frame window, 10% dense warm-up, refreshes at 10, 20, 40,
 # 60 and 80% of the run (docs/rettention.md), its bench_e2e row and quality row. Its refreshes are fractions
 # of the run: at 50 steps 5, 10, 20, 30 and 40; at 30 or 10 steps the same shape. History: a refresh every 10
 # steps (5, 15, 25, 35, 45) kept 29.93 dB on 24 prompts, under DESIGN.md's 30 dB; six refreshes (5, 10, 15,
 # 25, 35, 45) kept 32.28 dB at 1.79x (Wan-1.3B, under its 1.8x); these five keep 31.1 dB on all 24, at
-# 1.81x.
+# 1.81x (2.32x with fuse_blocks).
 _LEAN: dict[str, Any] = {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.2, 0.4, 0.6, 0.8)}
 _LEAN_ROW = "rettention_window_0.05_lean5b"
 # On the embedded model's 192-token frames the per-frame window's automatic blocks are 16 tokens (window.py);
@@ -222,7 +220,6 @@ _E2E_HY_METHODS = "benchmarks/results/e2e_hunyuan_720p_129f_nvidia_h200_rotary_m
 # both re-ttention schedules at 50 steps, the length their speed is measured at.
 _H100 = "nvidia_h100_80gb_hbm3"
 _E2E13_H100 = f"benchmarks/results/e2e_wan1.3b_480p_81f_{_H100}_rettention_schedules.json"
-_E2E14_H100 = f"benchmarks/results/e2e_wan14b_720p_81f_{_H100}_rettention_schedules.json"
 _E2E_HY_H100 = f"benchmarks/results/e2e_hunyuan_720p_129f_{_H100}_rettention_schedules.json"
 # Wan-14B's fast compiled.
 _E2E14_FAST = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_fast_compiled.json"
@@ -232,7 +229,6 @@ _E2E14_FAST = "benchmarks/results/e2e_wan14b_720p_81f_nvidia_h200_fast_compiled.
 # _EMBEDDED_H100's (below).
 _LEAN5 = f"{_H100}_balanced_lean5"
 _E2E13_LEAN = f"benchmarks/results/e2e_wan1.3b_480p_81f_{_LEAN5}.json"
-_E2E14_LEAN = f"benchmarks/results/e2e_wan14b_720p_81f_{_LEAN5}.json"
 _E2E_HY_LEAN = f"benchmarks/results/e2e_hunyuan_720p_129f_{_LEAN5}.json"
 _Q50_FUSED = f"benchmarks/results/quality_tiny_balanced5_fused_refresh_50steps_24prompts_{_H100}.json"
 # Stock and balanced, eager and compiled, in one run at Wan-14B (2026-12-06, one H100): balanced's compiled
@@ -259,12 +255,13 @@ def _e2e_speed(speedup: float, geometry: str, what: str, path: str, row: str, co
     return Speed(speedup, geometry, what, Source(path, f"rows[row={row}{which}]/speedup"))
 
 
-# The embedded model: stock, dense and every Wan preset, eager and with CUDA graphs, 7 interleaved rounds in
-# one run on one H100 (2026-12-06). Its forwards are host-bound, so eager ratios move with the host: an
-# earlier lease gave radial / balanced / fast 1.08 / 1.11 / 1.11x stock eager
-# (profile_embedded_call_cache_b_nvidia_h100_80gb_hbm3.json). Dense with graphs is the fastest here
-# (docs/graphs.md): at 2,496 tokens a replayed sparse forward takes as long as a replayed dense one.
-_EMBEDDED_H100 = "benchmarks/results/profile_embedded_graphs_vs_dense_graphs_nvidia_h100_80gb_hbm3.json"
+# The embedded model: stock, dense and every Wan preset as the table has it (fuse_blocks on), eager and with
+# CUDA graphs, 7 interleaved rounds in one run on one H100 (2026-12-06). Its forwards are host-bound, so
+# eager ratios move with the host: dense was 1.07x stock in an earlier run and 0.93x in this one; the presets
+# without fuse_blocks were 1.01 / 1.01 / 1.02x eager and 2.00 / 1.65 / 1.90x with graphs there
+# (profile_embedded_graphs_vs_dense_graphs_nvidia_h100_80gb_hbm3.json). Dense with graphs is the fastest
+# here (docs/graphs.md): at 2,496 tokens a replayed sparse forward takes as long as a replayed dense one.
+_EMBEDDED_H100 = "benchmarks/results/profile_embedded_presets_fused_blocks_nvidia_h100_80gb_hbm3.json"
 # Fast's quality over the 24 prompts at 50 steps on the refresh path it runs now (the two-pass path gave
 # 26.23 dB / 0.903 on an H200, quality_tiny_presets_50steps_24prompts_nvidia_h200.json).
 _Q50_FAST = "benchmarks/results/quality_tiny_fast_fused_refresh_50steps_24prompts_nvidia_h100_80gb_hbm3.json"
@@ -350,27 +347,41 @@ _SD35_NOTE = _image_note("19%", "0.49 / 0.31 / 0.24")
 _PIXART_NOTE = _image_note("65%", "0.40 / 0.20 / 0.10")
 _QWEN_NOTE = _image_note("19%", "0.42 / 0.23 / 0.14")
 
+# Knobs that change which kernels run, not the math (up to the last bit of a LayerNorm for fuse_blocks).
+_SAME_MATH = ("dense_backend", "fuse_blocks")
+# Wan's sparse presets fuse each block's elementwise work (fuse_blocks, docs/kernels.md#fused-blocks): eager,
+# a Wan-1.3B step at 480p is 77 ms shorter per call, Wan-14B's at 720p 0.84 s. Compiled blocks run the stock
+# forward (the compiler fuses it), so their compiled speeds are those of the knobs without it.
+_FUSED = {"fuse_blocks": True}
+# Each preset beside stock (and without fuse_blocks) in one run per geometry on one H100 (2026-12-06):
+# quality in the _quality_fused runs, balanced and fast in the others (their rows *_fused: the preset's knobs
+# then, plus fuse_blocks).
+_E2E13_QF = f"benchmarks/results/e2e_wan1.3b_480p_81f_{_H100}_quality_fused.json"
+_E2E14_QF = f"benchmarks/results/e2e_wan14b_720p_81f_{_H100}_quality_fused.json"
+_E2E13_FUSED = f"benchmarks/results/e2e_wan1.3b_480p_81f_{_H100}_fused_blocks.json"
+_E2E14_FUSED = f"benchmarks/results/e2e_wan14b_720p_81f_{_H100}_fused_dense.json"
+
 _ROWS: tuple[Preset, ...] = (
     Preset(
         "wan",
         "dense",
         "dense",
-        speed=(_embedded_speed("dense", 1.07), _embedded_speed("dense", 2.38, graphs=True)),
+        speed=(_embedded_speed("dense", 0.93), _embedded_speed("dense", 2.35, graphs=True)),
         note="the embedded model's fastest on a GPU with cuda_graphs=True (docs/graphs.md)",
     ),
     Preset(
         "wan",
         "quality",
         "radial",
-        {},
+        _FUSED,
         speed=(
-            Speed(1.50, _WAN13, _E2E, Source(_E2E13_NOW, "rows[row=quality,compiled=False]/speedup")),
+            _e2e_speed(1.78, _WAN13, _E2E_H100, _E2E13_QF, "quality", False),
             Speed(
                 1.69, _WAN13_COMPILED, _E2E_COMPILED, Source(_E2E13, "rows[row=radial,compiled=True]/speedup")
             ),
-            Speed(1.62, _WAN14, _E2E, Source(_E2E14_NOW, "rows[row=quality,compiled=False]/speedup")),
-            _embedded_speed("radial", 1.01),
-            _embedded_speed("radial", 2.00, graphs=True),
+            _e2e_speed(1.80, _WAN14, _E2E_H100, _E2E14_QF, "quality", False),
+            _embedded_speed("quality", 0.93),
+            _embedded_speed("quality", 2.12, graphs=True),
         ),
         quality=Quality(37.31, 0.985, 0.672, "radial"),
         note="Wan defaults: decay 0.2, sink frame, layer 0 and the first 25% of steps dense",
@@ -379,11 +390,11 @@ _ROWS: tuple[Preset, ...] = (
         "wan",
         "balanced",
         "rettention",
-        _LEAN,
+        {**_LEAN, **_FUSED},
         speed=(
-            _e2e_speed(1.81, _WAN13, _E2E_H100, _E2E13_LEAN, _LEAN_ROW, False),
+            _e2e_speed(2.32, _WAN13, _E2E_H100, _E2E13_FUSED, "balanced_fused", False),
             _e2e_speed(2.27, _WAN13_COMPILED, _E2E_COMPILED_H100, _E2E13_LEAN, _LEAN_ROW, True),
-            _e2e_speed(2.14, _WAN14, _E2E_H100, _E2E14_SAME, "balanced", False),
+            _e2e_speed(2.51, _WAN14, _E2E_H100, _E2E14_FUSED, "balanced_fused", False),
             _e2e_speed(2.48, _WAN14_COMPILED, _E2E_COMPILED_H100, _E2E14_SAME, "balanced", True),
             Speed(
                 2.22,
@@ -391,8 +402,8 @@ _ROWS: tuple[Preset, ...] = (
                 _E2E_H100 + _VS_COMPILED_STOCK,
                 Source(_E2E14_SAME, "rows[row=balanced,compiled=True]/speedup_vs_same_compile_stock"),
             ),
-            _embedded_speed("balanced", 1.01),
-            _embedded_speed("balanced", 1.65, graphs=True),
+            _embedded_speed("balanced", 0.98),
+            _embedded_speed("balanced", 1.72, graphs=True),
         ),
         quality=Quality(31.10, 0.961, 0.185, _LEAN_SPEC, _Q50_FUSED, steps=50),
         note=(
@@ -404,14 +415,14 @@ _ROWS: tuple[Preset, ...] = (
         "wan",
         "fast",
         "rettention",
-        _FAST,
+        {**_FAST, **_FUSED},
         speed=(
-            _e2e_speed(1.92, _WAN13, _E2E_H100, _E2E13_H100, _FAST_ROW, False),
+            _e2e_speed(2.54, _WAN13, _E2E_H100, _E2E13_FUSED, "fast_fused", False),
             _e2e_speed(2.47, _WAN13_COMPILED, _E2E_COMPILED_H100, _E2E13_H100, _FAST_ROW, True),
-            _e2e_speed(2.33, _WAN14, _E2E_H100, _E2E14_H100, _FAST_ROW, False),
+            _e2e_speed(2.79, _WAN14, _E2E_H100, _E2E14_FUSED, "fast_fused", False),
             _e2e_speed(2.71, _WAN14_COMPILED, _E2E_COMPILED, _E2E14_FAST, "fast", True),
-            _embedded_speed("fast", 1.02),
-            _embedded_speed("fast", 1.90, graphs=True),
+            _embedded_speed("fast", 1.00),
+            _embedded_speed("fast", 2.01, graphs=True),
         ),
         quality=Quality(26.24, 0.903, 0.124, _FAST_SPEC, _Q50_FAST, steps=50),
         note=(
@@ -538,8 +549,9 @@ _ROWS: tuple[Preset, ...] = (
 
 
 def _method_config(p: Preset) -> tuple:
-    """A row's method and knobs, less ``dense_backend`` (which kernel runs the same dense math)."""
-    return p.method, tuple(sorted((k, v) for k, v in p.knobs.items() if k != "dense_backend"))
+    """A row's method and knobs, less ``dense_backend`` and ``fuse_blocks`` (which kernels run the same
+    math)."""
+    return p.method, tuple(sorted((k, v) for k, v in p.knobs.items() if k not in _SAME_MATH))
 
 
 # Embedded-model quality of method configurations (as _method_config gives them) that no Wan preset uses

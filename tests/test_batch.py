@@ -212,7 +212,7 @@ def test_job_settings_and_hash(tmp_path, no_loading):
         return batch.load_jobs(jobs, args, batch.make_plan(args))
 
     a, b, c, d = resolve()
-    fast = {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3,)}
+    fast = {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3,), "fuse_blocks": True}
     assert (a.spec["preset"], a.spec["method"], a.spec["knobs"]) == (
         "fast",
         "rettention",
@@ -278,6 +278,7 @@ def test_renders_every_format_and_writes_the_manifest(tmp_path, capsys):
         "density": 0.05,
         "dense_steps": 0.1,
         "refresh_at": [0.3],
+        "fuse_blocks": True,
         **BLOCKS,
         "timing": True,
     }

@@ -382,12 +382,12 @@ def test_settings_for_presets_methods_and_unknown_knobs():
         return requests.settings_for(requests.parse_request("p", "embedded", **kw), "wan")
 
     s = settings(preset="fast")
-    fast = {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3,)}
+    fast = {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3,), "fuse_blocks": True}
     assert (s.preset, s.method, dict(s.knobs)) == ("fast", "rettention", fast)
     s = settings(preset="fast", method="rettention", density=0.1)  # the preset's method: knobs on the preset
     assert (s.preset, dict(s.knobs)) == ("fast", {**fast, "density": 0.1})
     s = settings(preset="fast", refresh_every=5)  # the page's refresh field replaces the preset's refresh_at
-    assert dict(s.knobs) == {"density": 0.05, "dense_steps": 0.1, "refresh_every": 5}
+    assert dict(s.knobs) == {"density": 0.05, "dense_steps": 0.1, "refresh_every": 5, "fuse_blocks": True}
     s = settings(preset="fast", method="window", density=0.3)  # another method replaces the preset
     assert (s.preset, s.method, dict(s.knobs)) == (None, "window", {"density": 0.3})
     with pytest.raises(requests.RequestError, match=r"takes \['density', 'per_frame'\], not \['sparsity'\]"):

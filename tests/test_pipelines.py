@@ -107,14 +107,26 @@ def _same_schedule(measured: dict, preset: dict, steps: int) -> None:
     assert refreshes[0] == refreshes[1] and measured == preset, (refreshes, measured, preset)
 
 
+def _knobs_as_run(p, compiled: bool) -> dict:
+    """The preset's knobs as a row of it ran: compiled blocks run the stock block forward, so a compiled
+    row measured without ``fuse_blocks`` measured the preset with it."""
+    return {k: v for k, v in p.knobs.items() if not (compiled and k == "fuse_blocks")}
+
+
 def _same_preset_schedule(row: dict, p, steps: int) -> None:
-    """A bench_e2e row run as ``preset=<name>`` ran today's preset: the row's method and warm-up, and the
-    refresh steps of the schedule it verified, are the preset's (and its recorded knobs, where the run has
-    them)."""
+    """A bench_e2e row run as ``preset=<name>`` (plus knobs of its own) ran today's preset: the row's method
+    and warm-up, and the refresh steps of the schedule it verified, are the preset's (and its recorded knobs,
+    where the run has them)."""
     assert row["resolved"]["method"] == p.method and row["resolved"]["dense_steps"] == p.knobs["dense_steps"]
+    expected = _knobs_as_run(p, row["compiled"] is True)
     if "preset_knobs" in row:  # the method is compared above
         recorded = {k: v for k, v in row["preset_knobs"].items() if k != "method"}
-        assert _json_knobs(recorded) == _json_knobs(dict(p.knobs))
+        if row["compiled"] is True:
+            recorded.pop("fuse_blocks", None)
+        assert _json_knobs(recorded) == _json_knobs(expected)
+    else:
+        extra = {k: v for k, v in row["knobs"].items() if k != "preset"}
+        assert all(expected.get(k) == v for k, v in extra.items()), (extra, expected)
     knobs = dict(p.knobs)
     every, at = knobs.get("refresh_every"), knobs.get("refresh_at")
     expected = Schedule(steps, warmup=knobs["dense_steps"], refresh_every=every, refresh_at=at).refresh_steps
@@ -137,13 +149,13 @@ def test_measured_numbers_are_read_back_from_their_sources():
                 (row,) = [
                     r for r in report["rows"] if r["row"] == name and (r["compiled"] is True) == compiled
                 ]
-                if row["knobs"] == {"preset": p.name}:  # run as the preset itself: its verified schedule
+                if row["knobs"].get("preset") == p.name:  # run as the preset: its verified schedule
                     _same_preset_schedule(row, p, report["steps"])
                 else:
                     run = _json_knobs(row["knobs"])
                     # the preset's base
                     assert (run.pop("method"), run.pop("base")) == ("rettention", "window")
-                    _same_schedule(run, dict(p.knobs), report["steps"])
+                    _same_schedule(run, _knobs_as_run(p, compiled), report["steps"])
             checked += 1
         if p.quality is None:
             continue
@@ -205,7 +217,7 @@ def test_resolve_checks_names_before_any_model():
     assert (s.preset, s.method, dict(s.knobs)) == (
         "balanced",
         "rettention",
-        {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.2, 0.4, 0.6, 0.8)},
+        {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.2, 0.4, 0.6, 0.8), "fuse_blocks": True},
     )
     assert presets.resolve("flux", None, {}).method == "adaspa"  # untuned families keep adaspa
 
@@ -287,7 +299,7 @@ def test_knobs_override_the_preset_and_change_between_calls():
     assert accel.handle.method.correction.refresh_every is None
     assert "refresh_every" not in dit_accel.pipelines.wrap(pipe, preset="balanced", refresh_at=(0.5,)).knobs
     accel.configure(preset="fast")  # starts over from the preset
-    assert accel.knobs == {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3,)}
+    assert accel.knobs == {"density": 0.05, "dense_steps": 0.1, "refresh_at": (0.3,), "fuse_blocks": True}
     assert accel.handle.config.block_q == dit_accel.SparseAttentionConfig().block_q  # the override is gone
     accel.configure(method="window", density=0.3, **BLOCKS)
     assert (accel.preset, accel.method, accel.handle.method.density) == (None, "window", 0.3)
