@@ -425,6 +425,15 @@ def test_bench_bad_arguments_fail_before_loading(
     assert f"argument {argument}" in err and message in err, err
 
 
+def _bench_with(smoke_weights, out, config: str, flag: str) -> tuple[int, dict, dict]:
+    """``dit-accel bench`` of stock and ``config`` with ``flag``: exit code, report, accelerated row."""
+    rc = _bench(
+        "--weights", str(smoke_weights), *SMALL, "--warmup", "0", "--configs", config, "--out", str(out), flag
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    return rc, report, report["rows"][1]
+
+
 def test_cuda_graphs_flag(smoke_weights, tmp_path, capsys):
     """``--cuda-graphs`` sets the knob of the accelerated render (on the CPU its forwards run eagerly, and the
     stats line says so); without a method or preset there is nothing to replay."""
@@ -434,14 +443,9 @@ def test_cuda_graphs_flag(smoke_weights, tmp_path, capsys):
     args = ["--weights", str(smoke_weights), *SMALL, "--method", "dense", "--cuda-graphs"]
     assert _render("--out", str(tmp_path / "dense.gif"), *args) == 0
     assert "forwards: 0 replayed, 0 captured, 6 eager" in capsys.readouterr().out  # 3 steps x cond, uncond
-    out = tmp_path / "bench.json"
-    rc = _bench(
-        "--weights", str(smoke_weights), *SMALL, "--warmup", "0", "--configs", "dense", "--out", str(out),
-        "--cuda-graphs",
-    )  # fmt: skip
-    report = json.loads(out.read_text())
+    rc, report, row = _bench_with(smoke_weights, tmp_path / "bench.json", "dense", "--cuda-graphs")
     assert rc == 0 and report["cuda_graphs"] is True
-    assert "cuda_graphs=True" in report["rows"][1]["settings"] and report["rows"][1]["error"] is None
+    assert "cuda_graphs=True" in row["settings"] and row["error"] is None
 
 
 def test_fuse_blocks_flag(smoke_weights, tmp_path, capsys):
@@ -450,19 +454,10 @@ def test_fuse_blocks_flag(smoke_weights, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _render("--out", str(tmp_path / "stock.gif"), *SMALL, "--fuse-blocks")
     assert "argument --fuse-blocks: is a dit_accel knob" in capsys.readouterr().err
-    out = tmp_path / "bench.json"
-    rc = _bench(
-        "--weights", str(smoke_weights), *SMALL, "--warmup", "0", "--configs", "dense", "--out", str(out),
-        "--fuse-blocks",
-    )  # fmt: skip
-    report = json.loads(out.read_text())
+    rc, report, row = _bench_with(smoke_weights, tmp_path / "bench.json", "dense", "--fuse-blocks")
     assert rc == 0 and report["fuse_blocks"] is True
-    assert "fuse_blocks=True" in report["rows"][1]["settings"] and report["rows"][1]["error"] is None
+    assert "fuse_blocks=True" in row["settings"] and row["error"] is None
     # --no-fuse-blocks: off where a preset turns it on (Wan's sparse presets do)
-    rc = _bench(
-        "--weights", str(smoke_weights), *SMALL, "--warmup", "0", "--configs", "balanced", "--out", str(out),
-        "--no-fuse-blocks",
-    )  # fmt: skip
-    report = json.loads(out.read_text())
+    rc, report, row = _bench_with(smoke_weights, tmp_path / "bench.json", "balanced", "--no-fuse-blocks")
     assert rc == 0 and report["fuse_blocks"] is False
-    assert "fuse_blocks=False" in report["rows"][1]["settings"] and report["rows"][1]["error"] is None
+    assert "fuse_blocks=False" in row["settings"] and row["error"] is None
