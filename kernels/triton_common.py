@@ -468,9 +468,11 @@ TUNE_BUDGET_MS = 400.0  # rounds stop once the candidates' timed calls add up to
 _SPIN_CYCLES = 4_000_000  # ~2 ms at H200 clocks: the host queues a whole round behind it
 # Zeroed before each timed call, as triton.testing.do_bench does: every candidate starts with a cold L2. Without
 # it each candidate finds the previous one's last K/V blocks in L2, which favours the tiles that re-read K/V
-# most (docs/kernels.md: the interleaved tuner picked 64x64 at Wan-14B, 7.5% slower under do_bench).
+# most (docs/kernels.md: the interleaved tuner picked 64x64 at Wan-14B, 7.5% slower under do_bench). Allocated
+# per round, not kept: PyTorch's caching allocator serves the next round's from its cache, and once tuning is
+# done the block is free for the model's own tensors (a buffer kept by this module held 256 MB of the GPU for
+# the life of the process).
 _FLUSH_BYTES = 256 * 2**20
-_FLUSH: dict = {}
 # Tuning record per key of _TUNED: the tuner, each candidate's median ms (interleaved) and the wall seconds.
 _TUNING: dict = {}
 
@@ -491,12 +493,7 @@ def cuda_round_timer(calls, flush_l2: bool = True) -> list[float]:
     a first call's host set-up (compilation, a library's initialisation) outlasts the spin and is timed."""
     start = [torch.cuda.Event(enable_timing=True) for _ in calls]
     end = [torch.cuda.Event(enable_timing=True) for _ in calls]
-    flush = None
-    if flush_l2:
-        device = torch.cuda.current_device()
-        flush = _FLUSH.get(device)
-        if flush is None:
-            flush = _FLUSH[device] = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda") if flush_l2 else None
     torch.cuda._sleep(_SPIN_CYCLES)
     for s, e, call in zip(start, end, calls):
         if flush is not None:

@@ -547,8 +547,10 @@ def test_gpu_interleaved_tuner_times_kernels_and_picks_a_correct_tile(monkeypatc
     for call in calls:  # warm, as the tuner runs each candidate once before timing: a process's first
         call()  # product spends ~100 ms on the host (cuBLAS set-up), which no spin hides
     torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
     ms = triton_common.cuda_round_timer(calls)
     assert 0 < ms[0] < ms[1]
+    assert torch.cuda.memory_allocated() == allocated  # the L2 flush buffer is not kept
 
     monkeypatch.setattr(triton_common, "_TUNER", "interleaved")
     monkeypatch.setattr(triton_common, "_TUNED", {})
