@@ -2,7 +2,7 @@
 the composed 50-step estimate with the dense warm-up.
 
 Per shape (``wan1.3b_480p_81f``: grid 21x30x52, 12 heads x 128, 30 layers; ``wan14b_720p_81f``: 21x45x80,
-40 heads x 128, 40 layers), at the Wan defaults of ``dit_accel.methods.radial.FAMILY_DEFAULTS`` (decay 0.2,
+40 heads x 128, 40 layers), at Wan's radial defaults (``dit_accel.processors.wan.FAMILY.defaults``: decay 0.2,
 sink frame, layer 0 dense, 128-token blocks):
 
 (a) attention only, bf16, one call: our block-sparse kernel with the radial plan vs cuDNN SDPA (dense) and
@@ -47,7 +47,8 @@ from diffusers import WanTransformer3DModel
 
 import dit_accel
 from dit_accel.kernels import block_sparse_attention, dense_attention
-from dit_accel.methods.radial import FAMILY_DEFAULTS, build_plan
+from dit_accel.methods.radial import build_plan
+from dit_accel.processors.wan import FAMILY as WAN
 
 WAN_14B = {
     **WAN_1_3B,
@@ -301,7 +302,7 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"unknown shapes {unknown}; known: {sorted(SHAPES)}")
     out_path = args.out or Path(__file__).parent / "results" / f"radial_{gpu_tag()}.json"
-    defaults = FAMILY_DEFAULTS["wan"]
+    defaults = WAN.defaults["radial"]
     block = 16 if smoke else 128
 
     def log(msg: str) -> None:
@@ -318,8 +319,8 @@ def main(argv=None) -> dict:
             else "attention: triton.testing.do_bench median; forward: median of 3 after 1 warm-up"
         ),
         "knobs": {
-            "decay": defaults.decay,
-            "sink_frame": defaults.sink_frame,
+            "decay": defaults["decay"],
+            "sink_frame": defaults["sink_frame"],
             "window": "raster",
             "block": block,
         },
@@ -330,7 +331,7 @@ def main(argv=None) -> dict:
         _, _, frames, lat_h, lat_w = shape["latent"]
         grid = (frames, lat_h // 2, lat_w // 2)
         t0 = time.perf_counter()
-        plan = build_plan(*grid, block=block, decay=defaults.decay, sink_frame=defaults.sink_frame)
+        plan = build_plan(*grid, block=block, decay=defaults["decay"], sink_frame=defaults["sink_frame"])
         plan_s = time.perf_counter() - t0
         density = plan.density()
         res = {"grid": list(grid), "tokens": math.prod(grid), "plan_density": density, "plan_build_s": plan_s}
